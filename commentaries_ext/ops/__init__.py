@@ -1,0 +1,11 @@
+"""The kernel op families (DESIGN.md section 4), each a module here:
+
+* ``cross_entropy`` -- weighted / blended softmax cross-entropy, its gradient,
+  loss-Hessian-vector product and per-row JVP;
+* ``blend``         -- masked blending ``m * x_a + (1 - m) * x_b``;
+* ``solver``        -- fused solver updates over lists of tensors.
+
+Each module defines the device-independent ops with ``torch.library`` (fake and
+autograd registrations included) and picks a backend per call through
+``commentaries_ext.backend``.
+"""

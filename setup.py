@@ -1,0 +1,84 @@
+"""Build of the commentaries_ext C++/CUDA extension.
+
+The source lists and flags live in csrc/build.json (shared with CMakeLists.txt).
+The extension is built against the torch that is installed: install with
+``pip install --no-build-isolation -e .`` so that pip does not build against a
+different torch in an isolated environment.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = Path(__file__).parent
+CONFIG = json.loads((ROOT / "csrc" / "build.json").read_text())
+
+
+def _cpu_has_simd() -> bool:
+    # The extension is built for the machine that builds it (like a source build
+    # of any native package); AVX2+FMA is used only where the CPU has it.
+    if os.environ.get("COMMENTARIES_EXT_NO_SIMD"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("COMMENTARIES_EXT_NO_CUDA"):
+        return False
+    return torch.version.cuda is not None and shutil.which("nvcc") is not None and bool(CONFIG["cuda_sources"])
+
+
+def extensions():
+    cxx = list(CONFIG["cxx_flags"])
+    if _cpu_has_simd():
+        cxx += CONFIG["cxx_simd_flags"]
+    sources = list(CONFIG["cpu_sources"])
+    macros = []
+    if _want_cuda():
+        sources += CONFIG["cuda_sources"]
+        macros.append(("COMMENTARIES_EXT_WITH_CUDA", "1"))
+        ext_cls = cpp_extension.CUDAExtension
+        extra = {"cxx": cxx, "nvcc": list(CONFIG["nvcc_flags"])}
+    else:
+        ext_cls = cpp_extension.CppExtension
+        extra = {"cxx": cxx}
+    # Record what was built so that `commentaries_ext.build_info()` can report it.
+    macros.append(("COMMENTARIES_EXT_TORCH_VERSION", '"%s"' % torch.__version__))
+    return [
+        ext_cls(
+            "commentaries_ext._C",
+            sources,
+            include_dirs=[str(ROOT / "csrc")],
+            define_macros=macros,
+            extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
+            py_limited_api=False,
+        )
+    ]
+
+
+setup(
+    name="commentaries_ext",
+    version="0.1.0",
+    description="Teaching with Commentaries (ICLR 2021) as a PyTorch extension",
+    packages=find_packages(include=["commentaries_ext", "commentaries_ext.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)},
+    python_requires=">=3.10",
+    install_requires=["torch", "numpy", "safetensors", "tqdm"],
+    extras_require={
+        "test": ["pytest", "hypothesis", "scikit-learn", "expecttest"],
+        "triton": ["triton"],
+        "plots": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["commentaries=commentaries_ext.cli:main"]},
+)
