@@ -42,6 +42,30 @@ _kernels: dict[str, dict[str, Callable]] = {name: {} for name in BACKENDS}
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("commentaries_ext_backend", default=None)
 
 
+_poison = False
+
+
+def set_poison_outputs(on: bool) -> bool:
+    """Make every kernel output start as NaN (tests); returns the previous setting."""
+    global _poison
+    previous, _poison = _poison, bool(on)
+    try:
+        torch.ops.commentaries_ext.set_poison_outputs(bool(on))
+    except (AttributeError, RuntimeError):  # compiled extension not loaded
+        pass
+    return previous
+
+
+def new_output(*size, like: torch.Tensor | None = None, **options) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs (Python backends), poisoned with NaN in tests."""
+    if like is not None:
+        options = {"dtype": like.dtype, "device": like.device, **options}
+    out = torch.empty(*size, **options)
+    if _poison and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
 def register(backend: str, op: str, fn: Callable) -> None:
     """Make ``fn`` the ``backend`` implementation of kernel op ``op``."""
     if backend not in BACKENDS:

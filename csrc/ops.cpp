@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <string>
 
 #ifndef COMMENTARIES_EXT_TORCH_VERSION
@@ -28,8 +30,17 @@ std::string build_info() {
   return info;
 }
 
+std::atomic<bool>& poison_outputs_flag() {
+  static std::atomic<bool> flag{false};
+  return flag;
+}
+
+bool set_poison_outputs(bool on) { return poison_outputs_flag().exchange(on); }
+
 TORCH_LIBRARY(commentaries_ext, m) {
   m.def("build_info() -> str", &build_info);
+  // Returns the previous setting.
+  m.def("set_poison_outputs(bool on) -> bool", &set_poison_outputs);
 }
 
 }  // namespace commentaries_ext
