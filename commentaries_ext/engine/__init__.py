@@ -1,0 +1,92 @@
+"""The hypergradient engine (DESIGN.md section 2): implicit differentiation
+(Algorithm 2) and backpropagation through training (Algorithm 1).
+
+Conventions
+-----------
+State is explicit: the student's parameters ``params`` and the commentary's
+parameters ``hparams`` are ``dict[str, Tensor]``; a batch is any object (a
+tuple of tensors, a dict ...) passed through untouched.  Wrap a module with
+:class:`FunctionalModule` to call it on such dicts::
+
+    fm = FunctionalModule(student)           # BatchNorm in training mode included
+    out = fm(params, x)                      # running stats are not touched
+    out, new_buffers = fm.call_update(params, buffers, x)   # functional running-stat update
+
+Losses must be deterministic functions of their arguments (put any random
+permutation / partner index into the batch): the engine may call them more
+than once.
+
+Implicit differentiation
+------------------------
+::
+
+    res = implicit_hypergradient(
+        train_loss,            # (params, hparams, train_batch) -> scalar L_T
+        val_loss,              # (params, hparams, val_batch)   -> scalar L_V
+        params, hparams,       # dicts (theta-hat, phi); detached internally
+        train_batch, val_batch,
+        solver=NeumannConfig(K=5, alpha=1e-3)      # or alpha=None: from power iteration
+              | CGConfig(max_iter=20),
+        curvature="hessian" | "gauss_newton",
+        hvp="auto" | "double_backward" | "forward_over_reverse",
+        state=EngineState(),   # optional, keeps the lambda_max estimate between calls
+    )
+    res.grads                  # dict like hparams: dL_V/dphi = direct - d(g_T . p)/dphi
+    res.p, res.v, res.val_loss, res.info   # inverse-HVP vector, dL_V/dtheta, diagnostics
+
+``train_loss`` may be a :class:`WeightedLoss` (``per_example(params, batch)``,
+``weights(hparams, batch)``, reduction): the mixed term then uses one
+forward-mode pass for the per-example ``grad l_i . p`` and one backward through
+the commentary.  ``curvature="gauss_newton"`` needs a :class:`SplitLoss`
+(``outputs(params, hparams, batch)``, ``head(z, hparams, batch)``, optional
+``head_hvp``).  Divergence of the Neumann series (non-finite or growing terms)
+is never silent: see :class:`NeumannConfig` ``on_divergence`` (warn + fallback
+to power-iteration alpha and damping, raise, or truncate);
+:class:`HypergradientDivergenceWarning` / :class:`HypergradientDivergenceError`.
+
+Lower-level pieces: ``make_operator(loss, params, hparams, batch, curvature=,
+hvp=, damping=)`` (``.grad()``, ``.matvec(c)``, ``.mixed(p)``),
+``inverse_hvp(op, v, solver, state)``, ``neumann``, ``conjugate_gradient``,
+``power_iteration``; list-of-tensor arithmetic in ``engine.vector``.
+
+Backpropagation through training
+--------------------------------
+::
+
+    res = unroll(
+        loss_fn,               # (params, buffers, hparams, batch) -> scalar | (scalar, new_buffers)
+        params0, Adam(lr=1e-4) | SGD(lr, momentum=...) | from_torch(torch_opt),
+        batches,               # one per inner step
+        hparams=hparams, buffers=buffers0,
+        truncate=None | k,     # differentiate only the last k steps
+        checkpoint=None | s,   # recompute activations per segment of s steps
+    )
+    L_V = val_loss(res.params, ...); phi_grads = torch.autograd.grad(L_V, list(hparams.values()))
+
+``hparams`` tensors that require grad are differentiated through the whole
+(tracked) trajectory; the inner optimisers reproduce ``torch.optim`` step by step.
+"""
+from .functional import FunctionalModule
+from .hvp import SplitLoss, WeightedLoss, make_operator
+from .implicit import (
+    CGConfig,
+    EngineState,
+    HypergradientDivergenceError,
+    HypergradientDivergenceWarning,
+    HypergradResult,
+    NeumannConfig,
+    conjugate_gradient,
+    implicit_hypergradient,
+    inverse_hvp,
+    neumann,
+    power_iteration,
+)
+from .unroll import SGD, Adam, UnrollResult, from_torch, unroll
+from . import vector
+
+__all__ = [
+    "FunctionalModule", "SplitLoss", "WeightedLoss", "make_operator",
+    "CGConfig", "EngineState", "HypergradientDivergenceError", "HypergradientDivergenceWarning",
+    "HypergradResult", "NeumannConfig", "conjugate_gradient", "implicit_hypergradient", "inverse_hvp",
+    "neumann", "power_iteration", "SGD", "Adam", "UnrollResult", "from_torch", "unroll", "vector",
+]

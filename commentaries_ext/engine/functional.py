@@ -1,0 +1,90 @@
+"""A user's ``nn.Module`` as a pure function of explicit state.
+
+``FunctionalModule(module)`` holds the names of the module's trainable
+parameters and buffers and calls the module with given tensors through
+``torch.func.functional_call``:
+
+    fm = FunctionalModule(model)
+    params, buffers = fm.params(), fm.buffers()      # dicts of detached copies
+    out = fm(params, x)                               # buffers untouched (see below)
+    out, new_buffers = fm.call_update(params, buffers, x)   # running stats functionalised
+
+Buffers in training mode.  BatchNorm in training mode normalises with the batch
+statistics; its running statistics only matter in eval mode.  ``fm(params, x)``
+therefore passes ``None`` for the running statistics of modules in training mode
+(so nothing is mutated -- this is what makes ``torch.func.jvp``/``linearize`` of
+a gradient work with BatchNorm in training mode, and what keeps K Hessian-vector
+products from updating the running statistics K times), and the real buffers for
+modules in eval mode.  ``call_update`` gives the updated running statistics as
+new tensors (the inputs are not mutated).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase,)
+
+
+class FunctionalModule:
+    def __init__(self, module: nn.Module, *, trainable_only: bool = True):
+        self.module = module
+        self.param_names = [n for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
+        self.frozen = {n: p for n, p in module.named_parameters() if n not in self.param_names}
+        self.buffer_names = [n for n, _ in module.named_buffers()]
+        # Buffers owned by norm layers (running stats): mutable state of training mode.
+        self._stat_owner: dict[str, nn.Module] = {}
+        for mname, mod in module.named_modules():
+            if isinstance(mod, _NORM_TYPES):
+                for bname, _ in mod.named_buffers(recurse=False):
+                    self._stat_owner[f"{mname}.{bname}" if mname else bname] = mod
+
+    # ------------------------------------------------------------------ state
+    def params(self, *, detach: bool = True) -> dict[str, torch.Tensor]:
+        named = dict(self.module.named_parameters())
+        return {n: (named[n].detach() if detach else named[n]) for n in self.param_names}
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return {n: b for n, b in self.module.named_buffers()}
+
+    def load_(self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Copy functional state back into the module (in place, no grad)."""
+        with torch.no_grad():
+            named = dict(self.module.named_parameters())
+            for n, v in params.items():
+                named[n].copy_(v)
+            if buffers:
+                nb = dict(self.module.named_buffers())
+                for n, v in buffers.items():
+                    if v is not None:
+                        nb[n].copy_(v)
+
+    # ------------------------------------------------------------------ calls
+    def _frozen_buffers(self, buffers: Mapping[str, torch.Tensor] | None) -> dict[str, Any]:
+        src = self.buffers() if buffers is None else buffers
+        out: dict[str, Any] = {}
+        for n in self.buffer_names:
+            owner = self._stat_owner.get(n)
+            if owner is not None and owner.training:
+                out[n] = None  # batch statistics are used; do not mutate running stats
+            else:
+                out[n] = src[n]
+        return out
+
+    def __call__(self, params: Mapping[str, torch.Tensor], *args, buffers: Mapping[str, torch.Tensor] | None = None, **kwargs):
+        state = dict(self.frozen)
+        state.update(params)
+        state.update(self._frozen_buffers(buffers))
+        return functional_call(self.module, state, args, kwargs, strict=False)
+
+    def call_update(self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor], *args, **kwargs):
+        """``(output, new_buffers)``: running statistics updated out of place."""
+        new_buffers = {n: b.detach().clone() for n, b in buffers.items()}
+        state = dict(self.frozen)
+        state.update(params)
+        state.update(new_buffers)
+        out = functional_call(self.module, state, args, kwargs, strict=False)
+        return out, new_buffers

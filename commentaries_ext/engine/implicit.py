@@ -1,0 +1,319 @@
+"""Implicit-differentiation hypergradients (Algorithm 2).
+
+    dL_V/dphi = dL_V/dphi|direct - d(g_T . p)/dphi ,   p ~= H^-1 v ,  v = dL_V/dtheta
+
+``implicit_hypergradient`` computes ``v`` on the validation batch, ``p`` with a
+Neumann series or conjugate gradients on the training batch's curvature, and
+the mixed term; see the package docstring for the full API.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+from . import vector as V
+from .hvp import make_operator
+
+
+class HypergradientDivergenceWarning(UserWarning):
+    """The inverse-HVP solver diverged (or met negative curvature) and a fallback was used."""
+
+
+class HypergradientDivergenceError(RuntimeError):
+    """The inverse-HVP solver diverged and no fallback applied (``on_divergence='raise'``)."""
+
+
+@dataclass
+class NeumannConfig:
+    """Neumann series ``p = alpha * sum_{j=0..K} (I - alpha (H + delta I))^j v``.
+
+    ``alpha``: the step; ``None`` picks ``alpha = alpha_scale / lambda_max`` from a
+    power-iteration estimate of the largest eigenvalue of ``H + delta I``,
+    re-estimated every ``reestimate_every`` calls (warm-started from the last
+    eigenvector, so re-estimates need only ``power_iters_warm`` products).
+    ``damping``: ``delta``.  Divergence (a non-finite term, or a term whose norm
+    grows by more than ``growth_tol`` relative -- impossible when the series
+    converges, since ``H`` is symmetric) is handled by ``on_divergence``:
+
+    * ``"fallback"`` (default): warn (:class:`HypergradientDivergenceWarning`)
+      and recompute with ``alpha`` from power iteration and, if the Hessian is
+      found indefinite, damping ``delta = -lambda_min + 1e-3 lambda_max``; if that
+      still diverges, raise :class:`HypergradientDivergenceError`;
+    * ``"raise"``: raise :class:`HypergradientDivergenceError` at once;
+    * ``"truncate"``: warn and keep the partial sum up to the last non-growing term.
+    """
+
+    K: int = 1
+    alpha: float | None = 1e-3
+    damping: float = 0.0
+    alpha_scale: float = 1.0
+    power_iters: int = 20
+    power_iters_warm: int = 3
+    reestimate_every: int = 50
+    growth_tol: float = 1e-3
+    on_divergence: str = "fallback"
+
+
+@dataclass
+class CGConfig:
+    """Conjugate gradients on ``(H + delta I) p = v``; stops at ``max_iter`` or
+    ``||r|| <= tol ||v||``.  Non-positive curvature ``c^T (H + delta I) c <= 0``
+    (an indefinite Hessian) is handled by ``on_divergence``: ``"fallback"``
+    warns and returns the last iterate (truncated CG) -- consider damping or
+    ``curvature="gauss_newton"``; ``"raise"`` raises."""
+
+    max_iter: int = 20
+    tol: float = 1e-10
+    damping: float = 0.0
+    on_divergence: str = "fallback"
+
+
+@dataclass
+class EngineState:
+    """State kept between hyper-steps (power-iteration estimate and warm start)."""
+
+    calls: int = 0
+    lambda_max: float | None = None
+    eigvec: list | None = None
+    estimated_at: int = -(10**9)
+
+
+@dataclass
+class HypergradResult:
+    grads: dict  # name -> hypergradient (direct + indirect), like the hparams
+    p: list  # the inverse-HVP vector (list like the params)
+    v: list  # dL_V/dtheta
+    val_loss: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def power_iteration(matvec: Callable, like: list, iters: int = 20, v0: list | None = None, tol: float = 1e-4):
+    """Largest-magnitude eigenvalue (Rayleigh quotient) and eigenvector of a symmetric operator."""
+    if v0 is None:
+        gen = torch.Generator(device=like[0].device).manual_seed(0) if like else None
+        x = [torch.randn(t.shape, generator=gen, dtype=t.dtype, device=t.device) for t in like]
+    else:
+        x = V.clone(v0)
+    n = V.norm(x)
+    x = V.scale(x, 1.0 / n)
+    lam = 0.0
+    used = 0
+    for _ in range(iters):
+        hx = matvec(x)
+        used += 1
+        new = float(V.dot(x, hx))
+        nh = V.norm(hx)
+        if not math.isfinite(new) or float(nh) == 0.0:
+            lam = new
+            break
+        x = V.scale(hx, 1.0 / nh)
+        if used > 1 and abs(new - lam) <= tol * abs(new):
+            lam = new
+            break
+        lam = new
+    return lam, x, used
+
+
+def neumann(matvec: Callable, v: list, K: int, alpha: float, growth_tol: float = 1e-3):
+    """Neumann series; returns ``(p, info)`` with ``p = alpha * sum_j c_j`` (or the
+    partial sum up to the last good term) and ``info['diverged']``."""
+    c = V.clone(v)
+    p = V.clone(v)
+    norms = [float(V.norm(c))]
+    diverged, reason = False, None
+    good_p = None
+    for j in range(K):
+        h = matvec(c)
+        prev_p = V.clone(p) if growth_tol is not None else None
+        V.neumann_step_(c, p, h, alpha)
+        nc = float(V.norm(c))
+        norms.append(nc)
+        if not math.isfinite(nc):
+            diverged, reason, good_p = True, f"non-finite term at j={j + 1}", prev_p
+            break
+        if growth_tol is not None and nc > norms[-2] * (1.0 + growth_tol) and nc > 1e-30:
+            diverged = True
+            reason = f"term norm grew from {norms[-2]:.3e} to {nc:.3e} at j={j + 1} (spectral radius of I - alpha H >= 1)"
+            good_p = prev_p
+            break
+    p = good_p if diverged else p
+    return V.scale(p, alpha), {"diverged": diverged, "reason": reason, "term_norms": norms, "terms_used": len(norms) - 1}
+
+
+def conjugate_gradient(matvec: Callable, v: list, max_iter: int, tol: float = 1e-10):
+    x = V.zeros_like(v)
+    r = V.clone(v)
+    d = V.clone(v)
+    rr = V.dot(r, r)
+    v_norm = float(V.norm(v))
+    info = {"iterations": 0, "negative_curvature": False, "residual": float(rr) ** 0.5}
+    if v_norm == 0.0:
+        return x, info
+    for k in range(max_iter):
+        hd = matvec(d)
+        dhd = V.dot(d, hd)
+        if not torch.isfinite(dhd) or float(dhd) <= 0.0:
+            info["negative_curvature"] = True
+            info["curvature"] = float(dhd)
+            if k == 0:  # steepest-descent direction: fall back to p = v / ||.||-scaled step
+                x = V.clone(v)
+            break
+        a = rr / dhd
+        V.axpy_(x, a, d)
+        r_new_dot = V.axpy_dot_(r, -a, hd, r)  # r <- r - a Hd ; <r, r>
+        info["iterations"] = k + 1
+        info["residual"] = float(r_new_dot) ** 0.5
+        if float(r_new_dot) ** 0.5 <= tol * v_norm:
+            break
+        beta = r_new_dot / rr
+        rr = r_new_dot
+        d = V.add(r, V.scale(d, beta))
+    return x, info
+
+
+# --------------------------------------------------------------------------- main entry
+
+
+def _val_grads(val_loss, params, hparams, batch):
+    th = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    ph = {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
+    with torch.enable_grad():
+        L = val_loss(th, ph, batch)
+        gs = torch.autograd.grad(L, list(th.values()) + list(ph.values()), allow_unused=True)
+    n = len(th)
+    gt = [torch.zeros_like(t) if g is None else g for g, t in zip(gs[:n], th.values())]
+    gp = [torch.zeros_like(t) if g is None else g for g, t in zip(gs[n:], ph.values())]
+    return L.detach(), gt, gp
+
+
+def inverse_hvp(op, v, solver, state: EngineState | None = None, info: dict | None = None):
+    """``p ~= (H + delta I)^-1 v`` with the given solver (Neumann or CG) and operator ``op``."""
+    info = {} if info is None else info
+    if isinstance(solver, CGConfig):
+        op.damping = solver.damping
+        p, cg = conjugate_gradient(op.matvec, v, solver.max_iter, solver.tol)
+        info.update(solver="cg", **cg)
+        if cg["negative_curvature"]:
+            msg = (f"conjugate gradients met non-positive curvature ({cg.get('curvature')}) after "
+                   f"{cg['iterations']} iterations: the Hessian is indefinite here; returning the last iterate. "
+                   "Use damping or curvature='gauss_newton'.")
+            if solver.on_divergence == "raise":
+                raise HypergradientDivergenceError(msg)
+            warnings.warn(msg, HypergradientDivergenceWarning, stacklevel=3)
+        return p, info
+    if not isinstance(solver, NeumannConfig):
+        raise TypeError(f"solver must be NeumannConfig or CGConfig, got {type(solver).__name__}")
+    if solver.on_divergence not in ("fallback", "raise", "truncate"):
+        raise ValueError(f"on_divergence must be 'fallback', 'raise' or 'truncate', got {solver.on_divergence!r}")
+    state = EngineState() if state is None else state
+    op.damping = solver.damping
+    alpha = solver.alpha
+    if alpha is None:
+        alpha = _auto_alpha(op, v, solver, state, info)
+    p, ninfo = neumann(op.matvec, v, solver.K, alpha, solver.growth_tol)
+    info.update(solver="neumann", alpha=alpha, damping=op.damping, **ninfo)
+    if not ninfo["diverged"]:
+        return p, info
+    msg = f"Neumann series diverged with alpha={alpha:g}, damping={op.damping:g}: {ninfo['reason']}"
+    if solver.on_divergence == "raise":
+        raise HypergradientDivergenceError(msg)
+    if solver.on_divergence == "truncate":
+        warnings.warn(msg + f"; keeping the first {ninfo['terms_used'] - 1} terms", HypergradientDivergenceWarning, stacklevel=3)
+        return p, info
+    # fallback: alpha from power iteration, then damping if indefinite
+    lam, vec, used = power_iteration(op.matvec, v, solver.power_iters)
+    state.lambda_max, state.eigvec, state.estimated_at = abs(lam), vec, state.calls
+    info["power_iters"] = info.get("power_iters", 0) + used
+    if not math.isfinite(lam) or lam == 0.0:
+        raise HypergradientDivergenceError(msg + f"; power iteration gave lambda={lam}")
+    lam_max = abs(lam)
+    if lam < 0:  # dominant eigenvalue negative: find the top positive one by shifting
+        lam_top, _, used2 = power_iteration(lambda c: V.add(op.matvec(c), c, alpha=lam_max), v, solver.power_iters)
+        info["power_iters"] += used2
+        lam_max = max(lam_top - lam_max, 1e-12)
+    # smallest eigenvalue: power iteration on (lam_max I - H)
+    lam_shift, _, used3 = power_iteration(lambda c: V.sub(V.scale(c, lam_max), op.matvec(c)), v, solver.power_iters)
+    info["power_iters"] += used3
+    lam_min = lam_max - lam_shift
+    extra = 0.0
+    if lam_min <= 0:
+        extra = -lam_min + 1e-3 * lam_max
+    op.damping = solver.damping + extra
+    alpha2 = solver.alpha_scale / (lam_max + extra)
+    warnings.warn(
+        msg + f"; falling back to alpha={alpha2:.3g} from power iteration (lambda_max~{lam_max:.3g}, "
+        f"lambda_min~{lam_min:.3g}) with damping {op.damping:.3g}",
+        HypergradientDivergenceWarning,
+        stacklevel=3,
+    )
+    p, ninfo = neumann(op.matvec, v, solver.K, alpha2, solver.growth_tol)
+    info.update(fallback=True, alpha=alpha2, damping=op.damping, lambda_max=lam_max, lambda_min=lam_min, **ninfo)
+    if ninfo["diverged"]:
+        raise HypergradientDivergenceError(f"Neumann series still diverges after the fallback: {ninfo['reason']}")
+    return p, info
+
+
+def _auto_alpha(op, v, solver, state, info):
+    due = state.lambda_max is None or (state.calls - state.estimated_at) >= solver.reestimate_every
+    if due:
+        warm = state.eigvec is not None
+        iters = solver.power_iters_warm if warm else solver.power_iters
+        lam, vec, used = power_iteration(op.matvec, v, iters, v0=state.eigvec)
+        info["power_iters"] = used
+        if not math.isfinite(lam) or lam == 0.0:
+            raise HypergradientDivergenceError(f"power iteration failed (lambda={lam})")
+        state.lambda_max, state.eigvec, state.estimated_at = abs(lam), vec, state.calls
+    info["lambda_max"] = state.lambda_max
+    return solver.alpha_scale / state.lambda_max
+
+
+def implicit_hypergradient(
+    train_loss: Callable,
+    val_loss: Callable,
+    params: Mapping[str, torch.Tensor],
+    hparams: Mapping[str, torch.Tensor],
+    train_batch: Any = None,
+    val_batch: Any = None,
+    *,
+    solver: NeumannConfig | CGConfig | None = None,
+    curvature: str = "hessian",
+    hvp: str = "auto",
+    state: EngineState | None = None,
+    v: list | None = None,
+) -> HypergradResult:
+    """IFT hypergradient ``dL_V/dphi`` at the student parameters ``params``.
+
+    ``train_loss(params, hparams, train_batch)`` and ``val_loss(params, hparams,
+    val_batch)`` are scalar losses over dicts of tensors.  Returns a
+    :class:`HypergradResult`; ``result.grads[name]`` has the shape of
+    ``hparams[name]``.
+    """
+    solver = NeumannConfig() if solver is None else solver
+    state = EngineState() if state is None else state
+    params = {k: t.detach() for k, t in params.items()}
+    hparams = {k: t.detach() for k, t in hparams.items()}
+    info: dict = {"curvature": curvature}
+    if v is None:
+        Lv, v, direct = _val_grads(val_loss, params, hparams, val_batch)
+    else:
+        Lv, direct = torch.tensor(float("nan")), [torch.zeros_like(t) for t in hparams.values()]
+    damping = solver.damping
+    op = make_operator(train_loss, params, hparams, train_batch, curvature=curvature, hvp=hvp, damping=damping)
+    info["hvp"] = type(op).__name__
+    p, info = inverse_hvp(op, v, solver, state, info)
+    state.calls += 1
+    if curvature == "gauss_newton":
+        from .hvp import DoubleBackwardHessian, ForwardOverReverseHessian  # noqa: F401
+        mixed = op._mixed_double_backward(p)
+    else:
+        mixed = op.mixed(p)
+    info["n_matvec"] = op.n_matvec
+    grads = {name: d - m for name, d, m in zip(hparams, direct, mixed)}
+    return HypergradResult(grads=grads, p=p, v=v, val_loss=Lv, info=info)

@@ -1,0 +1,276 @@
+"""Backpropagation through training (Algorithm 1): functional, differentiable
+inner optimisers and the unrolled inner loop.
+
+Optimisers (results match ``torch.optim`` step by step for the same
+hyperparameters; hyperparameters may be tensors requiring grad):
+
+    SGD(lr, momentum=0, dampening=0, weight_decay=0, nesterov=False)
+    Adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False)
+    from_torch(optimizer)            # the spec of an existing torch.optim optimizer
+
+Each has ``init(params) -> state`` and ``step(params, grads, state) -> (params, state)``
+over dicts of tensors, built from differentiable out-of-place ops.
+
+``unroll(loss_fn, params, optimizer, batches, hparams=..., buffers=..., truncate=k,
+checkpoint=s)`` runs the inner steps; ``loss_fn(params, buffers, hparams, batch)``
+returns a scalar or ``(scalar, new_buffers)`` (``FunctionalModule.call_update``
+gives the new running statistics of BatchNorm out of place).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+
+def _t(x, like):
+    return x if torch.is_tensor(x) else torch.as_tensor(x, dtype=like.dtype, device=like.device)
+
+
+class SGD:
+    def __init__(self, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False):
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        self.lr, self.momentum, self.dampening = lr, momentum, dampening
+        self.weight_decay, self.nesterov, self.maximize = weight_decay, nesterov, maximize
+
+    def init(self, params):
+        return {"step": 0, "buf": {k: None for k in params}}
+
+    def step(self, params, grads, state):
+        new_p, new_buf = {}, {}
+        first = state["step"] == 0
+        for k, p in params.items():
+            g = grads[k]
+            if g is None:
+                new_p[k], new_buf[k] = p, state["buf"][k]
+                continue
+            if self.maximize:
+                g = -g
+            if self.weight_decay:
+                g = g + self.weight_decay * p
+            if self.momentum:
+                b = state["buf"][k]
+                b = g if b is None else b * self.momentum + (1 - self.dampening) * g
+                new_buf[k] = b
+                g = g + self.momentum * b if self.nesterov else b
+            else:
+                new_buf[k] = None
+            new_p[k] = p - self.lr * g
+        return new_p, {"step": state["step"] + 1, "buf": new_buf}
+
+
+class Adam:
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False):
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.weight_decay, self.amsgrad, self.maximize = weight_decay, amsgrad, maximize
+
+    def init(self, params):
+        z = {k: torch.zeros_like(p, memory_format=torch.preserve_format).detach() for k, p in params.items()}
+        st = {"step": 0, "m": dict(z), "v": {k: torch.zeros_like(p).detach() for k, p in params.items()}}
+        if self.amsgrad:
+            st["vmax"] = {k: torch.zeros_like(p).detach() for k, p in params.items()}
+        return st
+
+    def step(self, params, grads, state):
+        b1, b2 = self.betas
+        t = state["step"] + 1
+        bc1 = 1 - b1**t
+        bc2 = 1 - b2**t
+        new_p, m_new, v_new, vmax_new = {}, {}, {}, {}
+        for k, p in params.items():
+            g = grads[k]
+            if g is None:
+                new_p[k], m_new[k], v_new[k] = p, state["m"][k], state["v"][k]
+                if self.amsgrad:
+                    vmax_new[k] = state["vmax"][k]
+                continue
+            if self.maximize:
+                g = -g
+            if self.weight_decay:
+                g = g + self.weight_decay * p
+            m = torch.lerp(state["m"][k], g, 1 - b1)  # as torch.optim.Adam
+            v = state["v"][k] * b2 + (1 - b2) * g * g
+            m_new[k], v_new[k] = m, v
+            if self.amsgrad:
+                vm = torch.maximum(state["vmax"][k], v)
+                vmax_new[k] = vm
+                v_use = vm
+            else:
+                v_use = v
+            # torch.optim.Adam: denom = sqrt(v)/sqrt(bc2) + eps ; p -= lr/bc1 * m/denom
+            # (sqrt at 0 has an infinite derivative: guard where v == 0)
+            denom = _safe_sqrt(v_use) / math.sqrt(bc2) + self.eps
+            new_p[k] = p - (self.lr / bc1) * m / denom
+        st = {"step": t, "m": m_new, "v": v_new}
+        if self.amsgrad:
+            st["vmax"] = vmax_new
+        return new_p, st
+
+
+def _safe_sqrt(x):
+    if not x.requires_grad:
+        return torch.sqrt(x)
+    # differentiable everywhere v > 0 (double backward included); zero where v == 0
+    pos = x > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+def from_torch(optimizer: torch.optim.Optimizer, group: int = 0):
+    """The differentiable spec of a ``torch.optim`` SGD / Adam optimizer's param group."""
+    g = optimizer.param_groups[group]
+    if isinstance(optimizer, torch.optim.Adam):
+        return Adam(g["lr"], g["betas"], g["eps"], g["weight_decay"], g.get("amsgrad", False), g.get("maximize", False))
+    if isinstance(optimizer, torch.optim.SGD):
+        return SGD(g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"], g.get("maximize", False))
+    raise TypeError(f"no differentiable version of {type(optimizer).__name__} (SGD and Adam are supported)")
+
+
+@dataclass
+class UnrollResult:
+    params: dict
+    buffers: dict
+    opt_state: dict
+    losses: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+def _call_loss(loss_fn, params, buffers, hparams, batch):
+    out = loss_fn(params, buffers, hparams, batch)
+    if isinstance(out, tuple):
+        return out[0], out[1]
+    return out, buffers
+
+
+def _flatten_state(opt_state):
+    """Split an optimizer state into a list of tensors and a rebuild function."""
+    leaves, spec = [], []
+
+    def walk(x):
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if torch.is_tensor(x):
+            leaves.append(x)
+            return ("__t__", len(leaves) - 1)
+        return x
+
+    tree = walk(opt_state)
+
+    def rebuild(ts):
+        def w(x):
+            if isinstance(x, dict):
+                return {k: w(v) for k, v in x.items()}
+            if isinstance(x, tuple) and len(x) == 2 and x[0] == "__t__":
+                return ts[x[1]]
+            return x
+
+        return w(tree)
+
+    return leaves, rebuild
+
+
+def unroll(
+    loss_fn: Callable,
+    params: Mapping[str, torch.Tensor],
+    optimizer,
+    batches: Iterable[Any],
+    *,
+    hparams: Mapping[str, torch.Tensor] | None = None,
+    buffers: Mapping[str, torch.Tensor] | None = None,
+    opt_state: dict | None = None,
+    steps: int | None = None,
+    truncate: int | None = None,
+    checkpoint: int | None = None,
+) -> UnrollResult:
+    """Run ``steps`` differentiable inner steps (one per batch) from ``params``.
+
+    ``truncate=k``: only the last ``k`` steps are differentiated (the earlier
+    ones run without a graph).  ``checkpoint=s``: the differentiated steps are
+    grouped into segments of ``s`` steps whose activations are recomputed in
+    the backward pass (activation checkpointing; memory per segment instead of
+    per step, ``s ~ sqrt(T)`` gives sub-linear growth).  The returned params are
+    functions of ``hparams`` (and of the initial params if they require grad):
+    backpropagate a validation loss through them.
+    """
+    hparams = {} if hparams is None else dict(hparams)
+    buffers = {} if buffers is None else {k: v.detach() for k, v in buffers.items()}
+    batches = list(batches)
+    T = len(batches) if steps is None else steps
+    if T > len(batches):
+        raise ValueError(f"steps={T} but only {len(batches)} batches were given")
+    params = dict(params)
+    state = optimizer.init(params) if opt_state is None else opt_state
+    n_free = T if truncate is None else max(0, T - int(truncate))
+    losses = []
+
+    def one_step(params, state, buffers, batch, create_graph):
+        with torch.enable_grad():
+            if not create_graph:
+                params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            else:
+                params = {k: (v if v.requires_grad else v.detach().requires_grad_(True)) for k, v in params.items()}
+            loss, new_buffers = _call_loss(loss_fn, params, buffers, hparams, batch)
+            gs = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, allow_unused=True)
+        grads = dict(zip(params, gs))
+        if not create_graph:
+            with torch.no_grad():
+                new_p, new_s = optimizer.step({k: v.detach() for k, v in params.items()}, grads, state)
+            return new_p, new_s, {k: v.detach() for k, v in new_buffers.items()}, loss.detach()
+        new_p, new_s = optimizer.step(params, grads, state)
+        return new_p, new_s, {k: v.detach() for k, v in new_buffers.items()}, loss.detach()
+
+    # free (untracked) prefix
+    for i in range(n_free):
+        params, state, buffers, L = one_step(params, _detach_state(state), buffers, batches[i], False)
+        losses.append(L)
+    if n_free:
+        params = {k: v.detach() for k, v in params.items()}
+        state = _detach_state(state)
+
+    tracked = list(range(n_free, T))
+    if not checkpoint or checkpoint <= 0:
+        for i in tracked:
+            params, state, buffers, L = one_step(params, state, buffers, batches[i], True)
+            losses.append(L)
+    else:
+        seg = int(checkpoint)
+        pnames = list(params)
+        for s0 in range(0, len(tracked), seg):
+            idx = tracked[s0 : s0 + seg]
+            st_leaves, rebuild = _flatten_state(state)
+            n_p, n_s = len(pnames), len(st_leaves)
+            buf_in = dict(buffers)
+            box = {}
+
+            def segment(*flat, idx=idx, rebuild=rebuild, n_p=n_p, n_s=n_s, buf_in=buf_in, box=box):
+                p = dict(zip(pnames, flat[:n_p]))
+                s = rebuild(list(flat[n_p : n_p + n_s]))
+                b = buf_in
+                ls = []
+                for i in idx:
+                    p, s, b, L = one_step(p, s, b, batches[i], True)
+                    ls.append(L)
+                box["buffers"], box["losses"] = b, ls
+                out_leaves, reb2 = _flatten_state(s)
+                box["rebuild"] = reb2
+                return tuple(p[k] for k in pnames) + tuple(out_leaves)
+
+            # hparams enter through the closure of loss_fn (non-reentrant checkpoint handles them)
+            out = _checkpoint(segment, *[params[k] for k in pnames], *st_leaves, use_reentrant=False)
+            params = dict(zip(pnames, out[:n_p]))
+            state = box["rebuild"](list(out[n_p:]))
+            buffers = box["buffers"]
+            losses.extend(box["losses"])
+    return UnrollResult(params=params, buffers=buffers, opt_state=state, losses=losses,
+                        info={"steps": T, "tracked": len(tracked), "checkpoint": checkpoint})
+
+
+def _detach_state(state):
+    if isinstance(state, dict):
+        return {k: _detach_state(v) for k, v in state.items()}
+    if torch.is_tensor(state):
+        return state.detach()
+    return state
