@@ -1,0 +1,412 @@
+"""Implicit-differentiation engine vs dense float64 solves (ridge, logistic, MLP)."""
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from commentaries_ext.engine import (
+    CGConfig,
+    EngineState,
+    FunctionalModule,
+    HypergradientDivergenceError,
+    HypergradientDivergenceWarning,
+    NeumannConfig,
+    SplitLoss,
+    WeightedLoss,
+    implicit_hypergradient,
+    make_operator,
+    power_iteration,
+)
+from commentaries_ext.engine import vector as V
+
+DT = torch.float64
+HVPS = ["double_backward", "forward_over_reverse"]
+
+
+def flat(xs):
+    return torch.cat([x.reshape(-1) for x in xs])
+
+
+def unflat(vec, like):
+    out, i = [], 0
+    for t in like:
+        out.append(vec[i : i + t.numel()].view_as(t))
+        i += t.numel()
+    return out
+
+
+def dense_reference(train_loss, val_loss, params, hparams, tb, vb):
+    """Exact IFT hypergradient: -(d g/d phi)^T H^-1 v + direct, all dense float64."""
+    names, hnames = list(params), list(hparams)
+    th0 = flat(params.values()).detach()
+    ph0 = flat(hparams.values()).detach()
+
+    def L(tv, pv):
+        return train_loss(dict(zip(names, unflat(tv, params.values()))), dict(zip(hnames, unflat(pv, hparams.values()))), tb)
+
+    def LV(tv, pv):
+        return val_loss(dict(zip(names, unflat(tv, params.values()))), dict(zip(hnames, unflat(pv, hparams.values()))), vb)
+
+    H = torch.autograd.functional.hessian(lambda t: L(t, ph0), th0)
+    # mixed block d^2 L / dphi dtheta  [n_phi, n_theta]
+    Mx = torch.autograd.functional.jacobian(lambda pv: torch.autograd.functional.jacobian(lambda t: L(t, pv), th0, create_graph=True), ph0)
+    v, direct = torch.autograd.functional.jacobian(LV, (th0, ph0))
+    p = torch.linalg.solve(H, v)
+    hyper = direct - Mx.T @ p if Mx.dim() == 2 else direct - (Mx.reshape(-1, ph0.numel()).T @ p)
+    return hyper, H, v, p
+
+
+def as_flat_grads(res):
+    return flat(res.grads.values())
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+# --------------------------------------------------------------------------- problems
+
+
+def ridge_problem(seed=0, n=40, d=6):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=DT)
+    y = X @ torch.randn(d, generator=g, dtype=DT) + 0.1 * torch.randn(n, generator=g, dtype=DT)
+    Xv = torch.randn(n, d, generator=g, dtype=DT)
+    yv = Xv @ torch.randn(d, generator=g, dtype=DT)
+    phi = {"logwd": 0.3 * torch.randn(d, generator=g, dtype=DT)}
+
+    def train_loss(p, h, b):
+        X, y = b
+        r = X @ p["w"] - y
+        return 0.5 * (r * r).mean() + 0.5 * (torch.exp(h["logwd"]) * p["w"] ** 2).sum()
+
+    def val_loss(p, h, b):
+        X, y = b
+        r = X @ p["w"] - y
+        return 0.5 * (r * r).mean()
+
+    A = X.T @ X / n + torch.diag(torch.exp(phi["logwd"]))
+    w = torch.linalg.solve(A, X.T @ y / n)
+    return train_loss, val_loss, {"w": w}, phi, (X, y), (Xv, yv)
+
+
+def logistic_problem(seed=0, n=60, d=5, C=3):
+    """Example-weighted multinomial logistic regression (WeightedLoss), trained to optimum."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=DT)
+    y = torch.randint(0, C, (n,), generator=g)
+    Xv = torch.randn(n, d, generator=g, dtype=DT)
+    yv = torch.randint(0, C, (n,), generator=g)
+    phi = {"logits_w": 0.5 * torch.randn(n, generator=g, dtype=DT)}
+
+    def per_example(p, b):
+        X, y = b
+        z = X @ p["W"] + p["b"]
+        return nn.functional.cross_entropy(z, y, reduction="none") + 0.05 * ((p["W"] ** 2).sum() + (p["b"] ** 2).sum())
+
+    def weights(h, b):
+        return torch.sigmoid(h["logits_w"])
+
+    loss = WeightedLoss(per_example, weights, reduction="mean")
+
+    def val_loss(p, h, b):
+        X, y = b
+        return nn.functional.cross_entropy(X @ p["W"] + p["b"], y)
+
+    params = {"W": torch.zeros(d, C, dtype=DT), "b": torch.zeros(C, dtype=DT)}
+    params = newton_fit(lambda q: loss(q, phi, (X, y)), params)
+    return loss, val_loss, params, phi, (X, y), (Xv, yv)
+
+
+def newton_fit(f, params, iters=30):
+    names = list(params)
+    like = list(params.values())
+    t = flat(like).clone()
+    for _ in range(iters):
+        fn = lambda v: f(dict(zip(names, unflat(v, like))))  # noqa: E731
+        gr = torch.autograd.functional.jacobian(fn, t)
+        H = torch.autograd.functional.hessian(fn, t)
+        t = t - torch.linalg.solve(H, gr)
+        if gr.norm() < 1e-13:
+            break
+    return dict(zip(names, [x.clone() for x in unflat(t, like)]))
+
+
+def mlp_problem(seed=0):
+    """A small tanh MLP with blending-style commentary on the loss (phi enters
+    through per-example mixing of two targets) at a trained optimum."""
+    torch.manual_seed(seed)
+    n, d, h, C = 32, 4, 5, 3
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=DT)
+    y = torch.randint(0, C, (n,), generator=g)
+    perm = torch.randperm(n, generator=g)
+    Xv = torch.randn(n, d, generator=g, dtype=DT)
+    yv = torch.randint(0, C, (n,), generator=g)
+    net = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, C)).to(DT)
+    fm = FunctionalModule(net)
+    phi = {"phi": -torch.ones(C, C, dtype=DT) + 0.2 * torch.randn(C, C, generator=g, dtype=DT)}
+
+    def train_loss(p, hp, b):
+        X, y, perm = b
+        lam = 1 - 0.5 * torch.sigmoid(hp["phi"][y, y[perm]])
+        xt = lam[:, None] * X + (1 - lam[:, None]) * X[perm]
+        z = fm(p, xt)
+        ce = lam * nn.functional.cross_entropy(z, y, reduction="none") + (1 - lam) * nn.functional.cross_entropy(z, y[perm], reduction="none")
+        wd = sum((w**2).sum() for w in p.values())
+        return ce.mean() + 1e-2 * wd
+
+    def val_loss(p, hp, b):
+        X, y = b
+        return nn.functional.cross_entropy(fm(p, X), y)
+
+    params = {k: v.detach().clone() for k, v in fm.params().items()}
+    tb = (X, y, perm)
+    params = newton_fit(lambda q: train_loss(q, phi, tb), lbfgs_fit(lambda q: train_loss(q, phi, tb), params), iters=20)
+    return train_loss, val_loss, params, phi, tb, (Xv, yv)
+
+
+def lbfgs_fit(f, params):
+    ps = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt = torch.optim.LBFGS(list(ps.values()), lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        L = f(ps)
+        L.backward()
+        return L
+
+    opt.step(closure)
+    return {k: v.detach() for k, v in ps.items()}
+
+
+PROBLEMS = {"ridge": ridge_problem, "logistic": logistic_problem, "mlp": mlp_problem}
+
+
+@pytest.fixture(scope="module", params=list(PROBLEMS))
+def problem(request):
+    prob = PROBLEMS[request.param]()
+    ref = dense_reference(*prob)
+    return request.param, prob, ref
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("hvp", HVPS)
+def test_neumann_many_terms_matches_dense(problem, hvp):
+    name, (tl, vl, params, phi, tb, vb), (hyper, H, v, p) = problem
+    evals = torch.linalg.eigvalsh(H)
+    assert evals.min() > 0, "test problem must be at a strict minimum"
+    alpha = 1.0 / float(evals.max())
+    rho = 1 - alpha * float(evals.min())
+    K = int(math.ceil(math.log(1e-9) / math.log(rho)))
+    assert K < 3000
+    res = implicit_hypergradient(tl, vl, params, phi, tb, vb, solver=NeumannConfig(K=K, alpha=alpha), hvp=hvp)
+    assert rel(as_flat_grads(res), hyper) < 1e-6
+    assert rel(flat(res.p), p) < 1e-6
+    assert not res.info["diverged"]
+
+
+@pytest.mark.parametrize("hvp", HVPS)
+def test_cg_matches_within_dim_iterations(problem, hvp):
+    name, (tl, vl, params, phi, tb, vb), (hyper, H, v, p) = problem
+    dim = H.shape[0]
+    res = implicit_hypergradient(tl, vl, params, phi, tb, vb, solver=CGConfig(max_iter=dim, tol=1e-12), hvp=hvp)
+    assert res.info["iterations"] <= dim
+    assert rel(as_flat_grads(res), hyper) < 1e-6
+
+
+def test_neumann_error_follows_bound(problem):
+    name, (tl, vl, params, phi, tb, vb), (hyper, H, v, p) = problem
+    evals = torch.linalg.eigvalsh(H)
+    alpha = 1.0 / float(evals.max())
+    rho = float((1 - alpha * evals).abs().max())
+    for K in (0, 1, 5, 20):
+        res = implicit_hypergradient(tl, vl, params, phi, tb, vb, solver=NeumannConfig(K=K, alpha=alpha), hvp="double_backward")
+        err = float((flat(res.p) - p).norm())
+        bound = rho ** (K + 1) * float(p.norm())
+        assert err <= bound * (1 + 1e-9) + 1e-14, (K, err, bound)
+        # and it is the exact truncated series (I - aH)^(K+1) H^-1 v away from p
+        A = torch.eye(H.shape[0], dtype=DT) - alpha * H
+        exact_err = torch.linalg.matrix_power(A, K + 1) @ p
+        assert torch.allclose(p - flat(res.p), exact_err, rtol=1e-8, atol=1e-12)
+
+
+def test_auto_alpha_power_iteration(problem):
+    name, (tl, vl, params, phi, tb, vb), (hyper, H, v, p) = problem
+    lam_max = float(torch.linalg.eigvalsh(H).max())
+    state = EngineState()
+    res = implicit_hypergradient(tl, vl, params, phi, tb, vb, solver=NeumannConfig(K=50, alpha=None, power_iters=100), state=state)
+    assert abs(state.lambda_max - lam_max) / lam_max < 1e-2
+    assert not res.info["diverged"] and torch.isfinite(as_flat_grads(res)).all()
+    n0 = res.info["n_matvec"]
+    # a re-estimate warm-starts from the eigenvector: few products
+    res2 = implicit_hypergradient(tl, vl, params, phi, tb, vb, solver=NeumannConfig(K=50, alpha=None, reestimate_every=1, power_iters_warm=3), state=state)
+    assert res2.info["n_matvec"] <= 50 + 3 < n0
+
+
+def test_bad_alpha_is_caught(problem):
+    name, (tl, vl, params, phi, tb, vb), (hyper, H, v, p) = problem
+    lam_max = float(torch.linalg.eigvalsh(H).max())
+    bad = NeumannConfig(K=30, alpha=5.0 / lam_max, on_divergence="raise")
+    with pytest.raises(HypergradientDivergenceError):
+        implicit_hypergradient(tl, vl, params, phi, tb, vb, solver=bad)
+    # default: warning + fallback to a power-iteration alpha; the result is finite and close
+    with pytest.warns(HypergradientDivergenceWarning):
+        res = implicit_hypergradient(tl, vl, params, phi, tb, vb, solver=NeumannConfig(K=2000, alpha=5.0 / lam_max, power_iters=200))
+    assert res.info["fallback"] and torch.isfinite(as_flat_grads(res)).all()
+    assert rel(as_flat_grads(res), hyper) < 1e-4
+    with pytest.warns(HypergradientDivergenceWarning):
+        res = implicit_hypergradient(tl, vl, params, phi, tb, vb, solver=NeumannConfig(K=30, alpha=5.0 / lam_max, on_divergence="truncate"))
+    assert torch.isfinite(as_flat_grads(res)).all()
+    # non-finite alpha products are caught too
+    with pytest.raises(HypergradientDivergenceError):
+        implicit_hypergradient(tl, vl, params, phi, tb, vb, solver=NeumannConfig(K=3, alpha=float("inf"), on_divergence="raise"))
+
+
+def indefinite_problem():
+    """L_T = 1/2 th^T A th - (b * exp(phi)) . th with A indefinite."""
+    A = torch.diag(torch.tensor([3.0, 1.0, -0.5, 2.0], dtype=DT))
+    b = torch.tensor([1.0, -1.0, 0.5, 0.3], dtype=DT)
+
+    def tl(p, h, bt):
+        return 0.5 * p["t"] @ A @ p["t"] - (b * torch.exp(h["phi"])) @ p["t"]
+
+    def vl(p, h, bt):
+        return (p["t"] ** 2).sum()
+
+    th = torch.linalg.solve(A, b)  # a saddle point
+    return tl, vl, {"t": th}, {"phi": torch.zeros(4, dtype=DT)}
+
+
+def test_indefinite_hessian_is_caught():
+    tl, vl, params, phi = indefinite_problem()
+    with pytest.raises(HypergradientDivergenceError):
+        implicit_hypergradient(tl, vl, params, phi, solver=NeumannConfig(K=200, alpha=0.3, on_divergence="raise"))
+    with pytest.warns(HypergradientDivergenceWarning, match="damping"):
+        res = implicit_hypergradient(tl, vl, params, phi, solver=NeumannConfig(K=400, alpha=0.3, power_iters=100))
+    assert res.info["damping"] > 0.5 and torch.isfinite(as_flat_grads(res)).all()
+    with pytest.raises(HypergradientDivergenceError):
+        implicit_hypergradient(tl, vl, params, phi, solver=CGConfig(max_iter=4, on_divergence="raise"))
+    with pytest.warns(HypergradientDivergenceWarning):
+        implicit_hypergradient(tl, vl, params, phi, solver=CGConfig(max_iter=4))
+
+
+def test_damping_matches_dense():
+    tl, vl, params, phi, tb, vb = ridge_problem(1)
+    delta = 0.37
+    op = make_operator(tl, params, phi, tb, damping=delta, hvp="double_backward")
+    hyper, H, v, p = dense_reference(tl, vl, params, phi, tb, vb)
+    pd = torch.linalg.solve(H + delta * torch.eye(H.shape[0], dtype=DT), v)
+    res = implicit_hypergradient(tl, vl, params, phi, tb, vb, solver=CGConfig(max_iter=20, damping=delta, tol=1e-14))
+    assert rel(flat(res.p), pd) < 1e-8
+    c = [torch.ones_like(t) for t in params.values()]
+    assert torch.allclose(flat(op.matvec(c)), (H + delta * torch.eye(H.shape[0], dtype=DT)) @ flat(c))
+
+
+def test_weighted_fast_path_equals_general():
+    tl, vl, params, phi, tb, vb = logistic_problem(2)
+    general = lambda p, h, b: tl(p, h, b)  # noqa: E731  (a plain callable: no fast path)
+    for hvp in HVPS:
+        a = implicit_hypergradient(tl, vl, params, phi, tb, vb, solver=NeumannConfig(K=3, alpha=0.5), hvp=hvp)
+        b = implicit_hypergradient(general, vl, params, phi, tb, vb, solver=NeumannConfig(K=3, alpha=0.5), hvp=hvp)
+        assert rel(as_flat_grads(a), as_flat_grads(b)) < 1e-10
+
+
+def test_gauss_newton_linear_model_equals_hessian():
+    """For logits linear in theta the Gauss-Newton matrix is the Hessian."""
+    tl, vl, params, phi, tb, vb = logistic_problem(3)
+
+    def outputs(p, h, b):
+        return b[0] @ p["W"] + p["b"]
+
+    def head(z, h, b):
+        X, y = b
+        w = torch.sigmoid(h["logits_w"])
+        return (w * nn.functional.cross_entropy(z, y, reduction="none")).mean()
+
+    split = SplitLoss(outputs, head)
+    gn = make_operator(split, params, phi, tb, curvature="gauss_newton")
+    hs = make_operator(split, params, phi, tb, curvature="hessian", hvp="double_backward")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        c = [torch.randn(t.shape, generator=g, dtype=DT) for t in params.values()]
+        assert torch.allclose(flat(gn.matvec(c)), flat(hs.matvec(c)), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(flat(gn.grad()), flat(hs.grad()))
+
+
+def test_gauss_newton_is_psd_on_mlp():
+    tl, vl, params, phi, tb, vb = mlp_problem(1)
+    X, y, perm = tb
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    fm = FunctionalModule(net)
+    split = SplitLoss(lambda p, h, b: fm(p, b[0]), lambda z, h, b: nn.functional.cross_entropy(z, b[1]))
+    gn = make_operator(split, params, phi, tb, curvature="gauss_newton")
+    n = sum(t.numel() for t in params.values())
+    cols = []
+    for i in range(n):
+        e = torch.zeros(n, dtype=DT)
+        e[i] = 1
+        cols.append(flat(gn.matvec(unflat(e, list(params.values())))))
+    G = torch.stack(cols, 1)
+    assert torch.allclose(G, G.T, atol=1e-10)
+    assert torch.linalg.eigvalsh(G).min() > -1e-10
+    res = implicit_hypergradient(split, lambda p, h, b: nn.functional.cross_entropy(fm(p, b[0]), b[1]), params, phi, tb, vb,
+                                 solver=CGConfig(max_iter=n, damping=1e-3), curvature="gauss_newton")
+    assert torch.isfinite(as_flat_grads(res)).all()
+
+
+def bn_net():
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4), nn.BatchNorm1d(4))
+
+
+def test_batchnorm_train_mode_hvps_agree_and_do_not_touch_running_stats():
+    torch.manual_seed(0)
+    net = bn_net().to(DT).train()
+    fm = FunctionalModule(net)
+    before = {k: v.clone() for k, v in fm.buffers().items()}
+    x = torch.randn(8, 1, 6, 6, dtype=DT)
+    y = torch.randint(0, 4, (8,))
+    phi = {"s": torch.tensor(0.3, dtype=DT)}
+
+    def tl(p, h, b):
+        return torch.exp(h["s"]) * nn.functional.cross_entropy(fm(p, b[0]), b[1])
+
+    params = fm.params()
+    c = [torch.randn_like(t) for t in params.values()]
+    ops = {m: make_operator(tl, params, phi, (x, y), hvp=m) for m in HVPS}
+    hcs = {m: flat(op.matvec(c)) for m, op in ops.items()}
+    ref = torch.autograd.functional.hvp(lambda *ts: tl(dict(zip(params, ts)), phi, (x, y)), tuple(params.values()), tuple(c))[1]
+    for m in HVPS:
+        assert torch.allclose(hcs[m], flat(ref), rtol=1e-9, atol=1e-11), m
+        assert torch.allclose(flat(ops[m].mixed(c)), flat(ops["double_backward"].mixed(c)), rtol=1e-9, atol=1e-12)
+    for k, v in fm.buffers().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_vector_ops():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    ys = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    fx, fy = flat(xs), flat(ys)
+    assert torch.allclose(V.dot(xs, ys), fx @ fy, atol=1e-5)
+    assert torch.allclose(V.norm(xs), fx.norm(), atol=1e-5)
+    c, p, h = V.clone(xs), V.clone(ys), [torch.ones_like(t) for t in xs]
+    V.neumann_step_(c, p, h, 0.25)
+    assert torch.allclose(flat(c), fx - 0.25, atol=1e-6)
+    assert torch.allclose(flat(p), fy + fx - 0.25, atol=1e-6)
+    yy = V.clone(ys)
+    d = V.axpy_dot_(yy, 2.0, xs, xs)
+    assert torch.allclose(flat(yy), fy + 2 * fx, atol=1e-6)
+    assert torch.allclose(d, (fy + 2 * fx) @ fx, atol=1e-4)
+
+
+def test_power_iteration_on_dense():
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=DT))
+    A = Q @ torch.diag(torch.tensor([5.0, 2, 1, 0.5, 0.1, 0.01], dtype=DT)) @ Q.T
+    lam, vec, used = power_iteration(lambda c: [A @ c[0]], [torch.zeros(6, dtype=DT)], iters=200, tol=1e-12)
+    assert abs(lam - 5.0) < 1e-8
