@@ -1,0 +1,293 @@
+"""What every commentary module shares.
+
+A commentary is an ``nn.Module`` with one job: turn a training batch into the
+ingredients of the student's training loss.  The protocol, the same for every
+module and for both learning algorithms (BPTT and IFT):
+
+    batch = commentary.prepare(x, y, index=idx, progress=i / T)   # validates, draws randomness
+    prep  = commentary(batch)                                     # Prepared (depends on phi)
+    loss  = commentary_loss(student(prep.x), prep)                # scalar
+
+``prepare`` draws everything random (blending partners, mixup coefficients)
+*once*, so that the loss is a deterministic function of ``(theta, phi, batch)``
+-- the hypergradient engine evaluates it several times per hyper-step.
+``forward`` is differentiable in the commentary's parameters, so
+``torch.func.functional_call(commentary, phi, (batch,))`` gives the loss as a
+function of explicit parameters ``phi`` (see :func:`train_loss_fn`).
+
+Validation batches are never modified: :func:`validation_loss` is the plain
+mean cross-entropy.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+REDUCTIONS = ("sum", "mean", "normalized")
+
+
+class BatchError(ValueError):
+    """A batch that cannot be used (shape, dtype, label range, empty)."""
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf in the data or in a loss (``nan_policy='raise'``)."""
+
+
+@dataclass
+class Prepared:
+    """The training loss's ingredients for one batch.
+
+    ``x``: what the student sees (possibly blended or masked); ``target``: labels;
+    ``weight``: per-example weights ``[N]`` or None; ``target_b``/``lam``: the
+    second target and the coefficient of the first (blending);
+    ``reduction``: ``"sum"``, ``"mean"`` or ``"normalized"`` (``sum(w l) / sum(w)``).
+    ``extras``: module-specific tensors for plots and diagnostics (e.g. the mask).
+    """
+
+    x: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor | None = None
+    target_b: torch.Tensor | None = None
+    lam: torch.Tensor | None = None
+    reduction: str = "mean"
+    extras: dict | None = None
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_batch(x: Any, y: Any, num_classes: int | None = None, *, name: str = "batch",
+                index: Any = None, num_examples: int | None = None, check_finite: bool = False) -> None:
+    """Raise :class:`BatchError` naming what is wrong with ``(x, y[, index])``."""
+    if not torch.is_tensor(x):
+        raise BatchError(f"{name}: x must be a tensor, got {type(x).__name__}")
+    if not torch.is_tensor(y):
+        raise BatchError(f"{name}: y must be a tensor of class indices, got {type(y).__name__}")
+    if x.dim() < 2:
+        raise BatchError(f"{name}: x must have a batch dimension and features, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise BatchError(f"{name}: x must be floating point, got {x.dtype}")
+    n = x.shape[0]
+    if n == 0:
+        raise BatchError(f"{name}: empty batch (x has shape {tuple(x.shape)})")
+    if y.dim() != 1 or y.shape[0] != n:
+        raise BatchError(f"{name}: y must have shape [{n}] to match x {tuple(x.shape)}, got {tuple(y.shape)}")
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise BatchError(f"{name}: y must hold integer class indices, got {y.dtype}")
+    if num_classes is not None:
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise BatchError(f"{name}: label {bad} out of range [0, {num_classes}) (num_classes={num_classes})")
+    if index is not None:
+        if not torch.is_tensor(index) or index.dim() != 1 or index.shape[0] != n:
+            raise BatchError(f"{name}: index must be an integer tensor of shape [{n}]")
+        if index.is_floating_point():
+            raise BatchError(f"{name}: index must be integer, got {index.dtype}")
+        if num_examples is not None and (int(index.min()) < 0 or int(index.max()) >= num_examples):
+            raise BatchError(f"{name}: example index out of range [0, {num_examples})")
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"{name}: x contains NaN or Inf")
+
+
+def is_finite_batch(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def _ops():
+    try:
+        from ..ops import cross_entropy as ce  # type: ignore[attr-defined]
+    except Exception:  # not built / not written yet
+        return None
+    return ce
+
+
+def per_example_ce(logits: torch.Tensor, target: torch.Tensor, target_b: torch.Tensor | None = None,
+                   lam: torch.Tensor | None = None) -> torch.Tensor:
+    """Unweighted per-example (blended) cross-entropy ``[N]`` in float32 or float64."""
+    logits = _float_logits(logits)
+    target = target.long()
+    ce = _ops()
+    if ce is not None:
+        if target_b is None:
+            return ce.weighted_cross_entropy(logits, target, None, reduction="none")
+        return ce.blended_cross_entropy(logits, target, target_b.long(), lam.to(logits.dtype), reduction="none")
+    return _plain_ce(logits, target, target_b, lam)
+
+
+def _plain_ce(logits, target, target_b=None, lam=None):
+    logp = torch.log_softmax(logits, dim=-1)
+    l_a = -logp.gather(1, target[:, None]).squeeze(1)
+    if target_b is None:
+        return l_a
+    l_b = -logp.gather(1, target_b.long()[:, None]).squeeze(1)
+    lam = lam.to(l_a.dtype)
+    return lam * l_a + (1 - lam) * l_b
+
+
+def _float_logits(logits: torch.Tensor) -> torch.Tensor:
+    if logits.dim() != 2:
+        raise BatchError(f"the student must return logits [N, C], got shape {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()  # AMP: the loss in float32
+    return logits
+
+
+def reduce_loss(losses: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if weight is None:
+        return losses.sum() if reduction == "sum" else losses.mean()
+    weight = weight.to(losses.dtype)
+    s = (weight * losses).sum()
+    if reduction == "mean":
+        return s / losses.numel()
+    if reduction == "normalized":
+        return s / weight.sum().clamp_min(torch.finfo(s.dtype).tiny)
+    return s
+
+
+def commentary_loss(logits: torch.Tensor, prep: Prepared) -> torch.Tensor:
+    """The student's training loss from its logits on ``prep.x`` and the ingredients."""
+    logits = _float_logits(logits)
+    if prep.target_b is None and prep.weight is not None and prep.reduction == "sum":
+        ce = _ops()
+        if ce is not None:
+            return ce.weighted_cross_entropy(logits, prep.target.long(), prep.weight.to(logits.dtype), reduction="sum")
+    losses = per_example_ce(logits, prep.target, prep.target_b, prep.lam)
+    return reduce_loss(losses, prep.weight, prep.reduction)
+
+
+def validation_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Plain mean cross-entropy (validation batches are never blended or weighted)."""
+    return per_example_ce(logits, y).mean()
+
+
+# --------------------------------------------------------------------------- the module base
+
+
+class Commentary(nn.Module):
+    """Base class.  Subclasses set ``kind`` and implement ``forward(batch) -> Prepared``
+    and ``config() -> dict`` (JSON constructor arguments, for commentary files)."""
+
+    kind: str = ""
+    needs_index: bool = False
+
+    def __init__(self, num_classes: int | None = None):
+        super().__init__()
+        self.num_classes = None if num_classes is None else int(num_classes)
+
+    # -- batches
+    def prepare(self, x: torch.Tensor, y: torch.Tensor, *, index: torch.Tensor | None = None,
+                progress: float | torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict:
+        """Validate and package a training batch (and draw its randomness)."""
+        check_batch(x, y, self.num_classes, index=index, num_examples=getattr(self, "num_examples", None))
+        if self.needs_index and index is None:
+            raise BatchError(f"{type(self).__name__} needs the example indices: pass index=")
+        batch = {"x": x, "y": y.long()}
+        if index is not None:
+            batch["index"] = index.long()
+        batch["progress"] = _progress(progress, x)
+        self._draw(batch, generator)
+        return batch
+
+    def _draw(self, batch: dict, generator: torch.Generator | None) -> None:
+        """Draw the batch's randomness into ``batch`` (default: none)."""
+
+    def forward(self, batch: dict) -> Prepared:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def config(self) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- convenience
+    def training_loss(self, model: Callable[[torch.Tensor], torch.Tensor], batch: dict) -> torch.Tensor:
+        prep = self(batch)
+        return commentary_loss(model(prep.x), prep)
+
+    def hparams(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters ``phi`` as a dict (detached)."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def plot(self, *args, **kwargs):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+def _progress(progress, x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    if progress is None:
+        return torch.zeros(n, dtype=x.dtype, device=x.device)
+    t = torch.as_tensor(progress, dtype=x.dtype, device=x.device)
+    if t.dim() == 0:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise BatchError(f"progress must be a number or a tensor of shape [{n}], got {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise BatchError("progress (i/T) must be finite")
+    return t
+
+
+# --------------------------------------------------------------------------- engine-facing losses
+
+
+def call_commentary(commentary: Commentary, hparams: Mapping[str, torch.Tensor] | None, batch: dict) -> Prepared:
+    if hparams is None:
+        return commentary(batch)
+    return functional_call(commentary, dict(hparams), (batch,), strict=False)
+
+
+def train_loss_fn(commentary: Commentary, student: Callable) -> Callable:
+    """``L_T(params, hparams, batch)`` for the hypergradient engine.
+
+    ``student(params, x) -> logits`` (e.g. an ``engine.functional.FunctionalModule``).
+    Example weighting gives an ``engine.hvp.WeightedLoss`` (so the engine can use
+    its fast mixed term); the other commentaries a plain callable.
+    """
+    if commentary.kind == "example_weighting":
+        try:
+            from ..engine.hvp import WeightedLoss
+        except Exception:  # engine not importable: a plain callable works too
+            WeightedLoss = None
+
+        def per_example(params, batch):
+            return per_example_ce(student(params, batch["x"]), batch["y"])
+
+        def weights(hparams, batch):
+            return call_commentary(commentary, hparams, batch).weight
+
+        if WeightedLoss is not None:
+            return WeightedLoss(per_example, weights, commentary.reduction)
+
+        def loss(params, hparams, batch):
+            return reduce_loss(per_example(params, batch), weights(hparams, batch), commentary.reduction)
+
+        return loss
+
+    def loss(params, hparams, batch):
+        prep = call_commentary(commentary, hparams, batch)
+        return commentary_loss(student(params, prep.x), prep)
+
+    return loss
+
+
+def val_loss_fn(student: Callable) -> Callable:
+    """``L_V(params, hparams, batch)``: plain mean cross-entropy on ``(x, y)``."""
+
+    def loss(params, hparams, batch):
+        x, y = (batch["x"], batch["y"]) if isinstance(batch, dict) else batch[:2]
+        return validation_loss(student(params, x), y)
+
+    return loss
+
+
+def finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all()) if torch.is_tensor(t) else math.isfinite(t)
