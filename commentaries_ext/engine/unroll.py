@@ -203,7 +203,7 @@ def unroll(
         raise ValueError(f"steps={T} but only {len(batches)} batches were given")
     params = dict(params)
     state = optimizer.init(params) if opt_state is None else opt_state
-    n_free = T if truncate is None else max(0, T - int(truncate))
+    n_free = 0 if truncate is None else max(0, T - int(truncate))
     losses = []
 
     def one_step(params, state, buffers, batch, create_graph):
