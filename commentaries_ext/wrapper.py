@@ -1,0 +1,282 @@
+"""The drop-in optimizer wrapper: add a commentary to your own training loop.
+
+You keep your model, your ``torch.optim`` optimizer, your LR scheduler and your
+loop; the wrapper applies the commentary to each batch, steps your optimizer,
+and every ``hyper_every`` steps runs a hyper-step on the commentary with the
+implicit-differentiation engine (a validation batch from ``val_loader``)::
+
+    teacher = CommentaryOptimizer(optimizer, model, commentary, val_loader=val_loader, hyper_every=1)
+    for x, y in loader:
+        teacher.zero_grad()
+        loss = teacher.loss(x, y)            # commentary applied (plain CE when switched off)
+        loss.backward()                      # or scaler.scale(loss).backward()
+        teacher.step()                       # optimizer.step() (+ a hyper-step every k steps)
+        scheduler.step()                     # your scheduler, on your optimizer
+
+``enabled=False`` makes ``loss`` exactly ``criterion(model(x), y)`` and ``step``
+exactly ``optimizer.step()``: plain training, bit-identical to the loop without
+the wrapper.  With AMP, compute ``loss`` under ``torch.autocast`` as usual and
+pass ``scaler=`` (the wrapper then calls ``scaler.step(optimizer)`` and
+``scaler.update()``); hyper-steps always run in float32 outside autocast.
+
+Non-finite data or losses follow ``nan_policy``: ``"raise"``
+(:class:`~commentaries_ext.commentary.NonFiniteError`) or ``"skip"`` (the step
+is dropped, gradients cleared, and counted in ``skipped_steps``; non-finite
+hypergradients likewise in ``skipped_hyper_steps``).
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .commentary.base import (
+    BatchError,
+    Commentary,
+    NonFiniteError,
+    call_commentary,
+    commentary_loss,
+    train_loss_fn,
+    val_loss_fn,
+)
+
+NAN_POLICIES = ("raise", "skip")
+
+
+def _split_batch(b):
+    if isinstance(b, dict):
+        return b["x"], b["y"]
+    if isinstance(b, (tuple, list)) and len(b) >= 2:
+        return b[0], b[1]
+    raise BatchError(f"a validation batch must be (x, y) or a dict with 'x' and 'y', got {type(b).__name__}")
+
+
+class CommentaryOptimizer:
+    """Wraps ``optimizer`` (a ``torch.optim.Optimizer`` over ``model``'s parameters).
+
+    Parameters
+    ----------
+    commentary: the commentary module (None or ``enabled=False``: plain training).
+    val_loader: iterable of ``(x, y)`` validation batches (cycled); needed for hyper-steps.
+    hyper_every: a hyper-step after every ``k`` student steps (0: never -- apply a fixed commentary).
+    hyper_optimizer: optimizer over the commentary's parameters (default ``Adam(lr=hyper_lr)``).
+    solver: ``engine.NeumannConfig`` / ``engine.CGConfig``; default Neumann with ``K=1`` and
+        ``alpha`` = the student's current learning rate (the reference setting).
+    curvature, hvp: passed to ``engine.implicit_hypergradient``.
+    total_steps: for the training progress ``i/T`` fed to the commentary (default: 0).
+    criterion: the plain loss used when switched off (default ``F.cross_entropy``).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, commentary: Commentary | None = None, *,
+                 val_loader: Iterable | None = None, hyper_every: int = 1,
+                 hyper_optimizer: torch.optim.Optimizer | None = None, hyper_lr: float = 1e-2,
+                 solver: Any = None, curvature: str = "hessian", hvp: str = "auto", enabled: bool = True,
+                 total_steps: int | None = None, scaler: Any = None, nan_policy: str = "raise",
+                 criterion: Callable = F.cross_entropy, generator: torch.Generator | None = None):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        if hyper_every < 0:
+            raise ValueError(f"hyper_every must be >= 0, got {hyper_every}")
+        self.optimizer, self.model, self.commentary = optimizer, model, commentary
+        self.enabled = bool(enabled) and commentary is not None
+        self.val_loader = val_loader
+        self.hyper_every = int(hyper_every)
+        self.solver, self.curvature, self.hvp = solver, curvature, hvp
+        self.total_steps = total_steps
+        self.scaler = scaler
+        self.nan_policy = nan_policy
+        self.criterion = criterion
+        self.generator = generator
+        self.steps = 0
+        self.hyper_steps = 0
+        self.skipped_steps = 0
+        self.skipped_hyper_steps = 0
+        self.amp_skipped_steps = 0
+        self.last_hyper = None  # the last engine HypergradResult
+        self._last_batch = None
+        self._last_loss = None
+        self._bad_batch = False
+        self._val_iter = None
+        self._engine_state = None
+        self._fm = None
+        if commentary is not None:
+            hp = [p for p in commentary.parameters() if p.requires_grad]
+            if hyper_optimizer is None and hp:
+                hyper_optimizer = torch.optim.Adam(hp, lr=hyper_lr)
+        self.hyper_optimizer = hyper_optimizer
+
+    # ------------------------------------------------------------------ optimizer face
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------ the training loss
+    def progress(self) -> float:
+        return min(1.0, self.steps / self.total_steps) if self.total_steps else 0.0
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, *, index: torch.Tensor | None = None,
+             progress: float | None = None) -> torch.Tensor:
+        """The training loss of ``model`` on the batch, with the commentary applied."""
+        if not self.enabled:
+            out = self.criterion(self.model(x), y)
+            self._last_loss = out
+            return out
+        self._bad_batch = not bool(torch.isfinite(x).all())
+        if self._bad_batch and self.nan_policy == "raise":
+            raise NonFiniteError(f"training batch at step {self.steps} contains NaN or Inf (nan_policy='raise')")
+        batch = self.commentary.prepare(x, y, index=index, progress=self.progress() if progress is None else progress,
+                                        generator=self.generator)
+        with torch.no_grad():  # the student step needs no graph into the commentary
+            prep = self.commentary(batch)
+        out = commentary_loss(self.model(prep.x), prep)
+        self._last_batch = batch
+        self._last_loss = out
+        return out
+
+    # ------------------------------------------------------------------ steps
+    def _grads_finite(self) -> bool:
+        gs = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not gs:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in gs]).all())
+
+    def step(self, closure: Callable | None = None):
+        """Step the student (and every ``hyper_every`` steps the commentary).
+
+        Returns what ``optimizer.step`` returns (None when the step was skipped)."""
+        if not self.enabled:
+            if self.scaler is not None:
+                out = self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                out = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            self.steps += 1
+            return out
+        bad = self._bad_batch or (self._last_loss is not None and not bool(torch.isfinite(self._last_loss.detach())))
+        if not bad and self.scaler is None:
+            bad = not self._grads_finite()
+        if bad:
+            if self.nan_policy == "raise":
+                raise NonFiniteError(f"non-finite training loss or gradients at step {self.steps} (nan_policy='raise')")
+            self.skipped_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self._bad_batch = False
+            self._last_loss = None
+            return None
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            out = self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.scaler.get_scale() < scale:
+                self.amp_skipped_steps += 1
+        else:
+            out = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        self.steps += 1
+        if self.hyper_every and self.steps % self.hyper_every == 0 and self.hyper_optimizer is not None:
+            self.hyper_step()
+        return out
+
+    # ------------------------------------------------------------------ hyper-steps
+    def _next_val(self):
+        if self.val_loader is None:
+            raise ValueError("hyper-steps need validation data: pass val_loader= (or hyper_every=0)")
+        if self._val_iter is None:
+            self._val_iter = iter(self.val_loader)
+        try:
+            return next(self._val_iter)
+        except StopIteration:
+            self._val_iter = iter(self.val_loader)
+            try:
+                return next(self._val_iter)
+            except StopIteration:
+                raise ValueError("val_loader is empty") from None
+
+    def _solver(self):
+        from .engine import NeumannConfig
+
+        if self.solver is not None:
+            return self.solver
+        return NeumannConfig(K=1, alpha=float(self.optimizer.param_groups[0]["lr"]))
+
+    def hypergradient(self, train_batch: dict | None = None, val_batch: Any = None):
+        """The engine's IFT hypergradient at the current student (no update)."""
+        from .engine import EngineState, FunctionalModule, implicit_hypergradient
+
+        if self._fm is None:
+            self._fm = FunctionalModule(self.model)
+            self._engine_state = EngineState()
+        fm = self._fm
+        train_batch = self._last_batch if train_batch is None else train_batch
+        if train_batch is None:
+            raise ValueError("no training batch yet: call loss(x, y) first or pass train_batch=")
+        xv, yv = _split_batch(self._next_val() if val_batch is None else val_batch)
+        dev = next(iter(self.model.parameters())).device
+        val_batch = {"x": xv.to(dev), "y": yv.to(dev)}
+        hparams = self.commentary.hparams()
+        autocast_off = (torch.autocast(device_type=dev.type, enabled=False)
+                        if dev.type in ("cpu", "cuda") else contextlib.nullcontext())
+        with autocast_off:
+            res = implicit_hypergradient(
+                train_loss_fn(self.commentary, fm), val_loss_fn(fm), fm.params(), hparams, train_batch, val_batch,
+                solver=self._solver(), curvature=self.curvature, hvp=self.hvp, state=self._engine_state)
+        return res
+
+    def hyper_step(self, train_batch: dict | None = None, val_batch: Any = None):
+        """One hyper-step on the commentary; returns the engine's result."""
+        res = self.hypergradient(train_batch, val_batch)
+        self.last_hyper = res
+        named = dict(self.commentary.named_parameters())
+        finite = all(bool(torch.isfinite(g).all()) for g in res.grads.values())
+        if not finite:
+            if self.nan_policy == "raise":
+                raise NonFiniteError(f"non-finite hypergradient at step {self.steps} (nan_policy='raise')")
+            self.skipped_hyper_steps += 1
+            return res
+        self.hyper_optimizer.zero_grad(set_to_none=True)
+        for n, g in res.grads.items():
+            named[n].grad = g.to(named[n].dtype).clone()
+        self.hyper_optimizer.step()
+        self.hyper_optimizer.zero_grad(set_to_none=True)
+        self.hyper_steps += 1
+        return res
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """``optimizer`` is the wrapped optimizer's own ``torch.optim`` state dict."""
+        sd = {"optimizer": self.optimizer.state_dict(), "steps": self.steps, "hyper_steps": self.hyper_steps,
+              "skipped_steps": self.skipped_steps, "skipped_hyper_steps": self.skipped_hyper_steps,
+              "amp_skipped_steps": self.amp_skipped_steps}
+        if self.commentary is not None:
+            sd["commentary"] = self.commentary.state_dict()
+        if self.hyper_optimizer is not None:
+            sd["hyper_optimizer"] = self.hyper_optimizer.state_dict()
+        if self._engine_state is not None and self._engine_state.lambda_max is not None:
+            sd["lambda_max"] = self._engine_state.lambda_max
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.optimizer.load_state_dict(sd["optimizer"])
+        for k in ("steps", "hyper_steps", "skipped_steps", "skipped_hyper_steps", "amp_skipped_steps"):
+            setattr(self, k, int(sd.get(k, 0)))
+        if "commentary" in sd and self.commentary is not None:
+            self.commentary.load_state_dict(sd["commentary"])
+        if "hyper_optimizer" in sd and self.hyper_optimizer is not None:
+            self.hyper_optimizer.load_state_dict(sd["hyper_optimizer"])
+
+
+def cycle(loader: Iterable):
+    """Endless iteration over a re-iterable loader."""
+    return itertools.chain.from_iterable(itertools.repeat(loader))
