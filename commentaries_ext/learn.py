@@ -1,0 +1,284 @@
+"""Learning loops for commentaries (DESIGN.md section 2).
+
+* :func:`learn_bptt` -- Algorithm 1: for each outer step, a student from
+  ``student_factory`` (the same initial weights every outer step, or fresh
+  ones) trains ``inner_steps`` differentiable steps on the commentary-shaped
+  loss (``engine.unroll``), the validation loss is backpropagated to the
+  commentary through the whole trajectory (optionally truncated and/or
+  checkpointed) and an outer optimiser updates it.
+* :func:`learn_ift` -- Algorithm 2: student steps and IFT hyper-steps
+  alternate (``engine.implicit_hypergradient`` through
+  :class:`~commentaries_ext.wrapper.CommentaryOptimizer`).
+* :func:`train_student` -- train a student with a fixed (learned) commentary,
+  e.g. to reuse a saved commentary on a new architecture.
+
+Data are ``(x, y)`` tensors; the example index of a training example is its
+row, so tabular commentaries work out of the box.  Both loops return a
+:class:`LearnResult` with the history (validation losses per step) and counts
+of skipped steps (``nan_policy="skip"``).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .commentary.base import (
+    BatchError,
+    Commentary,
+    NonFiniteError,
+    call_commentary,
+    check_batch,
+    commentary_loss,
+    validation_loss,
+)
+from .wrapper import CommentaryOptimizer
+
+NAN_POLICIES = ("raise", "skip")
+
+
+@dataclass
+class LearnResult:
+    commentary: Commentary
+    history: list = field(default_factory=list)  # dicts: step, val_loss, train_loss ...
+    skipped_steps: int = 0
+    student: nn.Module | None = None
+    info: dict = field(default_factory=dict)
+
+    def learned_with(self) -> dict:
+        """A summary for commentary files (``save_commentary(..., learned_with=...)``)."""
+        return dict(self.info)
+
+
+def _check_data(data, name, num_classes=None):
+    if not isinstance(data, (tuple, list)) or len(data) < 2:
+        raise BatchError(f"{name} must be a tuple (x, y) of tensors")
+    x, y = data[0], data[1]
+    check_batch(x, y, num_classes, name=name)
+    return x, y
+
+
+def _sample(n: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, n, (batch_size,), generator=gen) if batch_size > n else torch.randperm(n, generator=gen)[:batch_size]
+
+
+def _inner_opt(spec, lr):
+    from .engine import SGD, Adam
+
+    if isinstance(spec, str):
+        if spec == "adam":
+            return Adam(lr=lr)
+        if spec == "sgd":
+            return SGD(lr=lr)
+        if spec == "momentum":
+            return SGD(lr=lr, momentum=0.9)
+        raise ValueError(f"inner_optimizer must be 'adam', 'sgd', 'momentum' or an engine optimizer, got {spec!r}")
+    return spec
+
+
+def _val_batches(xv, yv, val_batch_size, gen):
+    if val_batch_size is None or val_batch_size >= xv.shape[0]:
+        return xv, yv
+    idx = _sample(xv.shape[0], val_batch_size, gen)
+    return xv[idx], yv[idx]
+
+
+def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module], train_data, val_data, *,
+               inner_steps: int = 100, inner_optimizer: Any = "adam", inner_lr: float = 1e-4,
+               outer_steps: int = 10, outer_lr: float = 1e-4, outer_optimizer: torch.optim.Optimizer | None = None,
+               batch_size: int = 8, same_init: bool = True, truncate: int | None = None,
+               checkpoint: int | None = None, val_batch_size: int | None = None, seed: int = 0,
+               nan_policy: str = "raise", callback: Callable | None = None, device=None) -> LearnResult:
+    """Algorithm 1 (backpropagation through training).
+
+    ``student_factory()`` returns a fresh student ``nn.Module``; with
+    ``same_init=True`` it is called once and every outer step starts from those
+    weights.  ``inner_optimizer``: ``"adam"`` (reference), ``"sgd"``,
+    ``"momentum"`` or an ``engine.SGD``/``engine.Adam``.  The validation loss is
+    the mean over the whole validation split (``val_batch_size=None``, the
+    reference) or a random batch of that size.  ``callback(step, record)`` is
+    called after each outer step.
+    """
+    from .engine import FunctionalModule, unroll
+
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+    if inner_steps <= 0 or outer_steps < 0 or batch_size <= 0:
+        raise ValueError("inner_steps and batch_size must be positive and outer_steps >= 0")
+    x, y = _check_data(train_data, "train_data", commentary.num_classes)
+    xv, yv = _check_data(val_data, "val_data", commentary.num_classes)
+    gen = torch.Generator().manual_seed(seed)
+    hnames = [n for n, p in commentary.named_parameters() if p.requires_grad]
+    if outer_optimizer is None:
+        outer_optimizer = torch.optim.Adam([p for p in commentary.parameters() if p.requires_grad], lr=outer_lr)
+    opt = _inner_opt(inner_optimizer, inner_lr)
+    base = student_factory() if same_init else None
+    if base is not None and device is not None:
+        base = base.to(device)
+    result = LearnResult(commentary=commentary, info={
+        "algorithm": "bptt", "inner_steps": inner_steps, "inner_optimizer": type(opt).__name__, "inner_lr": inner_lr,
+        "outer_steps": outer_steps, "outer_lr": outer_lr, "batch_size": batch_size, "same_init": same_init,
+        "truncate": truncate, "checkpoint": checkpoint, "seed": seed})
+    for step in range(outer_steps):
+        student = copy.deepcopy(base) if same_init else student_factory()
+        if device is not None:
+            student = student.to(device)
+        student.train()
+        fm = FunctionalModule(student)
+        params0, buffers0 = fm.params(), {k: v.detach().clone() for k, v in fm.buffers().items()}
+        batches = []
+        for t in range(inner_steps):
+            idx = _sample(x.shape[0], batch_size, gen)
+            xb, yb = x[idx], y[idx]
+            if device is not None:
+                xb, yb, idx = xb.to(device), yb.to(device), idx.to(device)
+            batches.append(commentary.prepare(xb, yb, index=idx, progress=t / inner_steps, generator=gen))
+        hparams = {n: p for n, p in commentary.named_parameters() if n in hnames}
+
+        def loss_fn(params, buffers, hp, batch):
+            prep = call_commentary(commentary, hp, batch)
+            out, new_buffers = fm.call_update(params, buffers, prep.x)
+            return commentary_loss(out, prep), new_buffers
+
+        res = unroll(loss_fn, params0, opt, batches, hparams=hparams, buffers=buffers0, truncate=truncate,
+                     checkpoint=checkpoint)
+        xvb, yvb = _val_batches(xv, yv, val_batch_size, gen)
+        if device is not None:
+            xvb, yvb = xvb.to(device), yvb.to(device)
+        L_V = validation_loss(fm(res.params, xvb, buffers=res.buffers), yvb)
+        train_loss = float(torch.stack(res.losses).mean()) if res.losses else float("nan")
+        outer_optimizer.zero_grad(set_to_none=True)
+        ok = bool(torch.isfinite(L_V))
+        if ok:
+            L_V.backward()
+            ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in commentary.parameters())
+        if not ok:
+            if nan_policy == "raise":
+                raise NonFiniteError(f"non-finite validation loss or hypergradient at outer step {step}")
+            result.skipped_steps += 1
+            outer_optimizer.zero_grad(set_to_none=True)
+        else:
+            outer_optimizer.step()
+        rec = {"step": step, "val_loss": float(L_V.detach()), "train_loss": train_loss, "skipped": not ok}
+        result.history.append(rec)
+        if callback is not None:
+            callback(step, rec)
+    return result
+
+
+def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, *, steps: int = 100,
+              batch_size: int = 8, student_optimizer: torch.optim.Optimizer | None = None, student_lr: float = 1e-3,
+              hyper_lr: float = 1e-2, hyper_every: int = 1, hyper_optimizer: torch.optim.Optimizer | None = None,
+              solver: Any = None, curvature: str = "hessian", hvp: str = "auto", fresh_train_batch: bool = True,
+              val_batch_size: int | None = None, seed: int = 0, nan_policy: str = "raise",
+              callback: Callable | None = None, log_every: int = 1, device=None) -> LearnResult:
+    """Algorithm 2 (implicit differentiation), student and hyper-steps alternating.
+
+    Defaults follow the reference: Adam for the student (``student_lr=1e-3``),
+    a hyper-step after every student step with Adam (``hyper_lr=1e-2``),
+    Neumann ``K=1`` with ``alpha`` = the student's learning rate, ``g_T`` on a
+    fresh training batch (``fresh_train_batch``) and ``v`` on a clean
+    validation batch (``val_batch_size``; None: the whole split).
+    """
+    x, y = _check_data(train_data, "train_data", commentary.num_classes)
+    xv, yv = _check_data(val_data, "val_data", commentary.num_classes)
+    gen = torch.Generator().manual_seed(seed)
+    if device is not None:
+        student = student.to(device)
+    if student_optimizer is None:
+        student_optimizer = torch.optim.Adam(student.parameters(), lr=student_lr)
+    vb = val_batch_size if val_batch_size is not None else xv.shape[0]
+
+    class _Val:
+        def __iter__(self):
+            while True:
+                xb, yb = _val_batches(xv, yv, vb, gen)
+                yield (xb, yb) if device is None else (xb.to(device), yb.to(device))
+
+    teacher = CommentaryOptimizer(student_optimizer, student, commentary, val_loader=_Val(), hyper_every=0,
+                                  hyper_optimizer=hyper_optimizer, hyper_lr=hyper_lr, solver=solver,
+                                  curvature=curvature, hvp=hvp, total_steps=steps, nan_policy=nan_policy,
+                                  generator=gen)
+    result = LearnResult(commentary=commentary, student=student, info={
+        "algorithm": "ift", "steps": steps, "batch_size": batch_size, "student_optimizer": type(student_optimizer).__name__,
+        "student_lr": student_optimizer.param_groups[0]["lr"], "hyper_lr": hyper_lr, "hyper_every": hyper_every,
+        "solver": repr(teacher._solver()) if solver is None else repr(solver), "curvature": curvature, "seed": seed})
+
+    def draw():
+        idx = _sample(x.shape[0], batch_size, gen)
+        xb, yb = x[idx], y[idx]
+        if device is not None:
+            xb, yb, idx = xb.to(device), yb.to(device), idx.to(device)
+        return xb, yb, idx
+
+    student.train()
+    for step in range(steps):
+        xb, yb, idx = draw()
+        teacher.zero_grad()
+        loss = teacher.loss(xb, yb, index=idx)
+        loss.backward()
+        teacher.step()
+        rec = {"step": step, "train_loss": float(loss.detach())}
+        if hyper_every and (step + 1) % hyper_every == 0 and teacher.steps > 0:
+            tb = None
+            if fresh_train_batch:
+                xf, yf, idf = draw()
+                tb = commentary.prepare(xf, yf, index=idf, progress=teacher.progress(), generator=gen)
+            res = teacher.hyper_step(train_batch=tb)
+            rec["val_loss"] = float(res.val_loss)
+        if callback is not None:
+            callback(step, rec)
+        if step % max(1, log_every) == 0 or step == steps - 1:
+            result.history.append(rec)
+    result.skipped_steps = teacher.skipped_steps + teacher.skipped_hyper_steps
+    result.info["skipped_student_steps"] = teacher.skipped_steps
+    result.info["skipped_hyper_steps"] = teacher.skipped_hyper_steps
+    return result
+
+
+def train_student(student: nn.Module, train_data, *, commentary: Commentary | None = None, steps: int = 100,
+                  batch_size: int = 8, optimizer: torch.optim.Optimizer | None = None, lr: float = 1e-3,
+                  seed: int = 0, nan_policy: str = "raise", device=None) -> list[float]:
+    """Train ``student`` with a fixed commentary (or none); returns the training losses."""
+    x, y = _check_data(train_data, "train_data", getattr(commentary, "num_classes", None))
+    gen = torch.Generator().manual_seed(seed)
+    if device is not None:
+        student = student.to(device)
+    optimizer = optimizer or torch.optim.Adam(student.parameters(), lr=lr)
+    teacher = CommentaryOptimizer(optimizer, student, commentary, hyper_every=0, total_steps=steps,
+                                  nan_policy=nan_policy, generator=gen)
+    losses = []
+    student.train()
+    for _ in range(steps):
+        idx = _sample(x.shape[0], batch_size, gen)
+        xb, yb = x[idx], y[idx]
+        if device is not None:
+            xb, yb, idx = xb.to(device), yb.to(device), idx.to(device)
+        teacher.zero_grad()
+        loss = teacher.loss(xb, yb, index=idx)
+        loss.backward()
+        teacher.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@torch.no_grad()
+def evaluate(student: nn.Module, data, batch_size: int = 1024) -> dict:
+    """``{"loss": mean CE, "accuracy": ...}`` of ``student`` (eval mode) on ``(x, y)``."""
+    x, y = data[0], data[1]
+    was = student.training
+    student.eval()
+    try:
+        dev = next(iter(student.parameters())).device
+        tot, correct = 0.0, 0
+        for i in range(0, x.shape[0], batch_size):
+            xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
+            out = student(xb)
+            tot += float(validation_loss(out, yb)) * xb.shape[0]
+            correct += int((out.argmax(1) == yb).sum())
+    finally:
+        student.train(was)
+    return {"loss": tot / x.shape[0], "accuracy": correct / x.shape[0]}
