@@ -373,7 +373,8 @@ def test_batchnorm_train_mode_hvps_agree_and_do_not_touch_running_stats():
     phi = {"s": torch.tensor(0.3, dtype=DT)}
 
     def tl(p, h, b):
-        return torch.exp(h["s"]) * nn.functional.cross_entropy(fm(p, b[0]), b[1])
+        # phi enters through the input as well as the loss scale (as blending does)
+        return torch.exp(h["s"]) * nn.functional.cross_entropy(fm(p, b[0] * (1 + h["s"])), b[1])
 
     params = fm.params()
     c = [torch.randn_like(t) for t in params.values()]
@@ -383,6 +384,13 @@ def test_batchnorm_train_mode_hvps_agree_and_do_not_touch_running_stats():
     for m in HVPS:
         assert torch.allclose(hcs[m], flat(ref), rtol=1e-9, atol=1e-11), m
         assert torch.allclose(flat(ops[m].mixed(c)), flat(ops["double_backward"].mixed(c)), rtol=1e-9, atol=1e-12)
+    # the mixed term against central finite differences of g_T . c
+    def gdot(s):
+        op = make_operator(tl, params, {"s": torch.tensor(s, dtype=DT)}, (x, y), hvp="double_backward")
+        return float(sum((g * ci).sum() for g, ci in zip(op.grad(), c)))
+
+    fd = (gdot(0.3 + 1e-6) - gdot(0.3 - 1e-6)) / 2e-6
+    assert abs(float(flat(ops["forward_over_reverse"].mixed(c))) - fd) < 1e-6 * max(1.0, abs(fd))
     for k, v in fm.buffers().items():
         assert torch.equal(v, before[k]), k
 

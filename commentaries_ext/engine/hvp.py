@@ -245,13 +245,14 @@ class ForwardOverReverseHessian(_Base):
             return _mixed_weighted(self.loss, self.params, self.hparams, self.batch, p, self.pnames)
         if self._lin is not None and self._lin.has_mixed:
             return self._lin.mixed(p)
-        # forward mode over theta (direction p), reverse to phi
-        ph = _leaves(self.hparams)
+        # forward-over-reverse: d/deps grad_phi L(theta + eps p, phi).  (Reverse-over-forward --
+        # backward through a jvp -- gives wrong results through BatchNorm in training mode.)
+        ph = {k: v.detach() for k, v in self.hparams.items()}
         tangent = _pack(self.pnames, [x.detach() for x in p])
-        with torch.enable_grad():
-            _, d = fjvp(lambda q: self.loss(q, ph, self.batch), (self._th,), (tangent,))
-            out = torch.autograd.grad(d, list(ph.values()), allow_unused=True)
-        return _zeros_if_none(out, list(ph.values()))
+        batch = self.batch
+        gphi = lambda q: fgrad(lambda h: self.loss(q, h, batch))(ph)  # noqa: E731
+        _, m = fjvp(gphi, (self._th,), (tangent,))
+        return [m[k] for k in self.hnames]
 
 
 class GaussNewton(_Base):
