@@ -17,6 +17,15 @@ from commentaries_ext.commentary import (
 from commentaries_ext.learn import learn_bptt, learn_ift
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny problems: intra-op threads only add contention on a shared 2-core box
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_teacher_net_shapes_and_weights_in_unit_interval():
     for shape in [(1, 8, 8), (1, 28, 28), (3, 16, 16)]:
         c = ExampleWeighting.reference(shape, 10, use_label=True)
