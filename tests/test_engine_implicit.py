@@ -418,3 +418,80 @@ def test_power_iteration_on_dense():
     A = Q @ torch.diag(torch.tensor([5.0, 2, 1, 0.5, 0.1, 0.01], dtype=DT)) @ Q.T
     lam, vec, used = power_iteration(lambda c: [A @ c[0]], [torch.zeros(6, dtype=DT)], iters=200, tol=1e-12)
     assert abs(lam - 5.0) < 1e-8
+
+
+def small_convnet():
+    return nn.Sequential(nn.Conv2d(1, 3, 3, 2, 1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(3, 2),
+                         nn.Flatten(), nn.Linear(3, 4))
+
+
+def blend_setup(seed=0):
+    torch.manual_seed(seed)
+    net = small_convnet().to(DT).train()
+    fm = FunctionalModule(net)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 1, 8, 8, generator=g, dtype=DT)
+    y = torch.randint(0, 4, (8,), generator=g)
+    perm = torch.randperm(8, generator=g)
+
+    def tl(p, h, b):
+        x, y, perm = b
+        lam = 1 - 0.5 * torch.sigmoid(h["phi"][y, y[perm]])
+        xt = lam.view(-1, 1, 1, 1) * x + (1 - lam.view(-1, 1, 1, 1)) * x[perm]
+        z = fm(p, xt)
+        return (lam * nn.functional.cross_entropy(z, y, reduction="none")
+                + (1 - lam) * nn.functional.cross_entropy(z, y[perm], reduction="none")).mean()
+
+    phi = {"phi": -torch.ones(4, 4, dtype=DT) + 0.1 * torch.randn(4, 4, generator=g, dtype=DT)}
+    return fm, tl, phi, (x, y, perm)
+
+
+def test_linearized_forward_over_reverse_matches_and_is_cached():
+    from commentaries_ext.engine import linearize as LZ
+
+    fm, tl, phi, batch = blend_setup()
+    params = fm.params()
+    c = [torch.randn_like(t) for t in params.values()]
+    db = make_operator(tl, params, phi, batch, hvp="double_backward")
+    eager = make_operator(tl, params, phi, batch, hvp="forward_over_reverse", linearize=False)
+    lin = make_operator(tl, params, phi, batch, hvp="forward_over_reverse")
+    assert lin._lin is not None and eager._lin is None
+    for op in (eager, lin):
+        assert torch.allclose(flat(op.matvec(c)), flat(db.matvec(c)), rtol=1e-10, atol=1e-12)
+        assert torch.allclose(flat(op.mixed(c)), flat(db.mixed(c)), rtol=1e-10, atol=1e-12)
+        assert torch.allclose(flat(op.grad()), flat(db.grad()), rtol=1e-10, atol=1e-12)
+    n = len(LZ._FALLBACK_CACHE)
+    # new params / batch values with the same shapes: the trace is reused and still exact
+    params2 = {k: v + 0.1 * torch.randn_like(v) for k, v in params.items()}
+    x2 = torch.randn_like(batch[0])
+    batch2 = (x2, batch[1], torch.randperm(8))
+    lin2 = make_operator(tl, params2, phi, batch2, hvp="forward_over_reverse")
+    db2 = make_operator(tl, params2, phi, batch2, hvp="double_backward")
+    assert len(LZ._FALLBACK_CACHE) == n
+    assert torch.allclose(flat(lin2.matvec(c)), flat(db2.matvec(c)), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(flat(lin2.mixed(c)), flat(db2.mixed(c)), rtol=1e-10, atol=1e-12)
+    # eval mode changes the graph: a new trace
+    fm.module.eval()
+    try:
+        lin3 = make_operator(tl, params2, phi, batch2, hvp="forward_over_reverse")
+        db3 = make_operator(tl, params2, phi, batch2, hvp="double_backward")
+        assert len(LZ._FALLBACK_CACHE) == n + 1
+        assert torch.allclose(flat(lin3.matvec(c)), flat(db3.matvec(c)), rtol=1e-10, atol=1e-12)
+    finally:
+        fm.module.train()
+
+
+def test_auto_falls_back_for_data_dependent_loss():
+    def tl(p, h, b):
+        w = p["w"]
+        if float(w.sum()) > 0:  # data-dependent Python control flow: not traceable
+            return (h["a"] * w**4).sum()
+        return (h["a"] * w**2).sum()
+
+    params = {"w": torch.tensor([0.5, 1.0], dtype=DT)}
+    hp = {"a": torch.tensor([1.0, 2.0], dtype=DT)}
+    with pytest.warns(UserWarning, match="double backward"):
+        op = make_operator(tl, params, hp, None, hvp="auto")
+    assert type(op).__name__ == "DoubleBackwardHessian"
+    c = [torch.ones(2, dtype=DT)]
+    assert torch.allclose(op.matvec(c)[0], 12 * hp["a"] * params["w"] ** 2)

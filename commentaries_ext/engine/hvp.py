@@ -41,7 +41,15 @@ from torch.func import jvp as fjvp
 
 from . import vector as V
 
-_LINEARIZE_DEFAULT = False  # set once the traced linearisation is in (see linearize.py)
+_LINEARIZE_DEFAULT = True  # hvp='auto' -> linearised forward-over-reverse (see linearize.py)
+
+_AUTO_BROKEN: set = set()  # losses whose trace failed: 'auto' uses double backward for them
+
+
+def _code_of(loss):
+    fn = getattr(loss, "__func__", loss)
+    return getattr(fn, "__code__", id(loss))
+
 
 LossFn = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], Any], torch.Tensor]
 
@@ -218,7 +226,7 @@ class ForwardOverReverseHessian(_Base):
             except ImportError:
                 linearized_hvp = None
             if linearized_hvp is not None:
-                self._lin = linearized_hvp(self.loss, th, ph, batch)
+                self._lin = linearized_hvp(self.loss, th, ph, batch, auto=getattr(self, "auto", False))
 
     def grad(self):
         if self._lin is not None:
@@ -317,16 +325,22 @@ def make_operator(
         raise ValueError(f"hvp must be 'double_backward', 'forward_over_reverse' or 'auto', got {hvp!r}")
     requested = hvp
     if hvp == "auto":
-        hvp = "forward_over_reverse" if (linearize and _LINEARIZE_DEFAULT) else "double_backward"
+        ok = linearize and _LINEARIZE_DEFAULT and _code_of(loss) not in _AUTO_BROKEN
+        hvp = "forward_over_reverse" if ok else "double_backward"
     if hvp == "double_backward":
         return DoubleBackwardHessian(loss, params, hparams, batch, damping)
     try:
         op = ForwardOverReverseHessian.__new__(ForwardOverReverseHessian)
         op.linearize = linearize
+        op.auto = requested == "auto"
         op.__init__(loss, params, hparams, batch, damping)
         return op
     except Exception as exc:  # untraceable loss, an op without a forward-mode formula ...
         if requested == "forward_over_reverse":
             raise
+        from .linearize import TooManyTraces
+
+        if not isinstance(exc, TooManyTraces):
+            _AUTO_BROKEN.add(_code_of(loss))
         warnings.warn(f"forward-over-reverse HVP unavailable ({type(exc).__name__}: {exc}); using double backward", stacklevel=3)
         return DoubleBackwardHessian(loss, params, hparams, batch, damping)

@@ -287,11 +287,15 @@ def implicit_hypergradient(
     hvp: str = "auto",
     state: EngineState | None = None,
     v: list | None = None,
+    linearize: bool = True,
 ) -> HypergradResult:
     """IFT hypergradient ``dL_V/dphi`` at the student parameters ``params``.
 
     ``train_loss(params, hparams, train_batch)`` and ``val_loss(params, hparams,
-    val_batch)`` are scalar losses over dicts of tensors.  Returns a
+    val_batch)`` are scalar losses over dicts of tensors.  Pass the same
+    ``train_loss`` callable every hyper-step (the batch is an argument): the
+    linearised forward-over-reverse HVP traces it once and reuses the trace.
+    ``linearize=False`` uses eager ``torch.func.jvp`` for ``forward_over_reverse``.  Returns a
     :class:`HypergradResult`; ``result.grads[name]`` has the shape of
     ``hparams[name]``.
     """
@@ -305,7 +309,8 @@ def implicit_hypergradient(
     else:
         Lv, direct = torch.tensor(float("nan")), [torch.zeros_like(t) for t in hparams.values()]
     damping = solver.damping
-    op = make_operator(train_loss, params, hparams, train_batch, curvature=curvature, hvp=hvp, damping=damping)
+    op = make_operator(train_loss, params, hparams, train_batch, curvature=curvature, hvp=hvp, damping=damping,
+                       linearize=linearize)
     info["hvp"] = type(op).__name__
     p, info = inverse_hvp(op, v, solver, state, info)
     state.calls += 1

@@ -1,0 +1,263 @@
+"""Linearise-once forward-over-reverse Hessian-vector products.
+
+The function ``(theta, phi, batch, c) -> (g_theta, H c, d(g_theta . c)/dphi)``
+(``torch.func.jvp`` of ``torch.func.grad``) is traced once per training loss
+and input shapes with ``make_fx``, and its graph is split into
+
+* a *primal* part: every node that does not depend on the tangent ``c`` (the
+  forward and backward pass at ``(theta, phi, batch)``); it runs once per
+  operator, i.e. once per hyper-step, and keeps the intermediates the tangent
+  part needs;
+* *tangent* parts: the nodes that depend on ``c``, dead-code-eliminated for the
+  two products the solvers need (``H c`` alone, and the mixed term alone).
+
+Each further product then costs only the tangent computation.  Unlike
+``torch.func.linearize`` nothing is re-traced when ``theta``/``phi``/the batch
+change (they are graph inputs, not constants).  The first trace of each entry
+is validated against the eager ``jvp(grad)``; a loss that cannot be traced or
+whose trace disagrees (data-dependent Python control flow) raises, and
+``hvp="auto"`` then falls back to double backward.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.func import grad as fgrad
+from torch.func import jvp as fjvp
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+_FALLBACK_CACHE: dict = {}  # key -> _Traced
+MAX_ENTRIES = 8
+
+
+def _sig(xs):
+    return tuple((tuple(x.shape), x.dtype, x.device.type, x.requires_grad) if torch.is_tensor(x) else ("obj", repr(x)) for x in xs)
+
+
+class _Traced:
+    def __init__(self, loss, pnames, hnames, th, ph, batch_leaves, batch_spec, batch_consts):
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        nP, nQ, nB = len(pnames), len(hnames), len(batch_leaves)
+        self.nP, self.nQ, self.nB = nP, nQ, nB
+        tensor_pos = [i for i, b in enumerate(batch_leaves) if torch.is_tensor(b)]
+        self.tensor_pos = tensor_pos
+
+        def f(*flat):
+            th_l = flat[:nP]
+            ph_l = flat[nP : nP + nQ]
+            b_t = flat[nP + nQ : nP + nQ + len(tensor_pos)]
+            c_l = flat[nP + nQ + len(tensor_pos) :]
+            leaves = list(batch_consts)
+            for pos, t in zip(tensor_pos, b_t):
+                leaves[pos] = t
+            batch = tree_unflatten(leaves, batch_spec)
+            ph = dict(zip(hnames, ph_l))
+
+            def g(th_d):
+                if nQ:
+                    return fgrad(lambda t, h: loss(t, h, batch), argnums=(0, 1))(th_d, ph)
+                return fgrad(lambda t: loss(t, ph, batch))(th_d), {}
+
+            (gt, gp), (ht, hp) = fjvp(g, (dict(zip(pnames, th_l)),), (dict(zip(pnames, c_l)),))
+            return tuple(gt[k] for k in pnames) + tuple(ht[k] for k in pnames) + tuple(hp[k] for k in hnames)
+
+        example = list(th) + list(ph) + [batch_leaves[i] for i in tensor_pos] + [torch.zeros_like(t) for t in th]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = make_fx(f, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
+        self.gm = gm
+        self._split(gm)
+
+    def _split(self, gm):
+        graph = gm.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        n_in = self.nP + self.nQ + len(self.tensor_pos)
+        tangent_in = set(placeholders[n_in:])
+        primal_in = placeholders[:n_in]
+        tangent = set(tangent_in)
+        order = list(graph.nodes)
+        for n in order:
+            if n.op in ("call_function", "call_method", "call_module"):
+                if any(a in tangent for a in n.all_input_nodes):
+                    tangent.add(n)
+        out_node = [n for n in order if n.op == "output"][0]
+        outs = out_node.args[0]
+        P, Q = self.nP, self.nQ
+        g_outs, hc_outs, m_outs = outs[:P], outs[P : 2 * P], outs[2 * P : 2 * P + Q]
+
+        def build_tangent(wanted):
+            # nodes (transitively) needed for `wanted`
+            need, stack = set(), [w for w in wanted if isinstance(w, fx.Node)]
+            while stack:
+                n = stack.pop()
+                if n in need:
+                    continue
+                need.add(n)
+                if n in tangent and n not in tangent_in:
+                    stack.extend(n.all_input_nodes)
+            boundary = [n for n in order if n in need and n not in tangent]  # primal values used
+            g2 = fx.Graph()
+            env = {}
+            for n in boundary:
+                env[n] = g2.placeholder(f"pr_{n.name}")
+            for n in placeholders[n_in:]:
+                env[n] = g2.placeholder(n.name)
+            for n in order:
+                if n in need and n in tangent and n not in tangent_in:
+                    env[n] = g2.node_copy(n, lambda a: env[a])
+            g2.output(tuple(env[w] if isinstance(w, fx.Node) else w for w in wanted))
+            return fx.GraphModule(gm, g2), boundary
+
+        self.hvp_gm, hvp_b = build_tangent(hc_outs)
+        self.mix_gm, mix_b = build_tangent(m_outs) if Q else (None, [])
+        # primal graph: outputs g_theta and every boundary value
+        boundary = []
+        seen = set()
+        for n in hvp_b + mix_b:
+            if n not in seen:
+                seen.add(n)
+                boundary.append(n)
+        self.boundary = boundary
+        self.hvp_idx = [boundary.index(n) for n in hvp_b]
+        self.mix_idx = [boundary.index(n) for n in mix_b]
+        need, stack = set(), [n for n in list(g_outs) + boundary if isinstance(n, fx.Node)]
+        while stack:
+            n = stack.pop()
+            if n in need:
+                continue
+            need.add(n)
+            stack.extend(n.all_input_nodes)
+        g1 = fx.Graph()
+        env = {}
+        for n in primal_in:
+            env[n] = g1.placeholder(n.name)
+        for n in order:
+            if n in need and n.op != "placeholder" and n not in tangent:
+                env[n] = g1.node_copy(n, lambda a: env[a])
+        g1.output(tuple(env[n] if isinstance(n, fx.Node) else n for n in list(g_outs) + boundary))
+        self.primal_gm = fx.GraphModule(gm, g1)
+
+
+class LinearizedHVP:
+    """The operator for one ``(theta, phi, batch)``: primal part run once."""
+
+    def __init__(self, traced: _Traced, th, ph, batch_tensors):
+        self.t = traced
+        with torch.no_grad():
+            outs = traced.primal_gm(*th, *ph, *batch_tensors)
+        P = traced.nP
+        self._g = list(outs[:P])
+        bvals = outs[P:]
+        self._hvp_args = [bvals[i] for i in traced.hvp_idx]
+        self._mix_args = [bvals[i] for i in traced.mix_idx]
+        self.has_mixed = traced.mix_gm is not None
+
+    def grad(self):
+        return self._g
+
+    def hvp(self, c):
+        with torch.no_grad():
+            return list(self.t.hvp_gm(*self._hvp_args, *[x.detach() for x in c]))
+
+    def mixed(self, p):
+        with torch.no_grad():
+            return list(self.t.mix_gm(*self._mix_args, *[x.detach() for x in p]))
+
+
+def _loss_key(loss):
+    """Functions are keyed by code and closure contents (so a closure re-created every
+    hyper-step over the same objects hits the cache); other callables by identity."""
+    fn = getattr(loss, "__func__", loss)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return ("obj", id(loss)), loss
+    cells = tuple(id(c.cell_contents) for c in (fn.__closure__ or ()) if _cell_ok(c))
+    modes = tuple(_mode_sig(c.cell_contents) for c in (fn.__closure__ or ()) if _cell_ok(c))
+    bound = id(getattr(loss, "__self__", None))
+    return ("fn", code, cells, modes, bound), None
+
+
+def _mode_sig(obj):
+    """Training flags of captured modules (train/eval changes the traced graph)."""
+    mod = getattr(obj, "module", obj)
+    if isinstance(mod, torch.nn.Module):
+        return tuple(m.training for m in mod.modules())
+    return None
+
+
+def _cell_ok(c):
+    try:
+        c.cell_contents
+        return True
+    except ValueError:
+        return False
+
+
+_KEEP_ALIVE: dict = {}
+_MISSES: dict = {}
+MAX_TRACES_PER_CODE = 4
+
+
+class TooManyTraces(RuntimeError):
+    pass
+
+
+def linearized_hvp(loss, th: dict, ph: dict, batch, *, auto: bool = False) -> LinearizedHVP:
+    pnames, hnames = list(th), list(ph)
+    leaves, spec = tree_flatten(batch)
+    tensors = [l for l in leaves if torch.is_tensor(l)]
+    consts = [None if torch.is_tensor(l) else l for l in leaves]
+    lkey, _ = _loss_key(loss)
+    key = (lkey, tuple(pnames), tuple(hnames), _sig(th.values()), _sig(ph.values()), _sig(leaves), str(spec))
+    traced = _FALLBACK_CACHE.get(key)
+    thl = [t.detach() for t in th.values()]
+    phl = [t.detach() for t in ph.values()]
+    if traced is None:
+        code_key = lkey[1] if lkey[0] == "fn" else lkey
+        _MISSES[code_key] = _MISSES.get(code_key, 0) + 1
+        if auto and _MISSES[code_key] > MAX_TRACES_PER_CODE:
+            raise TooManyTraces(
+                "the training loss captures new objects every call, so its linearised trace cannot be "
+                "reused; pass the same loss callable (batch as an argument) to use the linearised HVP"
+            )
+        traced = _Traced(loss, pnames, hnames, thl, phl, leaves, spec, consts)
+        op = LinearizedHVP(traced, thl, phl, tensors)
+        _validate(op, loss, th, ph, batch)
+        if len(_FALLBACK_CACHE) >= 4 * MAX_ENTRIES:
+            old = next(iter(_FALLBACK_CACHE))
+            _FALLBACK_CACHE.pop(old)
+            _KEEP_ALIVE.pop(old, None)
+        _FALLBACK_CACHE[key] = traced
+        _KEEP_ALIVE[key] = loss  # keep ids in the key valid while cached
+        return op
+    return LinearizedHVP(traced, thl, phl, tensors)
+
+
+def clear_cache() -> None:
+    _FALLBACK_CACHE.clear()
+    _KEEP_ALIVE.clear()
+    _MISSES.clear()
+
+
+def _validate(op: LinearizedHVP, loss, th, ph, batch):
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    c = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t in th.values()]
+    gfn = fgrad(lambda q: loss(q, {k: v.detach() for k, v in ph.items()}, batch))
+    gref, href = fjvp(gfn, ({k: v.detach() for k, v in th.items()},), (dict(zip(th, c)),))
+    got_h = op.hvp(c)
+    for name, a, b in zip(th, op.grad(), gref.values()):
+        if not _close(a, b):
+            raise RuntimeError(f"traced gradient disagrees with eager for {name!r} (data-dependent control flow?)")
+    for name, a, b in zip(th, got_h, href.values()):
+        if not _close(a, b):
+            raise RuntimeError(f"traced HVP disagrees with eager for {name!r} (data-dependent control flow?)")
+
+
+def _close(a, b):
+    tol = 1e-4 if a.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return a.shape == b.shape and float((a - b).abs().max() if a.numel() else 0.0) <= tol * max(scale, 1e-6) + 1e-12
