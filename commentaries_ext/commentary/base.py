@@ -239,10 +239,21 @@ def _progress(progress, x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- engine-facing losses
 
 
-def call_commentary(commentary: Commentary, hparams: Mapping[str, torch.Tensor] | None, batch: dict) -> Prepared:
-    if hparams is None:
+def call_commentary(commentary: Commentary, hparams: Mapping[str, torch.Tensor] | None, batch: dict,
+                    *, pure: bool = False) -> Prepared:
+    """``commentary(batch)`` with parameters ``hparams`` (None: its own).
+
+    ``pure=True``: buffers (e.g. the teacher's BatchNorm running statistics) are
+    replaced by fresh copies, so the call has no side effects -- the engine
+    evaluates a loss many times per hyper-step, some of them inside
+    ``torch.func`` transforms, which refuse in-place updates of captured tensors.
+    """
+    state = {} if hparams is None else dict(hparams)
+    if pure:
+        state.update({n: b.clone() for n, b in commentary.named_buffers()})
+    if not state:
         return commentary(batch)
-    return functional_call(commentary, dict(hparams), (batch,), strict=False)
+    return functional_call(commentary, state, (batch,), strict=False)
 
 
 def train_loss_fn(commentary: Commentary, student: Callable) -> Callable:
@@ -262,7 +273,7 @@ def train_loss_fn(commentary: Commentary, student: Callable) -> Callable:
             return per_example_ce(student(params, batch["x"]), batch["y"])
 
         def weights(hparams, batch):
-            return call_commentary(commentary, hparams, batch).weight
+            return call_commentary(commentary, hparams, batch, pure=True).weight
 
         if WeightedLoss is not None:
             return WeightedLoss(per_example, weights, commentary.reduction)
@@ -273,7 +284,7 @@ def train_loss_fn(commentary: Commentary, student: Callable) -> Callable:
         return loss
 
     def loss(params, hparams, batch):
-        prep = call_commentary(commentary, hparams, batch)
+        prep = call_commentary(commentary, hparams, batch, pure=True)
         return commentary_loss(student(params, prep.x), prep)
 
     return loss

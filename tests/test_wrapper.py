@@ -1,0 +1,180 @@
+"""The drop-in optimizer wrapper: identical to the plain loop when off, hyper-steps
+every k steps, torch.optim state dicts, AMP, the NaN policy."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from commentaries_ext.commentary import Blending, ExampleWeighting, NonFiniteError, TabularWeighting
+from commentaries_ext.engine import CGConfig
+from commentaries_ext.wrapper import CommentaryOptimizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _data(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _batches(x, y, bs=8):
+    for i in range(0, x.shape[0], bs):
+        yield x[i:i + bs], y[i:i + bs], torch.arange(i, min(i + bs, x.shape[0]))
+
+
+@pytest.mark.parametrize("commentary", [None, "weighting"])
+def test_off_is_identical_to_the_plain_loop(commentary):
+    x, y = _data()
+    plain, wrapped = _model(), _model()
+    opt1 = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    opt2 = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    sch1 = torch.optim.lr_scheduler.StepLR(opt1, 2, 0.5)
+    sch2 = torch.optim.lr_scheduler.StepLR(opt2, 2, 0.5)
+    com = ExampleWeighting.reference((1, 4, 4), 3) if commentary else None
+    teacher = CommentaryOptimizer(opt2, wrapped, com, enabled=False, val_loader=[(x, y)])
+    for xb, yb, _ in _batches(x, y):
+        opt1.zero_grad()
+        F.cross_entropy(plain(xb), yb).backward()
+        opt1.step()
+        sch1.step()
+        teacher.zero_grad()
+        teacher.loss(xb, yb).backward()
+        teacher.step()
+        sch2.step()
+    for a, b in zip(plain.state_dict().values(), wrapped.state_dict().values()):
+        assert torch.equal(a, b)
+    assert teacher.hyper_steps == 0 and teacher.steps == 6
+
+
+def test_fixed_commentary_without_blending_matches_plain_ce():
+    x, y = _data()
+    plain, wrapped = _model(), _model()
+    opt1 = torch.optim.Adam(plain.parameters(), lr=1e-2)
+    opt2 = torch.optim.Adam(wrapped.parameters(), lr=1e-2)
+    teacher = CommentaryOptimizer(opt2, wrapped, Blending(3, policy="none"), hyper_every=0)
+    for xb, yb, _ in _batches(x, y):
+        opt1.zero_grad()
+        F.cross_entropy(plain(xb), yb).backward()
+        opt1.step()
+        teacher.zero_grad()
+        teacher.loss(xb, yb).backward()
+        teacher.step()
+    for a, b in zip(plain.parameters(), wrapped.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_hyper_steps_every_k_and_state_dicts():
+    x, y = _data()
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    com = TabularWeighting(x.shape[0], num_classes=3)
+    teacher = CommentaryOptimizer(opt, model, com, val_loader=[(x[:16], y[:16]), (x[16:32], y[16:32])], hyper_every=2)
+    before = com.logits.detach().clone()
+    for xb, yb, idx in _batches(x, y):
+        teacher.zero_grad()
+        teacher.loss(xb, yb, index=idx).backward()
+        teacher.step()
+    assert teacher.steps == 6 and teacher.hyper_steps == 3
+    assert not torch.equal(before, com.logits.detach())
+    assert teacher.last_hyper is not None and set(teacher.last_hyper.grads) == {"logits"}
+    # the student's optimizer state dict is a plain torch.optim one
+    fresh = torch.optim.Adam(_model().parameters(), lr=1e-2)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    # the wrapper's state round-trips
+    sd = copy.deepcopy(teacher.state_dict())
+    model2 = _model()
+    com2 = TabularWeighting(x.shape[0], num_classes=3)
+    t2 = CommentaryOptimizer(torch.optim.Adam(model2.parameters(), lr=1e-2), model2, com2, val_loader=[(x, y)])
+    t2.load_state_dict(sd)
+    assert t2.steps == 6 and t2.hyper_steps == 3 and torch.equal(com2.logits, com.logits)
+    assert t2.hyper_optimizer.state_dict()["state"][0]["step"] == teacher.hyper_optimizer.state_dict()["state"][0]["step"]
+    assert t2.param_groups is t2.optimizer.param_groups
+
+
+@pytest.mark.filterwarnings("ignore::commentaries_ext.engine.HypergradientDivergenceWarning")
+def test_hyper_step_uses_the_engine_settings():
+    x, y = _data()
+    model = _model()
+    com = Blending(3)
+    teacher = CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, com, val_loader=[(x, y)],
+                                  solver=CGConfig(max_iter=3), hyper_every=1)
+    teacher.zero_grad()
+    teacher.loss(x[:8], y[:8]).backward()
+    teacher.step()
+    assert teacher.last_hyper.info["solver"] == "cg"
+    teacher.solver = None  # the reference default: Neumann K=1, alpha = the student's lr
+    res = teacher.hyper_step()
+    assert res.info["solver"] == "neumann" and res.info["alpha"] == pytest.approx(0.05)
+
+
+def test_amp_autocast_and_grad_scaler():
+    x, y = _data()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    com = ExampleWeighting.reference((1, 4, 4), 3, reduction="mean")
+    teacher = CommentaryOptimizer(opt, model, com, val_loader=[(x, y)], hyper_every=2, scaler=scaler)
+    before = [p.detach().clone() for p in com.parameters()]
+    for xb, yb, _ in _batches(x, y):
+        teacher.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = teacher.loss(xb, yb)
+        assert loss.dtype == torch.float32
+        scaler.scale(loss).backward()
+        teacher.step()
+    assert teacher.hyper_steps == 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, com.parameters()))
+    assert teacher.last_hyper.info["hvp"] == "ForwardOverReverseHessian"  # the teacher's BatchNorm is no obstacle
+
+
+def test_nan_policy():
+    x, y = _data()
+    bad = x[:8].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    teacher = CommentaryOptimizer(opt, model, Blending(3), val_loader=[(x, y)])
+    with pytest.raises(NonFiniteError, match="NaN"):
+        teacher.loss(bad, y[:8])
+    teacher = CommentaryOptimizer(opt, model, Blending(3), val_loader=[(x, y)], nan_policy="skip")
+    snap = copy.deepcopy(model.state_dict())
+    teacher.zero_grad()
+    loss = teacher.loss(bad, y[:8])
+    loss.backward()
+    assert teacher.step() is None
+    assert teacher.skipped_steps == 1 and teacher.steps == 0 and teacher.hyper_steps == 0
+    for k, v in model.state_dict().items():
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(v, snap[k])
+    teacher.zero_grad()
+    teacher.loss(x[:8], y[:8]).backward()
+    teacher.step()
+    assert teacher.steps == 1 and teacher.hyper_steps == 1
+
+
+def test_errors():
+    model = _model()
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        CommentaryOptimizer(object(), model, None)
+    with pytest.raises(ValueError, match="nan_policy"):
+        CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, None, nan_policy="ignore")
+    x, y = _data()
+    t = CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, Blending(3))
+    t.loss(x[:8], y[:8]).backward()
+    with pytest.raises(ValueError, match="val_loader"):
+        t.step()
