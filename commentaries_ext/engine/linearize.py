@@ -171,10 +171,16 @@ class LinearizedHVP:
 def _loss_key(loss):
     """Functions are keyed by code and closure contents (so a closure re-created every
     hyper-step over the same objects hits the cache); other callables by identity."""
+    from .hvp import SplitLoss, WeightedLoss
+
+    if isinstance(loss, WeightedLoss):
+        return ("weighted", _loss_key(loss.per_example)[0], _loss_key(loss.weights)[0], loss.reduction), None
+    if isinstance(loss, SplitLoss):
+        return ("split", _loss_key(loss.outputs)[0], _loss_key(loss.head)[0]), None
     fn = getattr(loss, "__func__", loss)
     code = getattr(fn, "__code__", None)
     if code is None:
-        return ("obj", id(loss)), loss
+        return ("obj", type(loss), id(loss)), loss
     cells = tuple(id(c.cell_contents) for c in (fn.__closure__ or ()) if _cell_ok(c))
     modes = tuple(_mode_sig(c.cell_contents) for c in (fn.__closure__ or ()) if _cell_ok(c))
     bound = id(getattr(loss, "__self__", None))
@@ -187,6 +193,15 @@ def _mode_sig(obj):
     if isinstance(mod, torch.nn.Module):
         return tuple(m.training for m in mod.modules())
     return None
+
+
+def _code_key(lkey):
+    """What stays the same when a loss is re-created each call (for the thrash guard)."""
+    if lkey[0] == "fn":
+        return lkey[1]
+    if lkey[0] == "obj":
+        return lkey[1]
+    return tuple(_code_key(k) if isinstance(k, tuple) else k for k in lkey)
 
 
 def _cell_ok(c):
@@ -217,7 +232,7 @@ def linearized_hvp(loss, th: dict, ph: dict, batch, *, auto: bool = False) -> Li
     thl = [t.detach() for t in th.values()]
     phl = [t.detach() for t in ph.values()]
     if traced is None:
-        code_key = lkey[1] if lkey[0] == "fn" else lkey
+        code_key = _code_key(lkey)
         _MISSES[code_key] = _MISSES.get(code_key, 0) + 1
         if auto and _MISSES[code_key] > MAX_TRACES_PER_CODE:
             raise TooManyTraces(
