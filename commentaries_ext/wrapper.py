@@ -215,10 +215,12 @@ class CommentaryOptimizer:
         """The engine's IFT hypergradient at the current student (no update)."""
         from .engine import EngineState, FunctionalModule, implicit_hypergradient
 
-        if self._fm is None:
+        if self._fm is None:  # built once: the engine caches its traced HVP per loss callable
             self._fm = FunctionalModule(self.model)
             self._engine_state = EngineState()
+            self._losses = (train_loss_fn(self.commentary, self._fm), val_loss_fn(self._fm))
         fm = self._fm
+        train_loss, val_loss = self._losses
         train_batch = self._last_batch if train_batch is None else train_batch
         if train_batch is None:
             raise ValueError("no training batch yet: call loss(x, y) first or pass train_batch=")
@@ -230,7 +232,7 @@ class CommentaryOptimizer:
                         if dev.type in ("cpu", "cuda") else contextlib.nullcontext())
         with autocast_off:
             res = implicit_hypergradient(
-                train_loss_fn(self.commentary, fm), val_loss_fn(fm), fm.params(), hparams, train_batch, val_batch,
+                train_loss, val_loss, fm.params(), hparams, train_batch, val_batch,
                 solver=self._solver(), curvature=self.curvature, hvp=self.hvp, state=self._engine_state)
         return res
 
