@@ -1,0 +1,98 @@
+"""The learning loops: BPTT options (truncation, checkpointing, fresh students),
+the NaN policy, training a student with a saved commentary."""
+import pytest
+import torch
+from torch import nn
+
+from commentaries_ext.commentary import BatchError, Blending, NonFiniteError, TabularWeighting
+from commentaries_ext.files import load_commentary, save_commentary
+from commentaries_ext.learn import evaluate, learn_bptt, learn_ift, train_student
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _data(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    return torch.randn(n, 4, generator=g) + torch.nn.functional.one_hot(y, 4).float() * 2, y
+
+
+def _student():
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _grad_after_one_outer(**kw):
+    torch.manual_seed(0)
+    c = TabularWeighting(24)
+    opt = torch.optim.SGD(c.parameters(), lr=1.0)
+    before = c.logits.detach().clone()
+    learn_bptt(c, _student, _data(), _data(seed=1), inner_steps=4, outer_steps=1, inner_optimizer="sgd",
+               inner_lr=0.3, outer_optimizer=opt, batch_size=24, **kw)
+    return before - c.logits.detach()  # = the hypergradient (SGD, lr 1)
+
+
+def test_bptt_checkpointing_is_exact_and_truncation_differs():
+    full = _grad_after_one_outer()
+    ckpt = _grad_after_one_outer(checkpoint=2)
+    torch.testing.assert_close(ckpt, full, rtol=1e-5, atol=1e-7)
+    trunc = _grad_after_one_outer(truncate=1)
+    assert float(trunc.abs().sum()) > 0 and not torch.allclose(trunc, full)
+
+
+@pytest.mark.parametrize("inner", ["adam", "momentum"])
+def test_bptt_inner_optimizers_and_fresh_students(inner):
+    c = Blending(3)
+    r = learn_bptt(c, _student, _data(), _data(seed=1), inner_steps=3, outer_steps=2, inner_optimizer=inner,
+                   inner_lr=0.1, outer_lr=0.1, same_init=False, val_batch_size=8)
+    assert len(r.history) == 2 and all(h["val_loss"] > 0 for h in r.history)
+    assert r.learned_with()["algorithm"] == "bptt"
+
+
+def test_nan_policy_in_the_learning_loops():
+    x, y = _data()
+    c = TabularWeighting(24)
+
+    class Exploding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x) * float("nan")
+
+    with pytest.raises(NonFiniteError):
+        learn_bptt(c, Exploding, (x, y), (x, y), inner_steps=2, outer_steps=1)
+    r = learn_bptt(c, Exploding, (x, y), (x, y), inner_steps=2, outer_steps=2, nan_policy="skip")
+    assert r.skipped_steps == 2 and bool(torch.isfinite(c.logits).all())
+    r = learn_ift(c, Exploding(), (x, y), (x, y), steps=2, nan_policy="skip")
+    assert r.info["skipped_student_steps"] == 2
+
+
+def test_bad_arguments():
+    x, y = _data()
+    with pytest.raises(BatchError, match="val_data"):
+        learn_bptt(Blending(3), _student, (x, y), (x, y + 5), inner_steps=1, outer_steps=1)
+    with pytest.raises(BatchError, match="train_data must be a tuple"):
+        learn_ift(Blending(3), _student(), x, (x, y))
+    with pytest.raises(ValueError, match="inner_optimizer"):
+        learn_bptt(Blending(3), _student, (x, y), (x, y), inner_steps=1, outer_steps=1, inner_optimizer="rmsprop")
+
+
+def test_reuse_a_saved_commentary_on_a_new_architecture(tmp_path):
+    x, y = _data(48)
+    c = Blending(3)
+    learn_ift(c, _student(), (x, y), (x, y), steps=5, batch_size=8)
+    path = save_commentary(tmp_path / "blend.commentary", c, data=(x, y), learned_with={"algorithm": "ift"})
+    torch.manual_seed(0)
+    new = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+    c2 = load_commentary(path, data=(x, y), model=new)
+    losses = train_student(new, (x, y), commentary=c2, steps=30, batch_size=16, lr=1e-2)
+    assert len(losses) == 30 and losses[-1] < losses[0]
+    ev = evaluate(new, (x, y))
+    assert 0 <= ev["accuracy"] <= 1 and ev["loss"] > 0
