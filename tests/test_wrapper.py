@@ -178,3 +178,24 @@ def test_errors():
     t.loss(x[:8], y[:8]).backward()
     with pytest.raises(ValueError, match="val_loader"):
         t.step()
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Using a commentary in your own training loop", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    x_train, y_train = torch.randn(24, 1, 28, 28), torch.randint(0, 10, (24,))
+    env = {
+        "x_train": x_train, "y_train": y_train, "x_val": x_train, "y_val": y_train, "steps": 3,
+        "train_loader": [(x_train[i:i + 8], y_train[i:i + 8]) for i in range(0, 24, 8)],
+        "val_loader": [(x_train[:8], y_train[:8])],
+        "model": nn.Sequential(nn.Flatten(), nn.Linear(784, 10)),
+        "new_model": nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10)),
+    }
+    exec(compile(code, "README.md", "exec"), env)
+    assert env["teacher"].steps == 3 and (tmp_path / "fmnist.commentary").exists()
