@@ -38,7 +38,6 @@ from .commentary.base import (
     BatchError,
     Commentary,
     NonFiniteError,
-    call_commentary,
     commentary_loss,
     train_loss_fn,
     val_loss_fn,

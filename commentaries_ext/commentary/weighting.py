@@ -15,7 +15,6 @@ reference code), ``"mean"`` (divide by N) or ``"normalized"`` (divide by sum w).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import REDUCTIONS, BatchError, Commentary, Prepared
@@ -72,7 +71,9 @@ class TeacherNet(nn.Module):
             x = torch.cat([x, t], dim=1)
         f = self.features(x)
         if self.use_label:
-            f = torch.cat([f, F.one_hot(y, self.num_classes).to(f.dtype)], dim=1)
+            # (one_hot checks the label range on the data: not traceable by the engine's linearised HVP)
+            onehot = (y[:, None] == torch.arange(self.num_classes, device=y.device)).to(f.dtype)
+            f = torch.cat([f, onehot], dim=1)
         return self.head(f).squeeze(1)
 
 
