@@ -68,6 +68,13 @@ class CommentaryOptimizer:
     curvature, hvp: passed to ``engine.implicit_hypergradient``.
     total_steps: for the training progress ``i/T`` fed to the commentary (default: 0).
     criterion: the plain loss used when switched off (default ``F.cross_entropy``).
+    hyper_train_loader: optional iterable of ``(x, y[, index])`` batches: the hyper-step's
+        ``g_T`` is then taken on a fresh training batch (the reference setting) instead of
+        the batch of the last student step.
+    distributed: average the hypergradients over the ``torch.distributed`` process group
+        (default: when one is initialised).  The student's own gradients are the
+        business of the user's ``DistributedDataParallel`` model, which may be passed
+        as ``model`` (its ``.module`` is differentiated).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, commentary: Commentary | None = None, *,
@@ -75,7 +82,8 @@ class CommentaryOptimizer:
                  hyper_optimizer: torch.optim.Optimizer | None = None, hyper_lr: float = 1e-2,
                  solver: Any = None, curvature: str = "hessian", hvp: str = "auto", enabled: bool = True,
                  total_steps: int | None = None, scaler: Any = None, nan_policy: str = "raise",
-                 criterion: Callable = F.cross_entropy, generator: torch.Generator | None = None):
+                 criterion: Callable = F.cross_entropy, generator: torch.Generator | None = None,
+                 hyper_train_loader: Iterable | None = None, distributed: bool | None = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if nan_policy not in NAN_POLICIES:
@@ -102,6 +110,9 @@ class CommentaryOptimizer:
         self._last_loss = None
         self._bad_batch = False
         self._val_iter = None
+        self.hyper_train_loader = hyper_train_loader
+        self._train_iter = None
+        self.distributed = distributed
         self._engine_state = None
         self._fm = None
         if commentary is not None:
@@ -189,19 +200,46 @@ class CommentaryOptimizer:
         return out
 
     # ------------------------------------------------------------------ hyper-steps
+    def _next_from(self, attr: str, loader, what: str):
+        it = getattr(self, attr)
+        if it is None:
+            it = iter(loader)
+            setattr(self, attr, it)
+        try:
+            return next(it)
+        except StopIteration:
+            it = iter(loader)
+            setattr(self, attr, it)
+            try:
+                return next(it)
+            except StopIteration:
+                raise ValueError(f"{what} is empty") from None
+
     def _next_val(self):
         if self.val_loader is None:
             raise ValueError("hyper-steps need validation data: pass val_loader= (or hyper_every=0)")
-        if self._val_iter is None:
-            self._val_iter = iter(self.val_loader)
-        try:
-            return next(self._val_iter)
-        except StopIteration:
-            self._val_iter = iter(self.val_loader)
-            try:
-                return next(self._val_iter)
-            except StopIteration:
-                raise ValueError("val_loader is empty") from None
+        return self._next_from("_val_iter", self.val_loader, "val_loader")
+
+    def _fresh_train_batch(self, dev):
+        b = self._next_from("_train_iter", self.hyper_train_loader, "hyper_train_loader")
+        if isinstance(b, dict):
+            x, y, idx = b["x"], b["y"], b.get("index")
+        else:
+            x, y, idx = b[0], b[1], (b[2] if len(b) > 2 else None)
+        return self.commentary.prepare(x.to(dev), y.to(dev), index=None if idx is None else idx.to(dev),
+                                       progress=self.progress(), generator=self.generator)
+
+    def _module(self) -> nn.Module:
+        m = self.model
+        if isinstance(m, nn.parallel.DistributedDataParallel):
+            return m.module
+        return m
+
+    def _dist(self) -> bool:
+        import torch.distributed as dist
+
+        on = dist.is_available() and dist.is_initialized()
+        return on if self.distributed is None else (bool(self.distributed) and on)
 
     def _solver(self):
         from .engine import NeumannConfig
@@ -215,16 +253,18 @@ class CommentaryOptimizer:
         from .engine import EngineState, FunctionalModule, implicit_hypergradient
 
         if self._fm is None:  # built once: the engine caches its traced HVP per loss callable
-            self._fm = FunctionalModule(self.model)
+            self._fm = FunctionalModule(self._module())
             self._engine_state = EngineState()
             self._losses = (train_loss_fn(self.commentary, self._fm), val_loss_fn(self._fm))
         fm = self._fm
         train_loss, val_loss = self._losses
+        dev = next(iter(self.model.parameters())).device
+        if train_batch is None and self.hyper_train_loader is not None:
+            train_batch = self._fresh_train_batch(dev)
         train_batch = self._last_batch if train_batch is None else train_batch
         if train_batch is None:
             raise ValueError("no training batch yet: call loss(x, y) first or pass train_batch=")
         xv, yv = _split_batch(self._next_val() if val_batch is None else val_batch)
-        dev = next(iter(self.model.parameters())).device
         val_batch = {"x": xv.to(dev), "y": yv.to(dev)}
         hparams = self.commentary.hparams()
         autocast_off = (torch.autocast(device_type=dev.type, enabled=False)
@@ -240,6 +280,13 @@ class CommentaryOptimizer:
         res = self.hypergradient(train_batch, val_batch)
         self.last_hyper = res
         named = dict(self.commentary.named_parameters())
+        if self._dist():
+            import torch.distributed as dist
+
+            world = dist.get_world_size()
+            for g in res.grads.values():
+                dist.all_reduce(g)
+                g.div_(world)
         finite = all(bool(torch.isfinite(g).all()) for g in res.grads.values())
         if not finite:
             if self.nan_policy == "raise":

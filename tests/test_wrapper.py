@@ -199,3 +199,39 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     }
     exec(compile(code, "README.md", "exec"), env)
     assert env["teacher"].steps == 3 and (tmp_path / "fmnist.commentary").exists()
+
+
+def test_fresh_training_batch_for_the_hyper_step():
+    x, y = _data()
+    model = _model()
+    com = TabularWeighting(x.shape[0])
+    loader = [(x[i:i + 8], y[i:i + 8], torch.arange(i, i + 8)) for i in range(24, 48, 8)]
+    teacher = CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, com, val_loader=[(x, y)],
+                                  hyper_train_loader=loader)
+    teacher.zero_grad()
+    teacher.loss(x[:8], y[:8], index=torch.arange(8)).backward()
+    teacher.step()
+    g = teacher.last_hyper.grads["logits"]
+    # g_T was taken on examples 24..31, so only their weights get a hypergradient
+    assert float(g[:24].abs().sum()) == 0 and float(g[24:32].abs().sum()) > 0
+
+
+def test_ddp_single_process_gloo(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        x, y = _data()
+        model = nn.parallel.DistributedDataParallel(_model())
+        com = Blending(3)
+        teacher = CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, com, val_loader=[(x, y)])
+        assert teacher._dist()
+        for xb, yb, _ in _batches(x, y):
+            teacher.zero_grad()
+            teacher.loss(xb, yb).backward()
+            teacher.step()
+        assert teacher.hyper_steps == 6 and not bool((com.phi == -1).all())
+    finally:
+        dist.destroy_process_group()
