@@ -190,3 +190,32 @@ def test_per_example_ce_matches_torch():
     logits = torch.randn(7, 4, dtype=torch.float64)
     y = torch.randint(0, 4, (7,))
     torch.testing.assert_close(per_example_ce(logits, y), torch.nn.functional.cross_entropy(logits, y, reduction="none"))
+
+
+class _PairNet(nn.Module):
+    """A user weighting network over (x, one-hot y): it can spot label noise."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, x, progress, y):
+        return self.f(torch.cat([x, (y[:, None] == torch.arange(2)).to(x.dtype)], 1))
+
+
+@pytest.mark.parametrize("algorithm", ["bptt", "ift"])
+def test_weighting_network_ranks_mislabelled_examples_low(algorithm):
+    train, val, bad = _mislabelled(seed=2)
+    torch.manual_seed(0)
+    c = ExampleWeighting(_PairNet(), num_classes=2, reduction="mean")
+    if algorithm == "bptt":
+        learn_bptt(c, lambda: nn.Linear(2, 2), train, val, inner_steps=15, inner_optimizer="sgd", inner_lr=0.5,
+                   outer_steps=30, outer_lr=0.03, batch_size=40)
+    else:
+        learn_ift(c, nn.Linear(2, 2), train, val, steps=150, batch_size=40, student_lr=0.05, hyper_lr=0.03)
+    w = c.weights(*train)
+    assert float(w[bad].mean()) < 0.6 * float(w[~bad].mean())
+    ranked_below = float((w[bad][:, None] < w[~bad][None, :]).float().mean())
+    # IFT ranks every flipped example below every clean one; BPTT (same initial student
+    # every outer step, 15 inner steps) settles on down-weighting the flips of one class only
+    assert ranked_below > (0.9 if algorithm == "ift" else 0.45)
