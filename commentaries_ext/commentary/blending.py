@@ -30,6 +30,8 @@ def blend(x_a: torch.Tensor, m: torch.Tensor, perm: torch.Tensor | None = None,
     if m.dim() == 1:
         m = m.view(-1, *([1] * (x_a.dim() - 1)))
     m = m.to(x_a.dtype)
+    if x_b is None and perm is None:  # zeros background (the fused op would blend x_a with itself)
+        return m * x_a
     fused = _masked_blend()
     if fused is not None:
         return fused(x_a, m.expand(x_a.shape[0], *m.shape[1:]), x_b=x_b, perm=perm)
