@@ -15,8 +15,11 @@ student is in training mode (BatchNorm uses batch statistics).
 
 Timing: the methods run round-robin, one call each per round, and the median
 per method is reported (noise on a shared machine hits all methods alike).
-Peak memory: the process's peak RSS (VmHWM, reset through
-/proc/self/clear_refs) during one call, minus the RSS before it.
+Peak memory: measured in a fresh child process per method with
+MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 (freed blocks go back to
+the OS, so RSS follows live memory): peak RSS (VmHWM, reset through
+/proc/self/clear_refs) during one call after a warm-up call, minus the RSS
+before it.
 """
 from __future__ import annotations
 
@@ -207,59 +210,63 @@ def torchopt_hyper_step_factory(fm, solver_name, K, lr):
     return step
 
 
-def bench_ift(student, Ks, rounds, batch=128, lr=1e-3, log=print):
+def ift_setup(student, batch=128, lr=1e-3):
     torch.manual_seed(0)
     model = STUDENTS[student]().train()
     fm = FunctionalModule(model)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     tb, vb, b0 = make_batch(batch, 1), make_batch(batch, 2), make_batch(batch, 3)
-    # a few plain steps so that the student is not at its initialisation
-    for _ in range(3):
+    for _ in range(3):  # a few plain steps so that the student is not at its initialisation
         opt.zero_grad()
         F.cross_entropy(model(b0[0]), b0[1]).backward()
         opt.step()
     phi = torch.full((C, C), -1.0, requires_grad=True)
-    params = fm.params()
+    return dict(model=model, fm=fm, opt=opt, tb=tb, vb=vb, b0=b0, phi=phi, params=fm.params(), lr=lr)
+
+
+def ift_methods(ctx, K, with_torchopt=True):
+    model, fm, opt, tb, vb, b0, phi, params, lr = (ctx[k] for k in ("model", "fm", "opt", "tb", "vb", "b0", "phi", "params", "lr"))
 
     def train_step():
         opt.zero_grad()
         F.cross_entropy(model(b0[0]), b0[1]).backward()
         opt.step()
 
-    # correctness: all methods give the same hypergradient (double precision aside)
+    fns = {
+        "train step": train_step,
+        "reference-style": lambda: reference_hyper_step(model, phi, tb, vb, K, lr),
+        "engine double_backward": lambda: engine_hyper_step(fm, params, phi, tb, vb, K, lr, "double_backward"),
+        "engine auto": lambda: engine_hyper_step(fm, params, phi, tb, vb, K, lr, "auto"),
+    }
+    if with_torchopt:
+        for sname in ("neumann", "cg"):
+            st = torchopt_hyper_step_factory(fm, sname, K, lr)
+            fns[f"torchopt {sname}"] = lambda st=st: st(params, phi, tb, vb)
+    return fns
+
+
+def bench_ift(student, Ks, rounds, log=print, memory=True):
+    ctx = ift_setup(student)
+    fm, params, phi, tb, vb, lr, model = (ctx[k] for k in ("fm", "params", "phi", "tb", "vb", "lr", "model"))
+    # correctness: all methods give the same hypergradient (float32 rounding aside)
     ref = reference_hyper_step(model, phi, tb, vb, 5, lr)
     checks = {}
-    for hvp in ("double_backward", "forward_over_reverse"):
+    for hvp in ("double_backward", "forward_over_reverse", "auto"):
         g = engine_hyper_step(fm, params, phi, tb, vb, 5, lr, hvp)
         checks[hvp] = float((g - ref).norm() / ref.norm())
-    tops = {}
     try:
-        for sname in ("neumann", "cg"):
-            tops[sname] = torchopt_hyper_step_factory(fm, sname, 1, lr)
-        g = tops["neumann"](params, phi, tb, vb)
-        ref1 = reference_hyper_step(model, phi, tb, vb, 1, lr)
-        checks["torchopt-neumann(K=1)"] = float((g - ref1).norm() / ref1.norm())
+        g = torchopt_hyper_step_factory(fm, "neumann", 5, lr)(params, phi, tb, vb)
+        checks["torchopt-neumann"] = float((g - ref).norm() / ref.norm())
         torchopt_ok = True
     except Exception as exc:  # noqa: BLE001
         log(f"  torchopt skipped: {type(exc).__name__}: {exc}")
         torchopt_ok = False
-    log(f"  [{student}] rel. difference to the reference-style hypergradient: " + ", ".join(f"{k}={v:.1e}" for k, v in checks.items()))
-
+    log(f"  [{student}] K=5 rel. difference to the reference-style hypergradient: " + ", ".join(f"{k}={v:.1e}" for k, v in checks.items()))
     rows = []
     for K in Ks:
-        fns = {
-            "train step": train_step,
-            "reference-style": lambda K=K: reference_hyper_step(model, phi, tb, vb, K, lr),
-            "engine double_backward": lambda K=K: engine_hyper_step(fm, params, phi, tb, vb, K, lr, "double_backward"),
-            "engine forward_over_reverse": lambda K=K: engine_hyper_step(fm, params, phi, tb, vb, K, lr, "forward_over_reverse"),
-            "engine auto": lambda K=K: engine_hyper_step(fm, params, phi, tb, vb, K, lr, "auto"),
-        }
-        if torchopt_ok:
-            for sname in ("neumann", "cg"):
-                st = torchopt_hyper_step_factory(fm, sname, K, lr)
-                fns[f"torchopt {sname}"] = lambda st=st: st(params, phi, tb, vb)
+        fns = ift_methods(ctx, K, torchopt_ok)
         med = round_robin(fns, rounds)
-        mem = {k: peak_mb(f) for k, f in fns.items()}
+        mem = {k: child_peak_mb("ift", student, K, k) if memory else float("nan") for k in fns}
         base = med["train step"]
         for k in fns:
             rows.append((student, K, k, med[k] * 1e3, med[k] / base, mem[k]))
@@ -267,20 +274,53 @@ def bench_ift(student, Ks, rounds, batch=128, lr=1e-3, log=print):
     return rows
 
 
+def child_peak_mb(section, student, param, method):
+    """Peak memory of one call of ``method``, measured in a fresh process whose glibc
+    returns large blocks to the OS at once (MALLOC_MMAP_THRESHOLD_=65536), after one warm-up call."""
+    import json
+    import subprocess
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, os.path.abspath(__file__), "--mem-child", json.dumps([section, student, param, method]),
+           "--threads", str(torch.get_num_threads())]
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        return float(out.stdout.strip().splitlines()[-1])
+    except Exception:  # noqa: BLE001
+        return float("nan")
+
+
+def mem_child(spec):
+    import json
+
+    section, student, param, method = json.loads(spec)
+    if section == "ift":
+        fns = ift_methods(ift_setup(student), param, method.startswith("torchopt"))
+    else:
+        fns = bptt_methods(bptt_setup(student), param)
+    f = fns[method]
+    f()
+    print(peak_mb(f))
+
+
 # --------------------------------------------------------------------------- BPTT
 
 
-def bench_bptt(student, Ts, rounds, batch=32, lr=1e-3, log=print):
-    import higher
-
+def bptt_setup(student, batch=32, lr=1e-3, T_max=50):
     torch.manual_seed(0)
     model = STUDENTS[student]().train()
     fm = FunctionalModule(model)
-    T_max = max(Ts)
     batches = [make_batch(batch, 100 + t) for t in range(T_max)]
     vb = make_batch(batch, 99)
     phi = torch.full((C, C), -1.0, requires_grad=True)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    return dict(model=model, fm=fm, batches=batches, vb=vb, phi=phi, opt=opt, lr=lr)
+
+
+def _bptt_fns(ctx):
+    import higher
+
+    model, fm, batches, vb, phi, opt, lr = (ctx[k] for k in ("model", "fm", "batches", "vb", "phi", "opt", "lr"))
 
     def plain_step():
         x, y, _ = batches[0]
@@ -288,8 +328,8 @@ def bench_bptt(student, Ts, rounds, batch=32, lr=1e-3, log=print):
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    def higher_outer(T):
-        inner_opt = torch.optim.Adam(model.parameters(), lr=lr)
+    def higher_outer(T, sgd=False):
+        inner_opt = torch.optim.SGD(model.parameters(), lr=0.1) if sgd else torch.optim.Adam(model.parameters(), lr=lr)
         with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=True) as (fmodel, diffopt):
             for t in range(T):
                 x, y, perm = batches[t]
@@ -308,43 +348,43 @@ def bench_bptt(student, Ts, rounds, batch=32, lr=1e-3, log=print):
         loss = blend_loss_from_logits_fn(fwd, h["phi"], x, y, perm)
         return loss, box["nb"]
 
-    def engine_outer(T, checkpoint=None):
-        res = unroll(loss_fn, fm.params(), DAdam(lr=lr), batches[:T], hparams={"phi": phi},
+    def engine_outer(T, checkpoint=None, sgd=False):
+        from commentaries_ext.engine import SGD as DSGD
+
+        res = unroll(loss_fn, fm.params(), DSGD(lr=0.1) if sgd else DAdam(lr=lr), batches[:T], hparams={"phi": phi},
                      buffers=fm.buffers(), checkpoint=checkpoint)
         val = F.cross_entropy(fm(res.params, vb[0]), vb[1])
         return torch.autograd.grad(val, phi)[0]
 
+    return plain_step, higher_outer, engine_outer
+
+
+def bptt_methods(ctx, T):
+    plain_step, higher_outer, engine_outer = _bptt_fns(ctx)
+    s = max(1, int(math.ceil(math.sqrt(T))))
+    return {
+        "plain step": plain_step,
+        "higher": lambda: higher_outer(T),
+        "engine": lambda: engine_outer(T),
+        "engine checkpoint": lambda: engine_outer(T, checkpoint=s),
+    }
+
+
+def bench_bptt(student, Ts, rounds, log=print, memory=True):
+    ctx = bptt_setup(student, T_max=max(Ts))
+    plain_step, higher_outer, engine_outer = _bptt_fns(ctx)
     # correctness: with SGD the engine and higher agree to rounding.  (higher's Adam is the
     # pre-1.x formula -- eps added to sqrt(v) before bias correction -- so its Adam
     # meta-gradients differ from torch.optim.Adam's; the engine follows torch.optim.)
-    from commentaries_ext.engine import SGD as DSGD
-
-    def higher_sgd(T):
-        inner_opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=True) as (fmodel, diffopt):
-            for t in range(T):
-                x, y, perm = batches[t]
-                diffopt.step(blend_loss_from_logits_fn(fmodel, phi, x, y, perm))
-            return torch.autograd.grad(F.cross_entropy(fmodel(vb[0]), vb[1]), phi)[0]
-
-    res = unroll(loss_fn, fm.params(), DSGD(lr=0.1), batches[:5], hparams={"phi": phi}, buffers=fm.buffers())
-    g_e = torch.autograd.grad(F.cross_entropy(fm(res.params, vb[0]), vb[1]), phi)[0]
-    g_h = higher_sgd(5)
+    g_e, g_h = engine_outer(5, sgd=True), higher_outer(5, sgd=True)
     g_a, g_c = engine_outer(5), engine_outer(5, checkpoint=2)
     log(f"  [{student}] BPTT rel. difference engine vs higher (SGD): {float((g_e - g_h).norm() / g_h.norm()):.1e}, "
         f"checkpointed vs not (Adam): {float((g_c - g_a).norm() / g_a.norm()):.1e}")
-    rows = []
-    mems = {}
+    rows, mems = [], {}
     for T in Ts:
-        s = max(1, int(math.ceil(math.sqrt(T))))
-        fns = {
-            "plain step": plain_step,
-            "higher": lambda T=T: higher_outer(T),
-            "engine": lambda T=T: engine_outer(T),
-            f"engine checkpoint": lambda T=T, s=s: engine_outer(T, checkpoint=s),
-        }
+        fns = bptt_methods(ctx, T)
         med = round_robin(fns, rounds)
-        mem = {k: peak_mb(f) for k, f in fns.items()}
+        mem = {k: child_peak_mb("bptt", student, T, k) if memory else float("nan") for k in fns}
         base = med["plain step"] * T
         for k in fns:
             mems[(k, T)] = mem[k]
@@ -357,7 +397,6 @@ def bench_bptt(student, Ts, rounds, batch=32, lr=1e-3, log=print):
         for k in ("higher", "engine", "engine checkpoint"):
             slope = (mems[(k, t1)] - mems[(k, t0)]) / (t1 - t0)
             log(f"  {student:8s} {k:20s} memory per unrolled step: {slope:6.2f} MB")
-            rows.append((student, f"{t0}->{t1}", k + " MB/step", float("nan"), float("nan"), slope))
     return rows
 
 
@@ -369,14 +408,19 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--bptt-rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
-    ap.add_argument("--malloc", choices=["default", "mmap"], default="mmap",
-                    help="mmap (default): large blocks are returned to the OS on free, so peak RSS measures the step")
+    ap.add_argument("--malloc", choices=["default", "mmap"], default="default",
+                    help="allocator for the timings (peak memory is always measured in child processes with mmap)")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--skip", default="", help="comma list of: ift,bptt")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    _maybe_reexec(args.malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mem_child:
+        mem_child(args.mem_child)
+        return
+    _maybe_reexec(args.malloc)
     if args.quick:
         args.K, args.T, args.rounds, args.bptt_rounds = "1,5", "4,8", 2, 1
     Ks = [int(k) for k in args.K.split(",")]
@@ -387,10 +431,10 @@ def main():
           f"MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}")
     for student in args.students.split(","):
         if "ift" not in skip:
-            bench_ift(student, Ks, args.rounds)
+            bench_ift(student, Ks, args.rounds, memory=not args.no_memory)
         if "bptt" not in skip:
             try:
-                bench_bptt(student, Ts, args.bptt_rounds)
+                bench_bptt(student, Ts, args.bptt_rounds, memory=not args.no_memory)
             except ImportError as exc:
                 print(f"  BPTT vs higher skipped: {exc}")
 
