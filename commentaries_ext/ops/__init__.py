@@ -9,3 +9,5 @@ Each module defines the device-independent ops with ``torch.library`` (fake and
 autograd registrations included) and picks a backend per call through
 ``commentaries_ext.backend``.
 """
+from . import blend  # noqa: E402,F401
+from . import solver  # noqa: E402,F401
