@@ -204,3 +204,39 @@ def test_plot():
     from matplotlib.figure import Figure
 
     assert isinstance(plot_blending(Blending(4), ["a", "b", "c", "d"]), Figure)
+
+
+def test_fused_blend_matches_plain_and_engine_losses_use_plain(monkeypatch):
+    from commentaries_ext.commentary import base, blending
+
+    if blending._masked_blend() is None:
+        pytest.skip("the fused masked_blend op is not available")
+    x, y = torch.randn(6, 2, 3, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    c = Blending(3).double()
+    with torch.no_grad():
+        c.phi.normal_()
+    b = c.prepare(x, y)
+    fused = c(b).x
+    with base.plain_blend():
+        assert blending._masked_blend() is None
+        plain = c(b).x
+    torch.testing.assert_close(fused, plain)
+    calls = []
+    real = blending._masked_blend
+
+    def spy():
+        fn = real()
+        if fn is not None:
+            calls.append(1)
+        return fn
+
+    monkeypatch.setattr(blending, "_masked_blend", spy)
+    model = nn.Linear(18, 3).double()
+    c.training_loss(lambda t: model(t.flatten(1)), b)
+    assert calls  # the student's step uses the fused op
+    calls.clear()
+    fm = FunctionalModule(nn.Sequential(nn.Flatten(), model))
+    from commentaries_ext.commentary import train_loss_fn
+
+    train_loss_fn(c, fm)(fm.params(), c.hparams(), b)
+    assert not calls  # the engine's loss does not

@@ -20,6 +20,8 @@ mean cross-entropy.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -57,6 +59,28 @@ class Prepared:
     lam: torch.Tensor | None = None
     reduction: str = "mean"
     extras: dict | None = None
+
+
+# --------------------------------------------------------------------------- fused ops switch
+
+_FUSED_BLEND = contextvars.ContextVar("commentaries_ext_fused_blend", default=True)
+
+
+@contextlib.contextmanager
+def plain_blend():
+    """Blend with plain PyTorch ops inside this context (the hypergradient engine's
+    losses: the fused op has no forward-mode rule and validates on the data, which
+    the engine's traced forward-over-reverse HVP cannot go through; the blend does not
+    depend on the student, so its Hessian-vector products lose nothing)."""
+    token = _FUSED_BLEND.set(False)
+    try:
+        yield
+    finally:
+        _FUSED_BLEND.reset(token)
+
+
+def fused_blend_enabled() -> bool:
+    return _FUSED_BLEND.get()
 
 
 # --------------------------------------------------------------------------- validation
@@ -273,7 +297,8 @@ def train_loss_fn(commentary: Commentary, student: Callable) -> Callable:
             return per_example_ce(student(params, batch["x"]), batch["y"])
 
         def weights(hparams, batch):
-            return call_commentary(commentary, hparams, batch, pure=True).weight
+            with plain_blend():
+                return call_commentary(commentary, hparams, batch, pure=True).weight
 
         if WeightedLoss is not None:
             return WeightedLoss(per_example, weights, commentary.reduction)
@@ -284,7 +309,8 @@ def train_loss_fn(commentary: Commentary, student: Callable) -> Callable:
         return loss
 
     def loss(params, hparams, batch):
-        prep = call_commentary(commentary, hparams, batch, pure=True)
+        with plain_blend():
+            prep = call_commentary(commentary, hparams, batch, pure=True)
         return commentary_loss(student(params, prep.x), prep)
 
     return loss

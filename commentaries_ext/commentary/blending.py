@@ -43,6 +43,10 @@ def blend(x_a: torch.Tensor, m: torch.Tensor, perm: torch.Tensor | None = None,
 
 
 def _masked_blend():
+    from .base import fused_blend_enabled
+
+    if not fused_blend_enabled():
+        return None
     try:
         from ..ops.blend import masked_blend  # type: ignore[attr-defined]
     except Exception:
