@@ -235,3 +235,24 @@ def test_ddp_single_process_gloo(tmp_path):
         assert teacher.hyper_steps == 6 and not bool((com.phi == -1).all())
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("make", [lambda: Blending(3), lambda: ExampleWeighting.reference((1, 4, 4), 3),
+                                  lambda: TabularWeighting(48)])
+def test_cuda_amp(make):
+    x, y = _data()
+    x, y = x.cuda(), y.cuda()
+    model = _model().cuda()
+    com = make().cuda()
+    scaler = torch.amp.GradScaler("cuda")
+    teacher = CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, com,
+                                  val_loader=[(x, y)], hyper_every=2, scaler=scaler)
+    for xb, yb, idx in _batches(x, y):
+        teacher.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = teacher.loss(xb, yb, index=idx.cuda())
+        scaler.scale(loss).backward()
+        teacher.step()
+    assert teacher.hyper_steps == 3
+    assert all(bool(torch.isfinite(p).all()) for p in list(model.parameters()) + list(com.parameters()))
