@@ -237,35 +237,81 @@ def unroll(
             losses.append(L)
     else:
         seg = int(checkpoint)
-        pnames = list(params)
+        pnames, hnames = list(params), list(hparams)
         for s0 in range(0, len(tracked), seg):
             idx = tracked[s0 : s0 + seg]
             st_leaves, rebuild = _flatten_state(state)
             n_p, n_s = len(pnames), len(st_leaves)
-            buf_in = dict(buffers)
             box = {}
 
-            def segment(*flat, idx=idx, rebuild=rebuild, n_p=n_p, n_s=n_s, buf_in=buf_in, box=box):
+            def run(flat, create_graph, idx=idx, rebuild=rebuild, n_p=n_p, n_s=n_s, buf_in=dict(buffers), box=box):
                 p = dict(zip(pnames, flat[:n_p]))
                 s = rebuild(list(flat[n_p : n_p + n_s]))
+                h = dict(zip(hnames, flat[n_p + n_s :]))
                 b = buf_in
                 ls = []
                 for i in idx:
-                    p, s, b, L = one_step(p, s, b, batches[i], True)
+                    p, s, b, L = _step(loss_fn, optimizer, p, s, b, h, batches[i], create_graph)
                     ls.append(L)
-                box["buffers"], box["losses"] = b, ls
                 out_leaves, reb2 = _flatten_state(s)
-                box["rebuild"] = reb2
+                if not box:
+                    box["buffers"], box["losses"], box["rebuild"] = b, ls, reb2
                 return tuple(p[k] for k in pnames) + tuple(out_leaves)
 
-            # hparams enter through the closure of loss_fn (non-reentrant checkpoint handles them)
-            out = _checkpoint(segment, *[params[k] for k in pnames], *st_leaves, use_reentrant=False)
+            out = _Segment.apply(run, *[params[k] for k in pnames], *st_leaves, *[hparams[k] for k in hnames])
             params = dict(zip(pnames, out[:n_p]))
             state = box["rebuild"](list(out[n_p:]))
             buffers = box["buffers"]
             losses.extend(box["losses"])
     return UnrollResult(params=params, buffers=buffers, opt_state=state, losses=losses,
                         info={"steps": T, "tracked": len(tracked), "checkpoint": checkpoint})
+
+
+def _step(loss_fn, optimizer, params, state, buffers, hparams, batch, create_graph):
+    with torch.enable_grad():
+        if create_graph:
+            params = {k: (v if v.requires_grad else v.detach().requires_grad_(True)) for k, v in params.items()}
+        else:
+            params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        loss, new_buffers = _call_loss(loss_fn, params, buffers, hparams, batch)
+        gs = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, allow_unused=True)
+    grads = dict(zip(params, gs))
+    new_buffers = {k: v.detach() for k, v in new_buffers.items()}
+    if create_graph:
+        new_p, new_s = optimizer.step(params, grads, state)
+    else:
+        with torch.no_grad():
+            new_p, new_s = optimizer.step({k: v.detach() for k, v in params.items()}, grads, state)
+    return new_p, new_s, new_buffers, loss.detach()
+
+
+class _Segment(torch.autograd.Function):
+    """Activation checkpointing of a run of inner steps: the forward keeps only the
+    segment's input state; the backward re-runs the steps with a graph and
+    backpropagates through them (the hparams are explicit inputs)."""
+
+    @staticmethod
+    def forward(ctx, run, *flat):
+        ctx.run = run
+        ctx.save_for_backward(*flat)
+        with torch.no_grad():
+            out = run([t.detach() for t in flat], False)
+        return tuple(o.detach() for o in out)
+
+    @staticmethod
+    def backward(ctx, *grad_out):
+        flat = ctx.saved_tensors
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() else t.detach() for t in flat]
+            out = ctx.run(inputs, True)
+            pairs = [(o, g) for o, g in zip(out, grad_out) if o.requires_grad and g is not None]
+            want = [i for i, t in enumerate(inputs) if t.requires_grad]
+            gs = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in want], [g for _, g in pairs],
+                                     allow_unused=True) if pairs and want else []
+        result = [None] * len(inputs)
+        for i, g in zip(want, gs):
+            result[i] = g
+        return (None, *result)
 
 
 def _detach_state(state):
