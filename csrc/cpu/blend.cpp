@@ -1,0 +1,384 @@
+// Masked blending on the CPU: out = m * x_a + (1 - m) * xb, xb = (x_a or x_b)[perm].
+// Contract (validated by commentaries_ext/ops/blend.py): x_a dense (contiguous or
+// channels-last), x_b with x_a's trailing strides, m of x_a's rank with
+// m.size(0) == N and other dims 1 or equal (any strides), perm int64 [N] in range.
+//
+// Layout: every example (row) is the same dense block of `row` elements. Its
+// dimensions are put in memory order and coalesced wherever x, m and grad_m can
+// all be walked with one stride, which leaves an innermost run (length `inner`)
+// along which m is either constant (stride 0: per example, per pixel of a
+// channels-last tensor ...) or contiguous (stride 1: per pixel of an NCHW tensor),
+// and an "outer" counter over the remaining dims. Runs are vectorised with
+// at::vec::Vectorized; rows are spread over threads with at::parallel_for.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "common.h"
+
+namespace commentaries_ext {
+namespace {
+
+constexpr int kMaxDims = 12;
+
+struct RowLayout {
+  int64_t n = 0;         // examples
+  int64_t row = 1;       // elements per example (x)
+  int64_t m_row = 0;     // stride of m between examples
+  int64_t g_row = 0;     // stride of grad_m (contiguous) between examples
+  int64_t gm_numel_row = 1;  // elements of grad_m per example
+  int nd = 0;            // coalesced inner dims (memory order, outer -> inner); last is the run
+  std::array<int64_t, kMaxDims> size{}, xs{}, ms{}, gs{};
+
+  int64_t inner() const { return nd ? size[nd - 1] : 1; }
+  int64_t m_inner() const { return nd ? ms[nd - 1] : 0; }
+  int64_t g_inner() const { return nd ? gs[nd - 1] : 0; }
+  int64_t outer() const {
+    int64_t o = 1;
+    for (int d = 0; d + 1 < nd; ++d) o *= size[d];
+    return o;
+  }
+  // offsets of outer index `o` (x, m, grad_m)
+  void offsets(int64_t o, int64_t& xo, int64_t& mo, int64_t& go) const {
+    xo = mo = go = 0;
+    for (int d = nd - 2; d >= 0; --d) {
+      const int64_t i = o % size[d];
+      o /= size[d];
+      xo += i * xs[d];
+      mo += i * ms[d];
+      go += i * gs[d];
+    }
+  }
+};
+
+RowLayout make_layout(const at::Tensor& x, const at::Tensor& m) {
+  const int64_t D = x.dim();
+  TORCH_CHECK(D >= 1 && D <= kMaxDims, "blend: x_a must have 1 to ", kMaxDims, " dimensions");
+  TORCH_CHECK(m.dim() == D, "blend: m must have x_a's rank");
+  RowLayout L;
+  L.n = x.size(0);
+  // contiguous strides of grad_m (m's shape), 0 along broadcast dims
+  std::vector<int64_t> gstr(D, 0);
+  int64_t acc = 1;
+  for (int64_t d = D - 1; d >= 0; --d) {
+    gstr[d] = m.size(d) == 1 ? 0 : acc;
+    acc *= m.size(d);
+  }
+  L.m_row = m.size(0) == 1 ? 0 : m.stride(0);
+  L.g_row = gstr[0];
+  L.gm_numel_row = L.n > 0 ? m.numel() / std::max<int64_t>(m.size(0), 1) : 0;
+  std::vector<int64_t> dims;
+  for (int64_t d = 1; d < D; ++d)
+    if (x.size(d) != 1) dims.push_back(d);
+  std::stable_sort(dims.begin(), dims.end(), [&](int64_t a, int64_t b) { return x.stride(a) > x.stride(b); });
+  L.row = 1;
+  for (int64_t d : dims) L.row *= x.size(d);
+  // coalesce from the innermost dimension outwards
+  std::array<int64_t, kMaxDims> size{}, xs{}, ms{}, gs{};
+  int nd = 0;
+  for (auto it = dims.rbegin(); it != dims.rend(); ++it) {
+    const int64_t d = *it;
+    const int64_t sz = x.size(d), sx = x.stride(d);
+    const int64_t sm = m.size(d) == 1 ? 0 : m.stride(d), sg = gstr[d];
+    if (nd > 0) {
+      const int k = nd - 1;  // the dimension just inside this one
+      if (sx == size[k] * xs[k] && sm == size[k] * ms[k] && sg == size[k] * gs[k]) {
+        size[k] *= sz;
+        continue;
+      }
+    }
+    size[nd] = sz;
+    xs[nd] = sx;
+    ms[nd] = sm;
+    gs[nd] = sg;
+    ++nd;
+  }
+  // reverse into outer -> inner order
+  L.nd = nd;
+  for (int i = 0; i < nd; ++i) {
+    L.size[i] = size[nd - 1 - i];
+    L.xs[i] = xs[nd - 1 - i];
+    L.ms[i] = ms[nd - 1 - i];
+    L.gs[i] = gs[nd - 1 - i];
+  }
+  if (nd == 0) {  // one element per example
+    L.nd = 1;
+    L.size[0] = 1;
+    L.xs[0] = 1;
+    L.ms[0] = 0;
+    L.gs[0] = 0;
+  }
+  TORCH_CHECK(L.xs[L.nd - 1] == 1, "blend: x_a must be contiguous or channels-last");
+  TORCH_CHECK(L.n <= 1 || x.stride(0) == L.row, "blend: x_a must be contiguous or channels-last");
+  return L;
+}
+
+// out = b + m * (a - b) over a run of `len` elements; m constant (ms == 0) or strided.
+template <typename T>
+inline void blend_run(T* out, const T* a, const T* b, const T* m, int64_t ms, int64_t len) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  int64_t i = 0;
+  if (ms == 0) {
+    const T mv = *m;
+    const Vec vm(mv);
+    for (; i + W <= len; i += W) {
+      const Vec va = Vec::loadu(a + i), vb = Vec::loadu(b + i);
+      at::vec::fmadd(vm, va - vb, vb).store(out + i);
+    }
+    for (; i < len; ++i) out[i] = b[i] + mv * (a[i] - b[i]);
+  } else if (ms == 1) {
+    for (; i + W <= len; i += W) {
+      const Vec va = Vec::loadu(a + i), vb = Vec::loadu(b + i), vm = Vec::loadu(m + i);
+      at::vec::fmadd(vm, va - vb, vb).store(out + i);
+    }
+    for (; i < len; ++i) out[i] = b[i] + m[i] * (a[i] - b[i]);
+  } else {
+    for (; i < len; ++i) out[i] = b[i] + m[i * ms] * (a[i] - b[i]);
+  }
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& x_a, const at::Tensor& m, const c10::optional<at::Tensor>& x_b,
+                  const c10::optional<at::Tensor>& perm, at::Tensor& out) {
+  const RowLayout L = make_layout(x_a, m);
+  const T* pa = x_a.const_data_ptr<T>();
+  const T* pb = x_b.has_value() ? x_b->const_data_ptr<T>() : pa;
+  const T* pm = m.const_data_ptr<T>();
+  const int64_t* pp = perm.has_value() ? perm->const_data_ptr<int64_t>() : nullptr;
+  T* po = out.mutable_data_ptr<T>();
+  const int64_t outer = L.outer(), inner = L.inner(), ms = L.m_inner();
+  const int64_t tasks = L.n * outer;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(inner, 1));
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t / outer, o = t % outer;
+      const int64_t j = pp ? pp[i] : i;
+      int64_t xo, mo, go;
+      L.offsets(o, xo, mo, go);
+      blend_run<T>(po + i * L.row + xo, pa + i * L.row + xo, pb + j * L.row + xo, pm + i * L.m_row + mo, ms, inner);
+    }
+  });
+}
+
+at::Tensor cpp_blend_forward(const at::Tensor& x_a, const at::Tensor& m, const c10::optional<at::Tensor>& x_b,
+                             const c10::optional<at::Tensor>& perm) {
+  TORCH_CHECK(x_b.has_value() || perm.has_value(), "blend_forward: give x_b or perm");
+  at::Tensor out = at::empty_like(x_a);
+  if (poison_outputs_flag().load(std::memory_order_relaxed)) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (x_a.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x_a.scalar_type(), "cpp_blend_forward", [&] { forward_impl<scalar_t>(x_a, m, x_b, perm, out); });
+  return out;
+}
+
+// One run of the backward of example i against partner row xb:
+//   gxa = g * m (if gxa), gxb = g - g*m (if gxb), gm += reduce(g * (a - b)) (if gm).
+template <typename T>
+inline void backward_run(const T* g, const T* a, const T* b, const T* m, int64_t ms, T* gxa, T* gxb, T* gm,
+                         int64_t gs, int64_t len) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  int64_t i = 0;
+  if (ms == 0 && gs == 0) {  // m constant along the run: one reduction into *gm
+    const T mv = *m;
+    const Vec vm(mv);
+    Vec acc0(T(0)), acc1(T(0));
+    for (; i + 2 * W <= len; i += 2 * W) {
+      const Vec g0 = Vec::loadu(g + i), g1 = Vec::loadu(g + i + W);
+      if (gxa) {
+        (g0 * vm).store(gxa + i);
+        (g1 * vm).store(gxa + i + W);
+      }
+      if (gxb) {
+        at::vec::fnmadd(g0, vm, g0).store(gxb + i);
+        at::vec::fnmadd(g1, vm, g1).store(gxb + i + W);
+      }
+      if (gm) {
+        acc0 = at::vec::fmadd(g0, Vec::loadu(a + i) - Vec::loadu(b + i), acc0);
+        acc1 = at::vec::fmadd(g1, Vec::loadu(a + i + W) - Vec::loadu(b + i + W), acc1);
+      }
+    }
+    T s = T(0);
+    if (gm) s = at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return x + y; }, acc0 + acc1);
+    for (; i < len; ++i) {
+      if (gxa) gxa[i] = g[i] * mv;
+      if (gxb) gxb[i] = g[i] - g[i] * mv;
+      if (gm) s += g[i] * (a[i] - b[i]);
+    }
+    if (gm) *gm += s;
+  } else if (ms == 1 && gs == 1) {
+    for (; i + W <= len; i += W) {
+      const Vec vg = Vec::loadu(g + i), vm = Vec::loadu(m + i);
+      if (gxa) (vg * vm).store(gxa + i);
+      if (gxb) at::vec::fnmadd(vg, vm, vg).store(gxb + i);
+      if (gm) at::vec::fmadd(vg, Vec::loadu(a + i) - Vec::loadu(b + i), Vec::loadu(gm + i)).store(gm + i);
+    }
+    for (; i < len; ++i) {
+      if (gxa) gxa[i] = g[i] * m[i];
+      if (gxb) gxb[i] = g[i] - g[i] * m[i];
+      if (gm) gm[i] += g[i] * (a[i] - b[i]);
+    }
+  } else {
+    for (; i < len; ++i) {
+      const T mv = m[i * ms];
+      if (gxa) gxa[i] = g[i] * mv;
+      if (gxb) gxb[i] = g[i] - g[i] * mv;
+      if (gm) gm[i * gs] += g[i] * (a[i] - b[i]);
+    }
+  }
+}
+
+// dst += g * (1 - m) over a run
+template <typename T>
+inline void partner_run(T* dst, const T* g, const T* m, int64_t ms, int64_t len) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  int64_t i = 0;
+  if (ms == 0) {
+    const T w = T(1) - *m;
+    const Vec vw(w);
+    for (; i + W <= len; i += W) at::vec::fmadd(Vec::loadu(g + i), vw, Vec::loadu(dst + i)).store(dst + i);
+    for (; i < len; ++i) dst[i] += g[i] * w;
+  } else if (ms == 1) {
+    const Vec one(T(1));
+    for (; i + W <= len; i += W)
+      at::vec::fmadd(Vec::loadu(g + i), one - Vec::loadu(m + i), Vec::loadu(dst + i)).store(dst + i);
+    for (; i < len; ++i) dst[i] += g[i] * (T(1) - m[i]);
+  } else {
+    for (; i < len; ++i) dst[i] += g[i] * (T(1) - m[i * ms]);
+  }
+}
+
+// For each destination row r in [0, rows): the examples n with perm[n] == r (CSR).
+void invert_perm(const int64_t* perm, int64_t n, int64_t rows, std::vector<int64_t>& start,
+                 std::vector<int64_t>& src) {
+  start.assign(rows + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(perm[i] >= 0 && perm[i] < rows, "blend: perm holds ", perm[i], ", out of range for ", rows,
+                " rows");
+    ++start[perm[i] + 1];
+  }
+  for (int64_t r = 0; r < rows; ++r) start[r + 1] += start[r];
+  src.assign(n, 0);
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < n; ++i) src[fill[perm[i]]++] = i;  // increasing n per row: deterministic
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& grad, const at::Tensor& x_a, const at::Tensor& m,
+                   const c10::optional<at::Tensor>& x_b, const c10::optional<at::Tensor>& perm, bool need_xa,
+                   bool need_xb, bool need_m, at::Tensor& gxa_t, at::Tensor& gxb_t, at::Tensor& gm_t) {
+  const RowLayout L = make_layout(x_a, m);
+  const T* pg = grad.const_data_ptr<T>();
+  const T* pa = x_a.const_data_ptr<T>();
+  const T* pb = x_b.has_value() ? x_b->const_data_ptr<T>() : pa;
+  const T* pm = m.const_data_ptr<T>();
+  const int64_t* pp = perm.has_value() ? perm->const_data_ptr<int64_t>() : nullptr;
+  T* gxa = need_xa ? gxa_t.mutable_data_ptr<T>() : nullptr;
+  T* gxb = need_xb ? gxb_t.mutable_data_ptr<T>() : nullptr;
+  T* gm = need_m ? gm_t.mutable_data_ptr<T>() : nullptr;
+  const int64_t outer = L.outer(), inner = L.inner(), ms = L.m_inner(), gs = L.g_inner();
+  const bool self_partner = pp && !x_b.has_value();
+  // direct grad_x_b (no perm): grad * (1 - m) in the same pass
+  const bool direct_xb = need_xb && !pp;
+  std::vector<int64_t> start, src;
+  if (pp && ((self_partner && need_xa) || need_xb)) {
+    const int64_t rows = x_b.has_value() ? x_b->size(0) : L.n;
+    invert_perm(pp, L.n, rows, start, src);
+  }
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(L.row, 1));
+  // pass 1, per example i: grad_x_a[i] = g m (+ partner terms), direct grad_x_b, grad_m[i]
+  if (need_xa || direct_xb || need_m) {
+    at::parallel_for(0, L.n, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t j = pp ? pp[i] : i;
+        T* gm_i = gm ? gm + i * L.g_row : nullptr;
+        if (gm_i) std::fill(gm_i, gm_i + (L.g_row ? L.g_row : L.gm_numel_row), T(0));
+        for (int64_t o = 0; o < outer; ++o) {
+          int64_t xo, mo, go;
+          L.offsets(o, xo, mo, go);
+          const int64_t base = i * L.row + xo;
+          backward_run<T>(pg + base, pa + base, pb + j * L.row + xo, pm + i * L.m_row + mo, ms,
+                          gxa ? gxa + base : nullptr, direct_xb ? gxb + base : nullptr, gm_i ? gm_i + go : nullptr,
+                          gs, inner);
+          if (self_partner && gxa) {  // rows n with perm[n] == i send g[n] (1 - m[n]) here
+            for (int64_t k = start[i]; k < start[i + 1]; ++k) {
+              const int64_t n = src[k];
+              partner_run<T>(gxa + base, pg + n * L.row + xo, pm + n * L.m_row + mo, ms, inner);
+            }
+          }
+        }
+      }
+    });
+  }
+  // pass 2: grad_x_b rows gathered through perm (x_b given with perm)
+  if (need_xb && pp) {
+    const int64_t rows = x_b->size(0);
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        T* dst = gxb + r * L.row;
+        std::fill(dst, dst + L.row, T(0));
+        for (int64_t k = start[r]; k < start[r + 1]; ++k) {
+          const int64_t n = src[k];
+          for (int64_t o = 0; o < outer; ++o) {
+            int64_t xo, mo, go;
+            L.offsets(o, xo, mo, go);
+            partner_run<T>(dst + xo, pg + n * L.row + xo, pm + n * L.m_row + mo, ms, inner);
+          }
+        }
+      }
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_blend_backward(const at::Tensor& grad, const at::Tensor& x_a,
+                                                                  const at::Tensor& m,
+                                                                  const c10::optional<at::Tensor>& x_b,
+                                                                  const c10::optional<at::Tensor>& perm,
+                                                                  std::array<bool, 3> output_mask) {
+  TORCH_CHECK(x_b.has_value() || perm.has_value(), "blend_backward: give x_b or perm");
+  TORCH_CHECK(grad.sizes() == x_a.sizes() && grad.strides() == x_a.strides(),
+              "blend_backward: grad must have x_a's shape and strides");
+  const bool need_xa = output_mask[0], need_xb = output_mask[1] && x_b.has_value(), need_m = output_mask[2];
+  const bool poison = poison_outputs_flag().load(std::memory_order_relaxed);
+  auto fresh = [&](const at::Tensor& like) {
+    at::Tensor t = at::empty_like(like);
+    if (poison) t.fill_(std::numeric_limits<double>::quiet_NaN());
+    return t;
+  };
+  at::Tensor gxa = need_xa ? fresh(x_a) : new_output({0}, x_a.options());
+  at::Tensor gxb = need_xb ? fresh(*x_b) : new_output({0}, x_a.options());
+  at::Tensor gm = need_m ? new_output(m.sizes(), m.options().memory_format(at::MemoryFormat::Contiguous))
+                         : new_output({0}, x_a.options());
+  if (x_a.numel() == 0) {
+    if (need_m) gm.zero_();
+    if (need_xb) gxb.zero_();
+    return {gxa, gxb, gm};
+  }
+  AT_DISPATCH_FLOATING_TYPES(x_a.scalar_type(), "cpp_blend_backward", [&] {
+    backward_impl<scalar_t>(grad, x_a, m, x_b, perm, need_xa, need_xb, need_m, gxa, gxb, gm);
+  });
+  return {gxa, gxb, gm};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(commentaries_ext, m) {
+  m.def("cpp_blend_forward(Tensor x_a, Tensor m, Tensor? x_b, Tensor? perm) -> Tensor");
+  m.def(
+      "cpp_blend_backward(Tensor grad, Tensor x_a, Tensor m, Tensor? x_b, Tensor? perm, bool[3] output_mask) -> "
+      "(Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(commentaries_ext, CPU, m) {
+  m.impl("cpp_blend_forward", &cpp_blend_forward);
+  m.impl("cpp_blend_backward", &cpp_blend_backward);
+}
+
+}  // namespace commentaries_ext
