@@ -395,10 +395,20 @@ def test_batchnorm_train_mode_hvps_agree_and_do_not_touch_running_stats():
         assert torch.equal(v, before[k]), k
 
 
-def test_vector_ops():
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vector_ops(fused, dtype):
+    previous = V.use_fused(fused)
+    try:
+        _check_vector_ops(dtype)
+    finally:
+        V.use_fused(previous)
+
+
+def _check_vector_ops(dtype):
     g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
-    ys = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    xs = [torch.randn(3, 4, generator=g, dtype=dtype), torch.randn(5, generator=g, dtype=dtype)]
+    ys = [torch.randn(3, 4, generator=g, dtype=dtype), torch.randn(5, generator=g, dtype=dtype)]
     fx, fy = flat(xs), flat(ys)
     assert torch.allclose(V.dot(xs, ys), fx @ fy, atol=1e-5)
     assert torch.allclose(V.norm(xs), fx.norm(), atol=1e-5)
@@ -410,6 +420,15 @@ def test_vector_ops():
     d = V.axpy_dot_(yy, 2.0, xs, xs)
     assert torch.allclose(flat(yy), fy + 2 * fx, atol=1e-6)
     assert torch.allclose(d, (fy + 2 * fx) @ fx, atol=1e-4)
+    yy = V.clone(ys)
+    d = V.axpy_dot_(yy, -1.0, xs)
+    assert torch.allclose(d, (fy - fx) @ (fy - fx), atol=1e-4)
+    x0, r0 = V.clone(xs), V.clone(ys)
+    q = [2 * t for t in xs]
+    rr = V.cg_update_(x0, r0, ys, q, 0.5)
+    assert torch.allclose(flat(x0), fx + 0.5 * fy, atol=1e-6)
+    assert torch.allclose(flat(r0), fy - fx, atol=1e-6)
+    assert torch.allclose(rr.to(dtype), (fy - fx) @ (fy - fx), atol=1e-4)
 
 
 def test_power_iteration_on_dense():

@@ -166,8 +166,7 @@ def conjugate_gradient(matvec: Callable, v: list, max_iter: int, tol: float = 1e
                 x = V.clone(v)
             break
         a = rr / dhd
-        V.axpy_(x, a, d)
-        r_new_dot = V.axpy_dot_(r, -a, hd, r)  # r <- r - a Hd ; <r, r>
+        r_new_dot = V.cg_update_(x, r, d, hd, a)  # x <- x + a d ; r <- r - a Hd ; <r, r>
         info["iterations"] = k + 1
         info["residual"] = float(r_new_dot) ** 0.5
         if float(r_new_dot) ** 0.5 <= tol * v_norm:

@@ -13,7 +13,8 @@ Functions
 ``norm(xs) -> Tensor``                    sqrt(dot(xs, xs))
 ``neumann_step_(c, p, h, alpha)``         c <- c - alpha*h ; p <- p + c  (in place)
 ``axpy_(y, a, x)``                        y <- y + a*x          (in place)
-``axpy_dot_(y, a, x, z) -> Tensor``       y <- y + a*x ; returns <y, z>
+``axpy_dot_(y, a, x, z=None) -> Tensor``  y <- y + a*x ; returns <y, z> (z None: <y, y>)
+``cg_update_(x, r, d, q, a) -> Tensor``   x <- x + a*d ; r <- r - a*q ; returns <r, r>
 ``scale(xs, a)``, ``add(xs, ys, alpha)``, ``sub(xs, ys)``, ``clone(xs)``,
 ``zeros_like(xs)``, ``detach(xs)``, ``isfinite(xs)``.
 """
@@ -32,37 +33,43 @@ def _solver_ops():
     global _fused
     if _fused is None:
         try:
-            from ..ops import solver as mod  # type: ignore[attr-defined]
+            from ..ops import solver as mod
 
             _fused = mod
-        except Exception:  # not written yet / failed to build
+        except Exception:  # the compiled/registered ops are unavailable: use the foreach path
             _fused = False
     return _fused or None
 
 
-def _fused_fn(name: str, xs: Vec):
-    """The fused op ``name`` if it exists and supports these tensors, else None."""
+def _supported(*lists) -> bool:
+    """Whether the fused kernels take these lists: contiguous float32/float64 tensors of
+    one dtype and device, no autograd (the solvers run on detached buffers)."""
+    first = lists[0][0] if lists and lists[0] else None
+    if first is None or first.dtype not in (torch.float32, torch.float64) or first.device.type != "cpu":
+        return False
+    for xs in lists:
+        for t in xs:
+            if t.dtype != first.dtype or t.device != first.device or t.requires_grad or not t.is_contiguous():
+                return False
+    return True
+
+
+def _fused_fn(name: str, *lists):
+    """The fused op ``name`` when present and applicable to these lists, else None.
+    (The fallback below is kept for CUDA/half tensors and non-contiguous gradients.)"""
     mod = _solver_ops()
-    if mod is None or not xs:
+    if mod is None or not _supported(*lists):
         return None
-    fn = getattr(mod, name, None)
-    if fn is None:
-        return None
-    t = xs[0]
-    if t.dtype not in (torch.float32, torch.float64) or t.requires_grad:
-        return None
-    return fn
+    return getattr(mod, name, None)
 
 
 def use_fused(on: bool) -> bool:
     """Enable/disable the fused solver ops (tests, benchmarks); returns the previous setting."""
     global _fused
     previous = bool(_solver_ops())
+    _fused = None if on else False
     if on:
-        _fused = None
         _solver_ops()
-    else:
-        _fused = False
     return previous
 
 
@@ -98,29 +105,23 @@ def sub(xs: Vec, ys: Vec) -> list[torch.Tensor]:
 
 
 def dot(xs: Vec, ys: Vec) -> torch.Tensor:
-    fn = _fused_fn("dot", xs)
+    xs, ys = list(xs), list(ys)
+    fn = _fused_fn("dot", xs, ys)
     if fn is not None:
-        try:
-            return fn(list(xs), list(ys))
-        except Exception:
-            pass
+        return fn(xs, ys)
     if len(xs) == 0:
         return torch.zeros(())
-    flat_x = [x.reshape(-1) for x in xs]
-    flat_y = [y.reshape(-1) for y in ys]
-    return torch.stack([torch.dot(a, b) for a, b in zip(flat_x, flat_y)]).sum()
+    return torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(xs, ys)]).sum()
 
 
 def norm(xs: Vec) -> torch.Tensor:
+    xs = list(xs)
     fn = _fused_fn("norm", xs)
     if fn is not None:
-        try:
-            return fn(list(xs))
-        except Exception:
-            pass
+        return fn(xs)
     if len(xs) == 0:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(xs))))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(xs)))
 
 
 def isfinite(xs: Vec) -> bool:
@@ -128,31 +129,40 @@ def isfinite(xs: Vec) -> bool:
 
 
 def axpy_(ys: Vec, a, xs: Vec) -> None:
-    torch._foreach_add_(list(ys), list(xs), alpha=float(a)) if not torch.is_tensor(a) else torch._foreach_add_(
-        list(ys), torch._foreach_mul(list(xs), a)
-    )
+    if torch.is_tensor(a):
+        torch._foreach_add_(list(ys), torch._foreach_mul(list(xs), a))
+    else:
+        torch._foreach_add_(list(ys), list(xs), alpha=float(a))
 
 
-def axpy_dot_(ys: Vec, a, xs: Vec, zs: Vec) -> torch.Tensor:
-    """``y <- y + a x`` in place; returns ``<y, z>``."""
-    fn = _fused_fn("axpy_dot_", ys) or _fused_fn("axpy_dot", ys)
+def axpy_dot_(ys: Vec, a, xs: Vec, zs: Vec | None = None) -> torch.Tensor:
+    """``y <- y + a x`` in place; returns ``<y, z>`` (``z`` None: ``<y, y>``)."""
+    ys, xs = list(ys), list(xs)
+    zl = None if zs is None or zs is ys else list(zs)
+    fn = _fused_fn("axpy_dot_", ys, xs, *([zl] if zl else []))
     if fn is not None:
-        try:
-            return fn(list(ys), float(a), list(xs), list(zs))
-        except Exception:
-            pass
+        return fn(ys, a, xs, zl)
     axpy_(ys, a, xs)
-    return dot(ys, zs)
+    return dot(ys, ys if zl is None else zl)
+
+
+def cg_update_(x: Vec, r: Vec, d: Vec, q: Vec, a) -> torch.Tensor:
+    """``x <- x + a d ; r <- r - a q``; returns ``<r, r>``."""
+    x, r, d, q = list(x), list(r), list(d), list(q)
+    fn = _fused_fn("cg_update_", x, r, d, q)
+    if fn is not None:
+        return fn(x, r, d, q, a)
+    axpy_(x, a, d)
+    axpy_(r, -a, q)
+    return dot(r, r)
 
 
 def neumann_step_(c: Vec, p: Vec, h: Vec, alpha: float) -> None:
     """``c <- c - alpha*h ; p <- p + c`` in place (one fused pass when available)."""
-    fn = _fused_fn("neumann_step_", c) or _fused_fn("neumann_step", c)
+    c, p, h = list(c), list(p), list(h)
+    fn = _fused_fn("neumann_step_", c, p, h)
     if fn is not None:
-        try:
-            fn(list(c), list(p), list(h), float(alpha))
-            return
-        except Exception:
-            pass
-    torch._foreach_add_(list(c), list(h), alpha=-float(alpha))
-    torch._foreach_add_(list(p), list(c))
+        fn(c, p, h, alpha)
+        return
+    torch._foreach_add_(c, h, alpha=-float(alpha))
+    torch._foreach_add_(p, c)
