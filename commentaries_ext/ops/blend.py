@@ -223,7 +223,10 @@ def masked_blend(x_a: Tensor, m: Tensor, x_b: Tensor | None = None, perm: Tensor
             raise ValueError(f"masked_blend: perm must have shape [{n}] (one partner row per example), "
                              f"got {tuple(perm.shape)}")
         perm = perm.to(torch.int64).contiguous()
-        if n > 0:
+        if n > 0 and torch.compiler.is_compiling():  # no data-dependent branch in a traced graph
+            torch._assert_async(((perm >= 0) & (perm < rows)).all(),
+                                f"masked_blend: perm holds a value out of range for {rows} rows")
+        elif n > 0:
             lo, hi = int(perm.min()), int(perm.max())
             if lo < 0 or hi >= rows:
                 bad = lo if lo < 0 else hi
