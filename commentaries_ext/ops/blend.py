@@ -134,7 +134,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x_a, m, x_b, perm)
 
 
-def _backward(ctx, grad):
+def _backward_impl(ctx, grad, backward_kernel):
     x_a, m, x_b, perm = ctx.saved_tensors
     if not ctx.has_x_b:
         x_b = None
@@ -147,14 +147,38 @@ def _backward(ctx, grad):
         # create_graph=True: the backward itself must be differentiable
         gxa, gxb, gm = _reference.blend_backward_differentiable(grad, x_a, m, x_b, perm, needs)
     else:
-        grad = grad.contiguous(memory_format=_memory_format(x_a))
-        if grad.stride() != x_a.stride():  # size-1 dimensions can leave ambiguous strides
-            grad = torch.empty_like(x_a).copy_(grad)
-        gxa, gxb, gm = masked_blend_backward_op(grad, x_a, m, x_b, perm, [bool(v) for v in needs])
+        if grad.stride() != x_a.stride():
+            grad = grad.contiguous(memory_format=_memory_format(x_a))
+            if grad.stride() != x_a.stride():  # size-1 dimensions can leave ambiguous strides
+                grad = torch.empty_like(x_a).copy_(grad)
+        gxa, gxb, gm = backward_kernel(grad, x_a, m, x_b, perm, [bool(v) for v in needs])
     return (gxa if need_xa else None, gm if need_m else None, gxb if need_xb else None, None)
 
 
+def _backward(ctx, grad):
+    return _backward_impl(ctx, grad, masked_blend_backward_op)
+
+
 masked_blend_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerBlend(torch.autograd.Function):
+    """The same forward/backward as the custom op, calling the kernels directly.
+
+    Outside ``torch.compile`` this skips the custom-op layers (Python dispatch,
+    pytree handling), about 50 us per forward+backward; traced code uses
+    :func:`masked_blend_op` so that the graph holds the registered op."""
+
+    @staticmethod
+    def forward(ctx, x_a, m, x_b, perm):
+        ctx.has_x_b = x_b is not None
+        ctx.has_perm = perm is not None
+        ctx.save_for_backward(x_a, m, x_b, perm)
+        return backend.kernel("blend_forward", x_a.device)(x_a, m, x_b, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward_impl(ctx, grad, backend.kernel("blend_backward", grad.device))
 
 
 # ----------------------------------------------------------------- public function
@@ -227,7 +251,7 @@ def masked_blend(x_a: Tensor, m: Tensor, x_b: Tensor | None = None, perm: Tensor
             torch._assert_async(((perm >= 0) & (perm < rows)).all(),
                                 f"masked_blend: perm holds a value out of range for {rows} rows")
         elif n > 0:
-            lo, hi = int(perm.min()), int(perm.max())
+            lo, hi = (int(v) for v in torch.aminmax(perm))
             if lo < 0 or hi >= rows:
                 bad = lo if lo < 0 else hi
                 src = "x_a" if x_b is None else "x_b"
@@ -245,7 +269,9 @@ def masked_blend(x_a: Tensor, m: Tensor, x_b: Tensor | None = None, perm: Tensor
         src = x_a if x_b is None else x_b
         partner = src if perm is None else src.index_select(0, perm)
         return m * x_a + (1 - m) * partner
-    return masked_blend_op(x_a, m, x_b, perm)
+    if torch.compiler.is_compiling():
+        return masked_blend_op(x_a, m, x_b, perm)
+    return _EagerBlend.apply(x_a, m, x_b, perm)
 
 
 __all__ = ["masked_blend", "masked_blend_op", "masked_blend_backward_op", "KERNEL_OPS"]

@@ -127,6 +127,39 @@ RowLayout make_layout(const at::Tensor& x, const at::Tensor& m) {
   return L;
 }
 
+// Order in which to visit the examples. With a gathered partner that is a true
+// permutation of x_a's rows, walking its cycles (i, perm[i], perm[perm[i]], ...)
+// makes every row of x (and of grad) be loaded from memory once: the row read as
+// the partner of i is the own row of the next example, and the grad row sent to
+// i's partner term is the own grad row of the previous one. Otherwise (x_b given,
+// repeats in perm) the identity.
+std::vector<int64_t> visit_order(const int64_t* perm, int64_t n, bool self_partner) {
+  std::vector<int64_t> order(n);
+  bool bijection = self_partner && perm != nullptr;
+  std::vector<char> seen;
+  if (bijection) {
+    seen.assign(n, 0);
+    for (int64_t i = 0; i < n && bijection; ++i) {
+      const int64_t j = perm[i];
+      if (j < 0 || j >= n || seen[j]) bijection = false;
+      else seen[j] = 1;
+    }
+  }
+  if (!bijection) {
+    for (int64_t i = 0; i < n; ++i) order[i] = i;
+    return order;
+  }
+  std::fill(seen.begin(), seen.end(), 0);
+  int64_t q = 0;
+  for (int64_t s = 0; s < n; ++s) {
+    for (int64_t i = s; !seen[i]; i = perm[i]) {
+      seen[i] = 1;
+      order[q++] = i;
+    }
+  }
+  return order;
+}
+
 // out = b + m * (a - b) over a run of `len` elements; m constant (ms == 0) or strided.
 template <typename T>
 inline void blend_run(T* out, const T* a, const T* b, const T* m, int64_t ms, int64_t len) {
@@ -162,15 +195,18 @@ void forward_impl(const at::Tensor& x_a, const at::Tensor& m, const c10::optiona
   const int64_t* pp = perm.has_value() ? perm->const_data_ptr<int64_t>() : nullptr;
   T* po = out.mutable_data_ptr<T>();
   const int64_t outer = L.outer(), inner = L.inner(), ms = L.m_inner();
-  const int64_t tasks = L.n * outer;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(inner, 1));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t i = t / outer, o = t % outer;
+  const std::vector<int64_t> order = visit_order(pp, L.n, pp && !x_b.has_value());
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(L.row, 1));
+  at::parallel_for(0, L.n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t i = order[q];
       const int64_t j = pp ? pp[i] : i;
-      int64_t xo, mo, go;
-      L.offsets(o, xo, mo, go);
-      blend_run<T>(po + i * L.row + xo, pa + i * L.row + xo, pb + j * L.row + xo, pm + i * L.m_row + mo, ms, inner);
+      for (int64_t o = 0; o < outer; ++o) {
+        int64_t xo, mo, go;
+        L.offsets(o, xo, mo, go);
+        blend_run<T>(po + i * L.row + xo, pa + i * L.row + xo, pb + j * L.row + xo, pm + i * L.m_row + mo, ms,
+                     inner);
+      }
     }
   });
 }
@@ -303,8 +339,10 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x_a, const at::Tens
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(L.row, 1));
   // pass 1, per example i: grad_x_a[i] = g m (+ partner terms), direct grad_x_b, grad_m[i]
   if (need_xa || direct_xb || need_m) {
+    const std::vector<int64_t> order = visit_order(pp, L.n, self_partner);
     at::parallel_for(0, L.n, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t i = order[q];
         const int64_t j = pp ? pp[i] : i;
         T* gm_i = gm ? gm + i * L.g_row : nullptr;
         if (gm_i) std::fill(gm_i, gm_i + (L.g_row ? L.g_row : L.gm_numel_row), T(0));
