@@ -45,6 +45,9 @@ class NeumannConfig:
       still diverges, raise :class:`HypergradientDivergenceError`;
     * ``"raise"``: raise :class:`HypergradientDivergenceError` at once;
     * ``"truncate"``: warn and keep the partial sum up to the last non-growing term.
+
+    ``growth_tol=None`` skips the per-term norms (one fused ``neumann_step_`` per
+    term) and checks only that the result is finite.
     """
 
     K: int = 1
@@ -121,9 +124,11 @@ def power_iteration(matvec: Callable, like: list, iters: int = 20, v0: list | No
     return lam, x, used
 
 
-def neumann(matvec: Callable, v: list, K: int, alpha: float, growth_tol: float = 1e-3):
-    """Neumann series; returns ``(p, info)`` with ``p = alpha * sum_j c_j`` (or the
-    partial sum up to the last good term) and ``info['diverged']``."""
+def neumann(matvec: Callable, v: list, K: int, alpha: float, growth_tol: float | None = 1e-3, keep_partial: bool = False):
+    """Neumann series; returns ``(p, info)`` with ``p = alpha * sum_{j<=K} c_j`` and
+    ``info['diverged']``.  With ``growth_tol`` each term's norm comes out of the
+    same fused pass that updates it (``axpy_dot_``); ``keep_partial`` keeps the
+    partial sum before the first bad term (``on_divergence='truncate'``)."""
     c = V.clone(v)
     p = V.clone(v)
     norms = [float(V.norm(c))]
@@ -131,9 +136,12 @@ def neumann(matvec: Callable, v: list, K: int, alpha: float, growth_tol: float =
     good_p = None
     for j in range(K):
         h = matvec(c)
-        prev_p = V.clone(p) if growth_tol is not None else None
-        V.neumann_step_(c, p, h, alpha)
-        nc = float(V.norm(c))
+        if growth_tol is None and not keep_partial:
+            V.neumann_step_(c, p, h, alpha)
+            continue
+        prev_p = V.clone(p) if keep_partial else None
+        nc = max(float(V.axpy_dot_(c, -alpha, h)), 0.0) ** 0.5  # c <- c - alpha h, ||c||^2 in one pass
+        torch._foreach_add_(p, c)
         norms.append(nc)
         if not math.isfinite(nc):
             diverged, reason, good_p = True, f"non-finite term at j={j + 1}", prev_p
@@ -143,8 +151,12 @@ def neumann(matvec: Callable, v: list, K: int, alpha: float, growth_tol: float =
             reason = f"term norm grew from {norms[-2]:.3e} to {nc:.3e} at j={j + 1} (spectral radius of I - alpha H >= 1)"
             good_p = prev_p
             break
-    p = good_p if diverged else p
-    return V.scale(p, alpha), {"diverged": diverged, "reason": reason, "term_norms": norms, "terms_used": len(norms) - 1}
+    if growth_tol is None and not keep_partial and not V.isfinite(p):
+        diverged, reason = True, "non-finite result"
+    if diverged:
+        p = good_p if good_p is not None else p
+    terms = len(norms) - 1 if (growth_tol is not None or keep_partial) else K
+    return V.scale(p, alpha), {"diverged": diverged, "reason": reason, "term_norms": norms, "terms_used": terms}
 
 
 def conjugate_gradient(matvec: Callable, v: list, max_iter: int, tol: float = 1e-10):
@@ -216,7 +228,7 @@ def inverse_hvp(op, v, solver, state: EngineState | None = None, info: dict | No
     alpha = solver.alpha
     if alpha is None:
         alpha = _auto_alpha(op, v, solver, state, info)
-    p, ninfo = neumann(op.matvec, v, solver.K, alpha, solver.growth_tol)
+    p, ninfo = neumann(op.matvec, v, solver.K, alpha, solver.growth_tol, keep_partial=solver.on_divergence == "truncate")
     info.update(solver="neumann", alpha=alpha, damping=op.damping, **ninfo)
     if not ninfo["diverged"]:
         return p, info

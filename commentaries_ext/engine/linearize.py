@@ -140,6 +140,34 @@ class _Traced:
                 env[n] = g1.node_copy(n, lambda a: env[a])
         g1.output(tuple(env[n] if isinstance(n, fx.Node) else n for n in list(g_outs) + boundary))
         self.primal_gm = fx.GraphModule(gm, g1)
+        for m in (self.primal_gm, self.hvp_gm, self.mix_gm):
+            if m is not None:
+                _narrow_outputs(m)
+
+
+_CONV_BWD = torch.ops.aten.convolution_backward.default
+
+
+def _narrow_outputs(gm: fx.GraphModule) -> int:
+    """Turn off unused outputs of multi-output ops (``convolution_backward``'s
+    ``output_mask``) after the split: e.g. the input gradient of the first
+    convolution, which the primal part does not need."""
+    import operator
+
+    changed = 0
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is _CONV_BWD:
+            if any(u.op != "call_function" or u.target is not operator.getitem for u in n.users):
+                continue
+            used = {u.args[1] for u in n.users}
+            mask = list(n.args[10])
+            new = [bool(m) and (i in used) for i, m in enumerate(mask)]
+            if new != mask:
+                n.args = tuple(n.args[:10]) + (new,) + tuple(n.args[11:])
+                changed += 1
+    if changed:
+        gm.recompile()
+    return changed
 
 
 class LinearizedHVP:
