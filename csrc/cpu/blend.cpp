@@ -223,19 +223,24 @@ at::Tensor cpp_blend_forward(const at::Tensor& x_a, const at::Tensor& m, const c
 
 // One run of the backward of example i against partner row xb:
 //   gxa = g * m (if gxa), gxb = g - g*m (if gxb), gm += reduce(g * (a - b)) (if gm).
+// g2/w2: the one partner row sending g2 * w2 (w2 = 1 - m of that row, constant) to
+// gxa, fused into the same pass (only in the m-constant branch; else nullptr).
 template <typename T>
 inline void backward_run(const T* g, const T* a, const T* b, const T* m, int64_t ms, T* gxa, T* gxb, T* gm,
-                         int64_t gs, int64_t len) {
+                         int64_t gs, int64_t len, const T* g2 = nullptr, T w2 = T(0)) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t W = Vec::size();
   int64_t i = 0;
   if (ms == 0 && gs == 0) {  // m constant along the run: one reduction into *gm
     const T mv = *m;
-    const Vec vm(mv);
+    const Vec vm(mv), vw2(w2);
     Vec acc0(T(0)), acc1(T(0));
     for (; i + 2 * W <= len; i += 2 * W) {
       const Vec g0 = Vec::loadu(g + i), g1 = Vec::loadu(g + i + W);
-      if (gxa) {
+      if (gxa && g2) {
+        at::vec::fmadd(Vec::loadu(g2 + i), vw2, g0 * vm).store(gxa + i);
+        at::vec::fmadd(Vec::loadu(g2 + i + W), vw2, g1 * vm).store(gxa + i + W);
+      } else if (gxa) {
         (g0 * vm).store(gxa + i);
         (g1 * vm).store(gxa + i + W);
       }
@@ -251,7 +256,7 @@ inline void backward_run(const T* g, const T* a, const T* b, const T* m, int64_t
     T s = T(0);
     if (gm) s = at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return x + y; }, acc0 + acc1);
     for (; i < len; ++i) {
-      if (gxa) gxa[i] = g[i] * mv;
+      if (gxa) gxa[i] = g[i] * mv + (g2 ? g2[i] * w2 : T(0));
       if (gxb) gxb[i] = g[i] - g[i] * mv;
       if (gm) s += g[i] * (a[i] - b[i]);
     }
@@ -275,6 +280,52 @@ inline void backward_run(const T* g, const T* a, const T* b, const T* m, int64_t
       if (gxb) gxb[i] = g[i] - g[i] * mv;
       if (gm) gm[i * gs] += g[i] * (a[i] - b[i]);
     }
+  }
+}
+
+// Per-pixel mask of an NCHW tensor (m constant over the outer dim, contiguous
+// along the run): blocks of 4 vectors along the run, the outer dim (channels)
+// inside, so grad_m accumulates in registers and m stays in registers, instead of
+// a read-modify-write of grad_m per channel. Optional fused partner row (g2, m2):
+// gxa = g*m + g2*(1 - m2).
+template <typename T>
+void pixel_backward(const T* g, const T* a, const T* b, const T* m, T* gxa, T* gm, const T* g2, const T* m2,
+                    int64_t outer, int64_t ostride, int64_t len) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  constexpr int K = 4;
+  const Vec one(T(1));
+  int64_t k0 = 0;
+  for (; k0 + K * W <= len; k0 += K * W) {
+    Vec mv[K], w2[K], acc[K];
+    for (int v = 0; v < K; ++v) {
+      mv[v] = Vec::loadu(m + k0 + v * W);
+      if (g2) w2[v] = one - Vec::loadu(m2 + k0 + v * W);
+      acc[v] = Vec(T(0));
+    }
+    for (int64_t o = 0; o < outer; ++o) {
+      const int64_t off = o * ostride + k0;
+      for (int v = 0; v < K; ++v) {
+        const Vec gv = Vec::loadu(g + off + v * W);
+        if (gxa) {
+          Vec r = gv * mv[v];
+          if (g2) r = at::vec::fmadd(Vec::loadu(g2 + off + v * W), w2[v], r);
+          r.store(gxa + off + v * W);
+        }
+        if (gm) acc[v] = at::vec::fmadd(gv, Vec::loadu(a + off + v * W) - Vec::loadu(b + off + v * W), acc[v]);
+      }
+    }
+    if (gm)
+      for (int v = 0; v < K; ++v) acc[v].store(gm + k0 + v * W);
+  }
+  for (int64_t k = k0; k < len; ++k) {
+    T acc = T(0);
+    for (int64_t o = 0; o < outer; ++o) {
+      const int64_t off = o * ostride + k;
+      if (gxa) gxa[off] = g[off] * m[k] + (g2 ? g2[off] * (T(1) - m2[k]) : T(0));
+      acc += g[off] * (a[off] - b[off]);
+    }
+    if (gm) gm[k] = acc;
   }
 }
 
@@ -340,20 +391,41 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x_a, const at::Tens
   // pass 1, per example i: grad_x_a[i] = g m (+ partner terms), direct grad_x_b, grad_m[i]
   if (need_xa || direct_xb || need_m) {
     const std::vector<int64_t> order = visit_order(pp, L.n, self_partner);
+    // per pixel of an NCHW tensor: m constant over the one outer dim, contiguous along the run
+    const bool pixel = L.nd == 2 && L.ms[0] == 0 && L.gs[0] == 0 && ms == 1 && gs == 1 && L.xs[0] >= inner;
     at::parallel_for(0, L.n, grain, [&](int64_t begin, int64_t end) {
       for (int64_t q = begin; q < end; ++q) {
         const int64_t i = order[q];
         const int64_t j = pp ? pp[i] : i;
         T* gm_i = gm ? gm + i * L.g_row : nullptr;
+        // exactly one row n with perm[n] == i (a permutation): its partner term is fused
+        const bool one_src = self_partner && gxa && start[i + 1] - start[i] == 1;
+        const int64_t n1 = one_src ? src[start[i]] : 0;
+        if (pixel && !direct_xb) {
+          pixel_backward<T>(pg + i * L.row, pa + i * L.row, pb + j * L.row, pm + i * L.m_row,
+                            gxa ? gxa + i * L.row : nullptr, gm_i, one_src ? pg + n1 * L.row : nullptr,
+                            one_src ? pm + n1 * L.m_row : nullptr, outer, L.xs[0], inner);
+          if (self_partner && gxa && !one_src) {
+            for (int64_t k = start[i]; k < start[i + 1]; ++k) {
+              const int64_t n = src[k];
+              for (int64_t o = 0; o < outer; ++o)
+                partner_run<T>(gxa + i * L.row + o * L.xs[0], pg + n * L.row + o * L.xs[0], pm + n * L.m_row, ms,
+                               inner);
+            }
+          }
+          continue;
+        }
         if (gm_i) std::fill(gm_i, gm_i + (L.g_row ? L.g_row : L.gm_numel_row), T(0));
+        const bool fuse = one_src && ms == 0 && gs == 0;
         for (int64_t o = 0; o < outer; ++o) {
           int64_t xo, mo, go;
           L.offsets(o, xo, mo, go);
           const int64_t base = i * L.row + xo;
           backward_run<T>(pg + base, pa + base, pb + j * L.row + xo, pm + i * L.m_row + mo, ms,
                           gxa ? gxa + base : nullptr, direct_xb ? gxb + base : nullptr, gm_i ? gm_i + go : nullptr,
-                          gs, inner);
-          if (self_partner && gxa) {  // rows n with perm[n] == i send g[n] (1 - m[n]) here
+                          gs, inner, fuse ? pg + n1 * L.row + xo : nullptr,
+                          fuse ? T(1) - pm[n1 * L.m_row + mo] : T(0));
+          if (self_partner && gxa && !fuse) {  // rows n with perm[n] == i send g[n] (1 - m[n]) here
             for (int64_t k = start[i]; k < start[i + 1]; ++k) {
               const int64_t n = src[k];
               partner_run<T>(gxa + base, pg + n * L.row + xo, pm + n * L.m_row + mo, ms, inner);
