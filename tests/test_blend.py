@@ -105,8 +105,9 @@ def test_larger_than_one_vector_and_chunk(bk):
     gen = torch.Generator().manual_seed(2)
     n = 12 if bk != "triton" else 3
     x = torch.randn(n, 3, 17, 19, generator=gen)
-    perm = torch.randint(0, n, (n,), generator=gen)
-    for m in (torch.rand(n, generator=gen), torch.rand(n, 1, 17, 19, generator=gen), torch.rand(n, 3, 1, 1, generator=gen)):
+    perms = (torch.randint(0, n, (n,), generator=gen), torch.randperm(n, generator=gen))  # repeats; a bijection
+    masks = (torch.rand(n, generator=gen), torch.rand(n, 1, 17, 19, generator=gen), torch.rand(n, 3, 1, 1, generator=gen))
+    for perm, m in ((p, m) for p in perms for m in masks):
         g = torch.randn_like(x)
         assert_close_all(run(bk, x, m, None, perm, g), oracle(x, m, None, perm, g), torch.float32)
         xc = x.contiguous(memory_format=torch.channels_last)
