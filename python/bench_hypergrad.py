@@ -172,7 +172,7 @@ def engine_hyper_step(fm, params, phi, train_batch, val_batch, K, lr, hvp):
         return F.cross_entropy(fm(p, b[0]), b[1])
 
     res = implicit_hypergradient(train_loss, val_loss, params, {"phi": phi}, train_batch, val_batch,
-                                 solver=NeumannConfig(K=K, alpha=lr, growth_tol=None), hvp=hvp)
+                                 solver=NeumannConfig(K=K, alpha=lr), hvp=hvp)
     return res.grads["phi"]
 
 

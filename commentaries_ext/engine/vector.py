@@ -55,12 +55,62 @@ def _supported(*lists) -> bool:
 
 
 def _fused_fn(name: str, *lists):
-    """The fused op ``name`` when present and applicable to these lists, else None.
-    (The fallback below is kept for CUDA/half tensors and non-contiguous gradients.)"""
+    """The fused op ``name`` when present, applicable to these lists and not slower
+    than the ``torch._foreach`` path on them (timed once per op and shapes: a
+    kernel regression must not slow the solvers down), else None."""
     mod = _solver_ops()
     if mod is None or not _supported(*lists):
         return None
-    return getattr(mod, name, None)
+    fn = getattr(mod, name, None)
+    if fn is None or not CALIBRATE:
+        return fn
+    key = (name, lists[0][0].dtype, tuple(tuple(t.shape) for t in lists[0]))
+    choice = _choice.get(key)
+    if choice is None:
+        choice = _calibrate(name, fn, lists[0])
+        _choice[key] = choice
+    return fn if choice else None
+
+
+CALIBRATE = True
+_choice: dict = {}
+
+
+def _calibrate(name, fn, like) -> bool:
+    import time
+
+    a = [torch.zeros_like(t) for t in like]
+    b = [torch.zeros_like(t) for t in like]
+    c = [torch.zeros_like(t) for t in like]
+    d = [torch.zeros_like(t) for t in like]
+    calls = {
+        "neumann_step_": (lambda: fn(a, b, c, 0.5), lambda: (torch._foreach_add_(a, c, alpha=-0.5), torch._foreach_add_(b, a))),
+        "axpy_dot_": (lambda: fn(a, 0.5, b, c), lambda: (torch._foreach_add_(a, b, alpha=0.5), _dot_foreach(a, c))),
+        "cg_update_": (lambda: fn(a, b, c, d, 0.5), lambda: (torch._foreach_add_(a, c, alpha=0.5), torch._foreach_add_(b, d, alpha=-0.5), _dot_foreach(b, b))),
+        "dot": (lambda: fn(a, b), lambda: _dot_foreach(a, b)),
+        "norm": (lambda: fn(a), lambda: _dot_foreach(a, a)),
+    }
+    if name not in calls:
+        return True
+    fused, plain = calls[name]
+
+    def best(f):
+        f()
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    try:
+        return best(fused) <= 1.5 * best(plain)
+    except Exception:
+        return False
+
+
+def _dot_foreach(xs, ys):
+    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys)]).sum()
 
 
 def use_fused(on: bool) -> bool:
@@ -68,6 +118,7 @@ def use_fused(on: bool) -> bool:
     global _fused
     previous = bool(_solver_ops())
     _fused = None if on else False
+    _choice.clear()
     if on:
         _solver_ops()
     return previous
