@@ -17,5 +17,5 @@ except ImportError:  # pragma: no cover - triton is optional
 
 if AVAILABLE:
     from . import cross_entropy  # noqa: F401
-    # from . import blend  # noqa: F401
-    # from . import solver  # noqa: F401
+    from . import blend  # noqa: F401
+    from . import solver  # noqa: F401

@@ -1,0 +1,208 @@
+"""Triton kernels of masked blending (``blend_forward``, ``blend_backward``).
+
+Contract: ``commentaries_ext/ops/blend.py``.  A row of ``x_a`` (contiguous or
+channels-last) is one dense block of ``F`` elements in memory order; programs
+are (row, block of that row).  The mask ``m`` (any strides, broadcast dims) is
+addressed through up to three coalesced trailing dimensions in ``x_a``'s memory
+order.  The partner row is ``perm[n]`` of ``x_b`` (or ``x_a``), gathered in the
+kernel, never materialised.  The scattered gradients (``perm``, repeats
+accumulate) are gathered instead of scattered: a CSR inverse of ``perm`` (built
+on the device, no host sync) lists the source rows of each output row, so the
+result is deterministic and needs no atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import backend
+from ._common import acc_dtype, num_warps_for, tl_acc
+
+BLOCK = 1024
+
+
+def _m_layout(x_a: torch.Tensor, m: torch.Tensor):
+    """(msn, [(size, m_stride)] * 3) over x_a's trailing dims in memory order, or None if > 3 dims."""
+    shape = x_a.shape
+    me = m.expand(shape)
+    dims = sorted(range(1, x_a.dim()), key=lambda d: -x_a.stride(d))
+    dims = [d for d in dims if shape[d] != 1]
+    merged: list[list[int]] = []
+    for d in dims:
+        size, st = shape[d], me.stride(d)
+        if merged and merged[-1][1] == st * size:
+            merged[-1] = [merged[-1][0] * size, st]
+        else:
+            merged.append([size, st])
+    if len(merged) > 3:
+        return None
+    while len(merged) < 3:
+        merged.insert(0, [1, 0])
+    return me.stride(0), merged
+
+
+@triton.jit
+def _m_offsets(k, MS1, MS2, MS3, S2, S3):
+    i3 = k % S3
+    r = k // S3
+    i2 = r % S2
+    i1 = r // S2
+    return i1.to(tl.int64) * MS1 + i2.to(tl.int64) * MS2 + i3.to(tl.int64) * MS3
+
+
+@triton.jit
+def _blend_fwd_kernel(XA, XB, M, PERM, OUT, F, sxa, sxb, msn, MS1, MS2, MS3, S2, S3,
+                      HAS_PERM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    n = tl.program_id(0)
+    k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = k < F
+    n64 = n.to(tl.int64)
+    if HAS_PERM:
+        src = tl.load(PERM + n64)
+    else:
+        src = n64
+    xa = tl.load(XA + n64 * sxa + k, mask=mask, other=0.0).to(ACC)
+    xb = tl.load(XB + src * sxb + k, mask=mask, other=0.0).to(ACC)
+    mv = tl.load(M + n64 * msn + _m_offsets(k, MS1, MS2, MS3, S2, S3), mask=mask, other=0.0).to(ACC)
+    out = xb + mv * (xa - xb)
+    tl.store(OUT + n64 * sxa + k, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _blend_bwd_kernel(G, XA, XB, M, PERM, GXA, GXB, PROD, F, sxa, sxb, msn, MS1, MS2, MS3, S2, S3,
+                      HAS_PERM: tl.constexpr, WANT_GXA: tl.constexpr, WANT_GXB: tl.constexpr,
+                      WANT_PROD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Elementwise part: grad*m (no scatter), grad*(1-m) (x_b without perm), grad*(x_a-xb)."""
+    n = tl.program_id(0)
+    k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = k < F
+    n64 = n.to(tl.int64)
+    g = tl.load(G + n64 * sxa + k, mask=mask, other=0.0).to(ACC)
+    mv = tl.load(M + n64 * msn + _m_offsets(k, MS1, MS2, MS3, S2, S3), mask=mask, other=0.0).to(ACC)
+    if WANT_GXA:
+        tl.store(GXA + n64 * sxa + k, (g * mv).to(GXA.dtype.element_ty), mask=mask)
+    if WANT_GXB:
+        tl.store(GXB + n64 * sxb + k, (g * (1.0 - mv)).to(GXB.dtype.element_ty), mask=mask)
+    if WANT_PROD:
+        if HAS_PERM:
+            src = tl.load(PERM + n64)
+        else:
+            src = n64
+        xa = tl.load(XA + n64 * sxa + k, mask=mask, other=0.0).to(ACC)
+        xb = tl.load(XB + src * sxb + k, mask=mask, other=0.0).to(ACC)
+        tl.store(PROD + n64 * F + k, g * (xa - xb), mask=mask)
+
+
+@triton.jit
+def _blend_gather_kernel(G, M, OUT, ORDER, OFFS, F, sg, sout, msn, MS1, MS2, MS3, S2, S3,
+                         SELF: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = (SELF: g[i]*m[i]) + sum_{n: perm[n] = i} g[n]*(1-m[n]); sources from the CSR inverse."""
+    i = tl.program_id(0)
+    k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = k < F
+    i64 = i.to(tl.int64)
+    moff = _m_offsets(k, MS1, MS2, MS3, S2, S3)
+    acc = tl.zeros([BLOCK], ACC)
+    if SELF:
+        g = tl.load(G + i64 * sg + k, mask=mask, other=0.0).to(ACC)
+        mv = tl.load(M + i64 * msn + moff, mask=mask, other=0.0).to(ACC)
+        acc += g * mv
+    start = tl.load(OFFS + i64)
+    end = tl.load(OFFS + i64 + 1)
+    for j in range(start, end):
+        n = tl.load(ORDER + j)
+        g = tl.load(G + n * sg + k, mask=mask, other=0.0).to(ACC)
+        mv = tl.load(M + n * msn + moff, mask=mask, other=0.0).to(ACC)
+        acc += g * (1.0 - mv)
+    tl.store(OUT + i64 * sout + k, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _layout_or_materialise(x_a, m):
+    lay = _m_layout(x_a, m)
+    if lay is None:  # more than three non-mergeable trailing dims: expand m like x_a
+        m = torch.empty_like(x_a).copy_(m.expand(x_a.shape))
+        lay = _m_layout(x_a, m)
+    msn, ((_, ms1), (s2, ms2), (s3, ms3)) = lay
+    return m, (msn, ms1, ms2, ms3, s2, s3)
+
+
+def blend_forward(x_a: torch.Tensor, m: torch.Tensor, x_b: torch.Tensor | None, perm: torch.Tensor | None):
+    out = torch.empty_like(x_a)
+    if backend._poison:
+        out.fill_(float("nan"))
+    n = x_a.shape[0]
+    f = x_a.numel() // n if n else 0
+    if n == 0 or f == 0:
+        return out
+    m, margs = _layout_or_materialise(x_a, m)
+    xb = x_a if x_b is None else x_b
+    grid = (n, triton.cdiv(f, BLOCK))
+    _blend_fwd_kernel[grid](x_a, xb, m, perm if perm is not None else x_a, out, f, x_a.stride(0), xb.stride(0),
+                            *margs, HAS_PERM=perm is not None, ACC=tl_acc(x_a.dtype), BLOCK=BLOCK,
+                            num_warps=num_warps_for(BLOCK))
+    return out
+
+
+def _csr(perm: torch.Tensor, rows: int):
+    order = torch.argsort(perm, stable=True)
+    offs = torch.searchsorted(perm[order], torch.arange(rows + 1, device=perm.device, dtype=perm.dtype))
+    return order, offs
+
+
+def blend_backward(grad: torch.Tensor, x_a: torch.Tensor, m: torch.Tensor, x_b: torch.Tensor | None,
+                   perm: torch.Tensor | None, output_mask: list[bool]):
+    n = x_a.shape[0]
+    f = x_a.numel() // n if n else 0
+    want_xa, want_xb, want_m = bool(output_mask[0]), bool(output_mask[1]) and x_b is not None, bool(output_mask[2])
+
+    def poisoned_like(t):
+        o = torch.empty_like(t)
+        if backend._poison:
+            o.fill_(float("nan"))
+        return o
+
+    gxa = poisoned_like(x_a) if want_xa else x_a.new_empty(0)
+    gxb = poisoned_like(x_b) if want_xb else x_a.new_empty(0)
+    gm = backend.new_output(m.shape, like=m) if want_m else x_a.new_empty(0)
+    if n == 0 or f == 0:
+        if want_xb:
+            gxb.zero_()
+        if want_m:
+            gm.zero_()
+        return gxa, gxb, gm
+    m_orig = m
+    m, margs = _layout_or_materialise(x_a, m)
+    acc = acc_dtype(x_a.dtype)
+    ACC = tl_acc(x_a.dtype)
+    xb_src = x_a if x_b is None else x_b
+    scatter_xa = want_xa and perm is not None and x_b is None
+    scatter_xb = want_xb and perm is not None
+    ew_xa = want_xa and not scatter_xa
+    ew_xb = want_xb and not scatter_xb
+    full_m = all(m_orig.shape[d] == x_a.shape[d] for d in range(x_a.dim()))
+    prod = torch.empty((n, f), dtype=acc, device=x_a.device) if want_m else x_a.new_empty(0, dtype=acc)
+    grid = (n, triton.cdiv(f, BLOCK))
+    if ew_xa or ew_xb or want_m:
+        _blend_bwd_kernel[grid](grad, x_a, xb_src, m, perm if perm is not None else x_a, gxa if ew_xa else grad,
+                                gxb if ew_xb else grad, prod, f, x_a.stride(0), xb_src.stride(0), *margs,
+                                HAS_PERM=perm is not None, WANT_GXA=ew_xa, WANT_GXB=ew_xb, WANT_PROD=want_m,
+                                ACC=ACC, BLOCK=BLOCK, num_warps=num_warps_for(BLOCK))
+    if scatter_xa or scatter_xb:
+        rows = n if x_b is None else x_b.shape[0]
+        order, offs = _csr(perm, rows)
+        out = gxa if scatter_xa else gxb
+        _blend_gather_kernel[(rows, triton.cdiv(f, BLOCK))](
+            grad, m, out, order, offs, f, grad.stride(0), out.stride(0), *margs, SELF=scatter_xa, ACC=ACC,
+            BLOCK=BLOCK, num_warps=num_warps_for(BLOCK))
+    if want_m:
+        # prod is in x_a's memory order; view it with x_a's logical shape, reduce over m's size-1 dims
+        p = prod.view(-1).as_strided(x_a.shape, [s if d else f for d, s in enumerate(x_a.stride())])
+        dims = [d for d in range(x_a.dim()) if m_orig.shape[d] == 1 and x_a.shape[d] != 1]
+        red = p if full_m or not dims else p.sum(dim=dims, keepdim=True)
+        gm.copy_(red.reshape(m_orig.shape))
+    return gxa, gxb, gm
+
+
+backend.register("triton", "blend_forward", blend_forward)
+backend.register("triton", "blend_backward", blend_backward)

@@ -1,0 +1,186 @@
+"""Triton kernels of the fused solver updates over lists of tensors.
+
+Contract: ``commentaries_ext/ops/solver.py``.  Multi-tensor apply: one launch
+covers every tensor of the lists without concatenating them.  A small device
+table holds the data pointers of each list and, per program, the tensor it
+works on and the start of its block; the program casts the pointer back
+(``int64 -> pointer``).  The table is cached per set of buffers (a solver
+reuses the same buffers every iteration), so a step costs one launch (plus
+one for the final sum of the per-block dot partials).  Dot products: one
+float32 (float64 for float64 data) partial per block, summed in float64.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import backend
+from ._common import acc_dtype, tl_acc
+
+BLOCK = 2048
+_CACHE_SIZE = 16
+_tables: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _table(lists: list[list[torch.Tensor]]):
+    """(pointers [len(lists), T] int64, tensor index per block, block start, numel per tensor, n_blocks)."""
+    key = tuple((t.data_ptr(), t.numel()) for ts in lists for t in ts) + (len(lists), str(lists[0][0].device))
+    hit = _tables.get(key)
+    if hit is not None:
+        _tables.move_to_end(key)
+        return hit
+    first = lists[0]
+    dev = first[0].device
+    numels = [t.numel() for t in first]
+    nblocks = [triton.cdiv(k, BLOCK) for k in numels]
+    ptrs = torch.tensor([[t.data_ptr() for t in ts] for ts in lists], dtype=torch.int64)
+    tidx = torch.repeat_interleave(torch.arange(len(first), dtype=torch.int32), torch.tensor(nblocks))
+    starts = torch.cat([torch.arange(b, dtype=torch.int64) * BLOCK for b in nblocks])
+    host = (ptrs, tidx, starts, torch.tensor(numels, dtype=torch.int64))
+    if dev.type != "cpu":
+        host = tuple(h.pin_memory().to(dev, non_blocking=True) for h in host)
+    entry = (*host, int(sum(nblocks)))
+    _tables[key] = entry
+    if len(_tables) > _CACHE_SIZE:
+        _tables.popitem(last=False)
+    return entry
+
+
+@triton.jit
+def _locate(PTRS, TIDX, STARTS, NUMELS, T, which, DT: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(TIDX + pid)
+    start = tl.load(STARTS + pid)
+    numel = tl.load(NUMELS + t)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < numel
+    return t, offs, mask
+
+
+@triton.jit
+def _ptr(PTRS, T, which, t, DT: tl.constexpr):
+    return tl.load(PTRS + which * T + t).to(tl.pointer_type(DT))
+
+
+@triton.jit
+def _neumann_kernel(PTRS, TIDX, STARTS, NUMELS, T, ALPHA, DT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    t, offs, mask = _locate(PTRS, TIDX, STARTS, NUMELS, T, 0, DT, BLOCK)
+    c_ptr = _ptr(PTRS, T, 0, t, DT)
+    p_ptr = _ptr(PTRS, T, 1, t, DT)
+    h_ptr = _ptr(PTRS, T, 2, t, DT)
+    a = tl.load(ALPHA).to(ACC)
+    c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(ACC)
+    h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(ACC)
+    c = c - a * h
+    c_st = c.to(DT)
+    tl.store(c_ptr + offs, c_st, mask=mask)
+    tl.store(p_ptr + offs, (p + c_st.to(ACC)).to(DT), mask=mask)
+
+
+@triton.jit
+def _axpy_dot_kernel(PTRS, TIDX, STARTS, NUMELS, T, A, PART, HAS_Z: tl.constexpr, DT: tl.constexpr,
+                     ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """y += a*x (lists 0, 1); partial <y, z> (list 2, or y)."""
+    t, offs, mask = _locate(PTRS, TIDX, STARTS, NUMELS, T, 0, DT, BLOCK)
+    y_ptr = _ptr(PTRS, T, 0, t, DT)
+    x_ptr = _ptr(PTRS, T, 1, t, DT)
+    a = tl.load(A).to(ACC)
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    y_st = (y + a * x).to(DT)
+    tl.store(y_ptr + offs, y_st, mask=mask)
+    y = y_st.to(ACC)
+    if HAS_Z:
+        z = tl.load(_ptr(PTRS, T, 2, t, DT) + offs, mask=mask, other=0.0).to(ACC)
+    else:
+        z = y
+    tl.store(PART + tl.program_id(0), tl.sum(tl.where(mask, y * z, 0.0), axis=0))
+
+
+@triton.jit
+def _cg_kernel(PTRS, TIDX, STARTS, NUMELS, T, A, PART, DT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """x += a*d ; r -= a*q (lists x, r, d, q); partial <r, r>."""
+    t, offs, mask = _locate(PTRS, TIDX, STARTS, NUMELS, T, 0, DT, BLOCK)
+    x_ptr = _ptr(PTRS, T, 0, t, DT)
+    r_ptr = _ptr(PTRS, T, 1, t, DT)
+    d_ptr = _ptr(PTRS, T, 2, t, DT)
+    q_ptr = _ptr(PTRS, T, 3, t, DT)
+    a = tl.load(A).to(ACC)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(x_ptr + offs, (x + a * d).to(DT), mask=mask)
+    r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(ACC)
+    q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(ACC)
+    r_st = (r - a * q).to(DT)
+    tl.store(r_ptr + offs, r_st, mask=mask)
+    r = r_st.to(ACC)
+    tl.store(PART + tl.program_id(0), tl.sum(tl.where(mask, r * r, 0.0), axis=0))
+
+
+@triton.jit
+def _dot_kernel(PTRS, TIDX, STARTS, NUMELS, T, PART, HAS_Y: tl.constexpr, DT: tl.constexpr, ACC: tl.constexpr,
+                BLOCK: tl.constexpr):
+    t, offs, mask = _locate(PTRS, TIDX, STARTS, NUMELS, T, 0, DT, BLOCK)
+    x = tl.load(_ptr(PTRS, T, 0, t, DT) + offs, mask=mask, other=0.0).to(ACC)
+    if HAS_Y:
+        y = tl.load(_ptr(PTRS, T, 1, t, DT) + offs, mask=mask, other=0.0).to(ACC)
+    else:
+        y = x
+    tl.store(PART + tl.program_id(0), tl.sum(tl.where(mask, x * y, 0.0), axis=0))
+
+
+def _meta(lists):
+    ptrs, tidx, starts, numels, nblocks = _table(lists)
+    dt = lists[0][0].dtype
+    return (ptrs, tidx, starts, numels, len(lists[0])), nblocks, _TL[dt], tl_acc(dt), acc_dtype(dt)
+
+
+def _finish(part: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    return part.sum(dtype=torch.float64).to(acc)
+
+
+def neumann_step(c, p, h, alpha) -> None:
+    args, nb, dt, ACC, _ = _meta([c, p, h])
+    if nb:
+        _neumann_kernel[(nb,)](*args, alpha, DT=dt, ACC=ACC, BLOCK=BLOCK, num_warps=4)
+
+
+def axpy_dot(y, a, x, z):
+    lists = [y, x] + ([z] if len(z) else [])
+    args, nb, dt, ACC, acc = _meta(lists)
+    part = torch.empty(max(nb, 1), dtype=acc, device=y[0].device)
+    if nb == 0:
+        return part.zero_()[0]
+    _axpy_dot_kernel[(nb,)](*args, a, part, HAS_Z=len(z) > 0, DT=dt, ACC=ACC, BLOCK=BLOCK, num_warps=4)
+    return _finish(part, acc)
+
+
+def cg_update(x, r, d, q, a):
+    args, nb, dt, ACC, acc = _meta([x, r, d, q])
+    part = torch.empty(max(nb, 1), dtype=acc, device=x[0].device)
+    if nb == 0:
+        return part.zero_()[0]
+    _cg_kernel[(nb,)](*args, a, part, DT=dt, ACC=ACC, BLOCK=BLOCK, num_warps=4)
+    return _finish(part, acc)
+
+
+def multi_dot(x, y):
+    lists = [x] + ([y] if len(y) else [])
+    args, nb, dt, ACC, acc = _meta(lists)
+    part = torch.empty(max(nb, 1), dtype=acc, device=x[0].device)
+    if nb == 0:
+        return part.zero_()[0]
+    _dot_kernel[(nb,)](*args, part, HAS_Y=len(y) > 0, DT=dt, ACC=ACC, BLOCK=BLOCK, num_warps=4)
+    return _finish(part, acc)
+
+
+backend.register("triton", "neumann_step", neumann_step)
+backend.register("triton", "axpy_dot", axpy_dot)
+backend.register("triton", "cg_update", cg_update)
+backend.register("triton", "multi_dot", multi_dot)
