@@ -11,3 +11,7 @@ autograd registrations included) and picks a backend per call through
 """
 from . import blend  # noqa: E402,F401
 from . import solver  # noqa: E402,F401
+try:  # Triton kernels of every family (backend "triton"); optional
+    from .. import triton_kernels  # noqa: E402,F401
+except Exception:  # pragma: no cover - triton missing or broken
+    pass
