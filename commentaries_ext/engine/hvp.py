@@ -22,7 +22,8 @@ HVP modes (``hvp=``):
   tangent computation.  BatchNorm in training mode works because
   ``FunctionalModule`` never mutates running statistics during these calls.
 * ``"auto"``                 -- ``forward_over_reverse`` (linearised) when the
-  loss traces, else ``double_backward``.
+  loss traces and more than ``AUTO_MIN_PRODUCTS`` products are expected, else
+  ``double_backward``.
 
 Curvature: ``"hessian"`` or ``"gauss_newton"`` (``J^T H_l J``, positive
 semi-definite; needs a :class:`SplitLoss` so that the model output and the loss
@@ -43,6 +44,7 @@ from . import vector as V
 
 _LINEARIZE_DEFAULT = True  # hvp='auto' -> linearised forward-over-reverse (see linearize.py)
 
+AUTO_MIN_PRODUCTS = 2  # hvp="auto": double backward up to this many products (measured, BENCHMARKS.md)
 _AUTO_BROKEN: set = set()  # losses whose trace failed: 'auto' uses double backward for them
 
 
@@ -315,7 +317,13 @@ def make_operator(
     hvp: str = "auto",
     damping: float = 0.0,
     linearize: bool = True,
+    expected_products: int | None = None,
 ):
+    """The curvature operator; ``expected_products`` (how many ``matvec`` calls will
+    follow, if known) lets ``hvp="auto"`` pick double backward for one or two
+    products, where building its graph (~one gradient) is cheaper than the
+    linearised primal pass (~two gradients), and the linearised
+    forward-over-reverse HVP otherwise (each product ~0.6x a double-backward one)."""
     params, hparams = dict(params), dict(hparams)
     if curvature == "gauss_newton":
         return GaussNewton(loss, params, hparams, batch, damping)
@@ -326,6 +334,7 @@ def make_operator(
     requested = hvp
     if hvp == "auto":
         ok = linearize and _LINEARIZE_DEFAULT and _code_of(loss) not in _AUTO_BROKEN
+        ok = ok and (expected_products is None or expected_products > AUTO_MIN_PRODUCTS)
         hvp = "forward_over_reverse" if ok else "double_backward"
     if hvp == "double_backward":
         return DoubleBackwardHessian(loss, params, hparams, batch, damping)

@@ -320,8 +320,9 @@ def implicit_hypergradient(
     else:
         Lv, direct = torch.tensor(float("nan")), [torch.zeros_like(t) for t in hparams.values()]
     damping = solver.damping
+    expected = solver.K if isinstance(solver, NeumannConfig) and solver.alpha is not None else None
     op = make_operator(train_loss, params, hparams, train_batch, curvature=curvature, hvp=hvp, damping=damping,
-                       linearize=linearize)
+                       linearize=linearize, expected_products=expected)
     info["hvp"] = type(op).__name__
     p, info = inverse_hvp(op, v, solver, state, info)
     state.calls += 1
