@@ -228,3 +228,24 @@ def test_cuda_matches_reference(dtype):
             torch.testing.assert_close(a.float(), b.float(), rtol=t, atol=t)
         for a, b in ((r1, q1), (r2, q2), (r3, q3)):
             torch.testing.assert_close(a.double().cpu(), b.double().cpu(), rtol=t, atol=t)
+
+
+def test_compile_uses_the_registered_ops():
+    c, p, h = [torch.ones(5), torch.ones(3)], [torch.zeros(5), torch.zeros(3)], [torch.ones(5), torch.ones(3)]
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(c, p, h):
+        S.neumann_step_(c, p, h, 0.5)
+        return S.dot(c, p)
+
+    r = step(c, p, h)
+    torch.testing.assert_close(c[0], torch.full((5,), 0.5))
+    torch.testing.assert_close(p[1], torch.full((3,), 0.5))
+    torch.testing.assert_close(float(r), 8 * 0.25)
+
+
+def test_version_counters_bumped():
+    c, p, h = [torch.zeros(3)], [torch.zeros(3)], [torch.ones(3)]
+    v = (c[0]._version, p[0]._version)
+    S.neumann_step_(c, p, h, 0.1)
+    assert c[0]._version > v[0] and p[0]._version > v[1]
