@@ -12,8 +12,36 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils import cpp_extension
+
+def _set_cuda_home() -> None:
+    # torch.utils.cpp_extension fixes CUDA_HOME when it is imported, from the
+    # nvcc on PATH. When that nvcc is a wrapper script (e.g. /usr/local/bin/nvcc
+    # exec'ing /usr/local/cuda-13.0/bin/nvcc) its parent is no CUDA toolkit, so
+    # point CUDA_HOME at the toolkit that has the headers and libraries.
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        candidates.append(Path(os.path.realpath(nvcc)).parent.parent)
+        try:  # a wrapper script names the real nvcc
+            text = Path(nvcc).read_text(errors="ignore")[:4096]
+        except OSError:
+            text = ""
+        for word in text.split():
+            if word.endswith("/bin/nvcc"):
+                candidates.append(Path(word).parent.parent)
+    candidates.append(Path("/usr/local/cuda"))
+    for home in candidates:
+        if (home / "include" / "cuda_runtime.h").exists() and (home / "bin" / "nvcc").exists():
+            os.environ["CUDA_HOME"] = str(home)
+            return
+
+
+_set_cuda_home()
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = Path(__file__).parent
 CONFIG = json.loads((ROOT / "csrc" / "build.json").read_text())
