@@ -33,6 +33,7 @@ from .commentary.base import (
     call_commentary,
     check_batch,
     commentary_loss,
+    plain_ops,
     validation_loss,
 )
 from .wrapper import CommentaryOptimizer
@@ -141,7 +142,8 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
         def loss_fn(params, buffers, hp, batch):
             prep = call_commentary(commentary, hp, batch)
             out, new_buffers = fm.call_update(params, buffers, prep.x)
-            return commentary_loss(out, prep), new_buffers
+            with plain_ops():  # the unroll differentiates the loss twice: plain PyTorch cross-entropy
+                return commentary_loss(out, prep), new_buffers
 
         res = unroll(loss_fn, params0, opt, batches, hparams=hparams, buffers=buffers0, truncate=truncate,
                      checkpoint=checkpoint)

@@ -219,3 +219,58 @@ def test_weighting_network_ranks_mislabelled_examples_low(algorithm):
     # IFT ranks every flipped example below every clean one; BPTT (same initial student
     # every outer step, 15 inner steps) settles on down-weighting the flips of one class only
     assert ranked_below > (0.9 if algorithm == "ift" else 0.45)
+
+
+class _FakeCE:
+    """Stands in for commentaries_ext.ops.cross_entropy (same public signatures)."""
+
+    def __init__(self, broken=False):
+        self.calls, self.broken = 0, broken
+
+    def weighted_cross_entropy(self, logits, target, weight, reduction="mean"):
+        from commentaries_ext.commentary.base import _plain_ce
+
+        self.calls += 1
+        l = _plain_ce(logits, target) * (2.0 if self.broken else 1.0)
+        l = l if weight is None else weight * l
+        return {"sum": l.sum(), "mean": l.mean(), "none": l}[reduction]
+
+    def blended_cross_entropy(self, logits, target_a, target_b, lam, reduction="mean"):
+        from commentaries_ext.commentary.base import _plain_ce
+
+        self.calls += 1
+        l = _plain_ce(logits, target_a, target_b, lam)
+        return {"sum": l.sum(), "mean": l.mean(), "none": l}[reduction]
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "normalized"])
+def test_fused_cross_entropy_path(monkeypatch, reduction):
+    from commentaries_ext.commentary import Blending, base, plain_ops
+
+    fake = _FakeCE()
+    base._self_check(fake)
+    monkeypatch.setitem(base._CE_STATE, "mod", fake)
+    c = TabularWeighting(8, reduction=reduction)
+    with torch.no_grad():
+        c.logits.normal_()
+    b = c.prepare(torch.randn(8, 3), torch.randint(0, 4, (8,)), index=torch.arange(8))
+    logits = torch.randn(8, 4, dtype=torch.float64)
+    fused = commentary_loss(logits, c(b))
+    assert fake.calls == 1
+    with plain_ops():
+        plain = commentary_loss(logits, c(b))
+    assert fake.calls == 1
+    torch.testing.assert_close(fused, plain)
+    bl = Blending(4)
+    pb = bl(bl.prepare(torch.randn(8, 3), b["y"]))
+    fused = commentary_loss(logits, pb)
+    assert fake.calls == 2
+    with plain_ops():
+        torch.testing.assert_close(fused, commentary_loss(logits, pb))
+
+
+def test_fused_cross_entropy_failing_self_check_is_disabled(monkeypatch):
+    from commentaries_ext.commentary import base
+
+    with pytest.raises(AssertionError):
+        base._self_check(_FakeCE(broken=True))

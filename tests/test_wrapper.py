@@ -127,7 +127,8 @@ def test_amp_autocast_and_grad_scaler():
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
     com = ExampleWeighting.reference((1, 4, 4), 3, reduction="mean")
-    teacher = CommentaryOptimizer(opt, model, com, val_loader=[(x, y)], hyper_every=2, scaler=scaler)
+    teacher = CommentaryOptimizer(opt, model, com, val_loader=[(x, y)], hyper_every=2, scaler=scaler,
+                                  hvp="forward_over_reverse")
     before = [p.detach().clone() for p in com.parameters()]
     for xb, yb, _ in _batches(x, y):
         teacher.zero_grad()

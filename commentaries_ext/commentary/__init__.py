@@ -23,6 +23,8 @@ from .base import (  # noqa: F401
     check_batch,
     commentary_loss,
     per_example_ce,
+    plain_blend,
+    plain_ops,
     reduce_loss,
     train_loss_fn,
     val_loss_fn,
@@ -43,6 +45,6 @@ KINDS = {
 __all__ = [
     "AttentionMask", "BatchError", "Blending", "Commentary", "ExampleWeighting", "KINDS", "NonFiniteError",
     "Prepared", "SmallUNet", "TabularWeighting", "TeacherNet", "blend", "check_batch", "commentary_loss",
-    "gaussian_blur", "per_example_ce", "plot_blending", "plot_masks", "plot_tabular_weights", "plot_weights",
+    "gaussian_blur", "per_example_ce", "plain_blend", "plain_ops", "plot_blending", "plot_masks", "plot_tabular_weights", "plot_weights",
     "reduce_loss", "train_loss_fn", "val_loss_fn", "validation_loss",
 ]

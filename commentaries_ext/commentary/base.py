@@ -64,6 +64,20 @@ class Prepared:
 # --------------------------------------------------------------------------- fused ops switch
 
 _FUSED_BLEND = contextvars.ContextVar("commentaries_ext_fused_blend", default=True)
+_FUSED_CE = contextvars.ContextVar("commentaries_ext_fused_ce", default=True)
+
+
+@contextlib.contextmanager
+def plain_ops():
+    """Plain PyTorch for the blend and the cross-entropy inside this context
+    (the hypergradient engine's losses and the BPTT unroll: forward-mode
+    derivatives, tracing and higher-order gradients need no kernel support)."""
+    t1, t2 = _FUSED_BLEND.set(False), _FUSED_CE.set(False)
+    try:
+        yield
+    finally:
+        _FUSED_CE.reset(t2)
+        _FUSED_BLEND.reset(t1)
 
 
 @contextlib.contextmanager
@@ -127,25 +141,58 @@ def is_finite_batch(x: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------- losses
 
 
+_CE_STATE: dict = {}
+
+
 def _ops():
+    """The fused cross-entropy ops module, once it imports and passes a tiny
+    self-check against plain PyTorch (values and gradients); else None."""
+    if not _FUSED_CE.get():
+        return None
+    if "mod" in _CE_STATE:
+        return _CE_STATE["mod"]
     try:
         from ..ops import cross_entropy as ce  # type: ignore[attr-defined]
-    except Exception:  # not built / not written yet
+    except Exception:  # not built / not written yet: try again next time
         return None
-    return ce
+    try:
+        _self_check(ce)
+        _CE_STATE["mod"] = ce
+    except Exception as e:  # noqa: BLE001
+        import warnings
+
+        warnings.warn(f"fused cross-entropy ops disabled for commentary losses ({type(e).__name__}: {e}); "
+                      "using plain PyTorch", RuntimeWarning, stacklevel=3)
+        _CE_STATE["mod"] = None
+    return _CE_STATE["mod"]
+
+
+def _self_check(ce) -> None:
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    a, b = torch.tensor([0, 1, 2, 3, 1]), torch.tensor([2, 2, 0, 1, 3])
+    w = torch.rand(5, generator=g, dtype=torch.float64)
+    lam = 0.5 + 0.5 * torch.rand(5, generator=g, dtype=torch.float64)
+    for fused, plain in (
+        (lambda z, w: ce.weighted_cross_entropy(z, a, w, reduction="sum"), lambda z, w: (w * _plain_ce(z, a)).sum()),
+        (lambda z, l: ce.blended_cross_entropy(z, a, b, l, reduction="mean"), lambda z, l: _plain_ce(z, a, b, l).mean()),
+    ):
+        for second in (w, lam):
+            zf, sf = z.clone().requires_grad_(), second.clone().requires_grad_()
+            zp, sp = z.clone().requires_grad_(), second.clone().requires_grad_()
+            lf, lp = fused(zf, sf), plain(zp, sp)
+            gf, gp = torch.autograd.grad(lf, [zf, sf]), torch.autograd.grad(lp, [zp, sp])
+            torch.testing.assert_close(lf, lp)
+            torch.testing.assert_close(gf[0], gp[0])
+            torch.testing.assert_close(gf[1], gp[1])
 
 
 def per_example_ce(logits: torch.Tensor, target: torch.Tensor, target_b: torch.Tensor | None = None,
                    lam: torch.Tensor | None = None) -> torch.Tensor:
-    """Unweighted per-example (blended) cross-entropy ``[N]`` in float32 or float64."""
+    """Unweighted per-example (blended) cross-entropy ``[N]`` in float32 or float64
+    (plain PyTorch: the engine takes forward-mode derivatives and traces it)."""
     logits = _float_logits(logits)
-    target = target.long()
-    ce = _ops()
-    if ce is not None:
-        if target_b is None:
-            return ce.weighted_cross_entropy(logits, target, None, reduction="none")
-        return ce.blended_cross_entropy(logits, target, target_b.long(), lam.to(logits.dtype), reduction="none")
-    return _plain_ce(logits, target, target_b, lam)
+    return _plain_ce(logits, target.long(), target_b, lam)
 
 
 def _plain_ce(logits, target, target_b=None, lam=None):
@@ -181,12 +228,25 @@ def reduce_loss(losses: torch.Tensor, weight: torch.Tensor | None, reduction: st
 
 
 def commentary_loss(logits: torch.Tensor, prep: Prepared) -> torch.Tensor:
-    """The student's training loss from its logits on ``prep.x`` and the ingredients."""
+    """The student's training loss from its logits on ``prep.x`` and the ingredients.
+
+    Runs the fused weighted / blended cross-entropy kernels when they are
+    available (outside :func:`plain_ops`), else plain PyTorch."""
     logits = _float_logits(logits)
-    if prep.target_b is None and prep.weight is not None and prep.reduction == "sum":
-        ce = _ops()
-        if ce is not None:
-            return ce.weighted_cross_entropy(logits, prep.target.long(), prep.weight.to(logits.dtype), reduction="sum")
+    ce = _ops() if (prep.weight is not None or prep.target_b is not None) else None
+    if ce is not None:
+        target = prep.target.long()
+        if prep.target_b is None:
+            w = prep.weight.to(logits.dtype)
+            s = ce.weighted_cross_entropy(logits, target, w, reduction="sum")
+            if prep.reduction == "mean":
+                return s / logits.shape[0]
+            if prep.reduction == "normalized":
+                return s / w.sum().clamp_min(torch.finfo(s.dtype).tiny)
+            return s
+        if prep.weight is None and prep.reduction == "mean":
+            return ce.blended_cross_entropy(logits, target, prep.target_b.long(), prep.lam.to(logits.dtype),
+                                            reduction="mean")
     losses = per_example_ce(logits, prep.target, prep.target_b, prep.lam)
     return reduce_loss(losses, prep.weight, prep.reduction)
 
@@ -297,7 +357,7 @@ def train_loss_fn(commentary: Commentary, student: Callable) -> Callable:
             return per_example_ce(student(params, batch["x"]), batch["y"])
 
         def weights(hparams, batch):
-            with plain_blend():
+            with plain_ops():
                 return call_commentary(commentary, hparams, batch, pure=True).weight
 
         if WeightedLoss is not None:
@@ -309,9 +369,9 @@ def train_loss_fn(commentary: Commentary, student: Callable) -> Callable:
         return loss
 
     def loss(params, hparams, batch):
-        with plain_blend():
+        with plain_ops():
             prep = call_commentary(commentary, hparams, batch, pure=True)
-        return commentary_loss(student(params, prep.x), prep)
+            return commentary_loss(student(params, prep.x), prep)
 
     return loss
 
