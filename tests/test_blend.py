@@ -272,3 +272,34 @@ def test_cuda_matches_oracle(dtype):
             for a, b in zip(got, want):
                 if b is not None:
                     torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("bk", BACKENDS)
+def test_torch_func_and_forward_ad(bk):
+    """torch.func.grad / jvp, forward-over-reverse (the engine's HVP mode) and forward-mode AD."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64)
+    m = torch.rand(4, 1, 5, 5, generator=gen, dtype=torch.float64)
+    perm = torch.tensor([1, 1, 0, 3])
+    tx, tm = torch.randn_like(x), torch.randn_like(m)
+
+    def ref(a, b):
+        return b * a + (1 - b) * a[perm]
+
+    def ours(a, b):
+        return masked_blend(a, b, perm=perm)
+
+    with backend.use(bk):
+        torch.testing.assert_close(torch.func.jvp(ours, (x, m), (tx, tm))[1], torch.func.jvp(ref, (x, m), (tx, tm))[1])
+        for a, b in zip(torch.func.grad(lambda a, b: ours(a, b).square().sum(), argnums=(0, 1))(x, m),
+                        torch.func.grad(lambda a, b: ref(a, b).square().sum(), argnums=(0, 1))(x, m)):
+            torch.testing.assert_close(a, b)
+
+        def fwd_over_rev(fn):
+            return torch.func.jvp(lambda b: torch.func.grad(lambda a: fn(a, b).square().sum())(x), (m,), (tm,))[1]
+
+        torch.testing.assert_close(fwd_over_rev(ours), fwd_over_rev(ref))
+        xb = torch.randn(3, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda a, b, c: masked_blend(a, b, x_b=c, perm=perm.clamp(max=2)),
+                                        (x.clone().requires_grad_(), m.clone().requires_grad_(), xb),
+                                        check_forward_ad=True)

@@ -167,18 +167,45 @@ class _EagerBlend(torch.autograd.Function):
 
     Outside ``torch.compile`` this skips the custom-op layers (Python dispatch,
     pytree handling), about 50 us per forward+backward; traced code uses
-    :func:`masked_blend_op` so that the graph holds the registered op."""
+    :func:`masked_blend_op` so that the graph holds the registered op. Written
+    with ``setup_context`` and a ``jvp`` so that ``torch.func.grad``/``jvp`` and
+    forward-mode AD work through it."""
 
     @staticmethod
-    def forward(ctx, x_a, m, x_b, perm):
+    def forward(x_a, m, x_b, perm):
+        return backend.kernel("blend_forward", x_a.device)(x_a, m, x_b, perm)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x_a, m, x_b, perm = inputs
         ctx.has_x_b = x_b is not None
         ctx.has_perm = perm is not None
         ctx.save_for_backward(x_a, m, x_b, perm)
-        return backend.kernel("blend_forward", x_a.device)(x_a, m, x_b, perm)
+        ctx.save_for_forward(x_a, m, x_b, perm)
 
     @staticmethod
     def backward(ctx, grad):
         return _backward_impl(ctx, grad, backend.kernel("blend_backward", grad.device))
+
+    @staticmethod
+    def jvp(ctx, t_xa, t_m, t_xb, t_perm):
+        x_a, m, x_b, perm = ctx.saved_tensors
+        x_b = x_b if ctx.has_x_b else None
+        perm = perm if ctx.has_perm else None
+        src = x_a if x_b is None else x_b
+        t_src = t_xa if x_b is None else t_xb
+        out = None
+        if t_xa is not None:
+            out = m * t_xa
+        if t_src is not None:
+            tp = t_src if perm is None else t_src.index_select(0, perm)
+            out = (1 - m) * tp if out is None else out + (1 - m) * tp
+        if t_m is not None:
+            xb = src if perm is None else src.index_select(0, perm)
+            out = t_m * (x_a - xb) if out is None else out + t_m * (x_a - xb)
+        if out is None:
+            return torch.zeros_like(x_a)
+        return torch.empty_like(x_a).copy_(out)
 
 
 # ----------------------------------------------------------------- public function
