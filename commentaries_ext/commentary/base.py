@@ -153,7 +153,8 @@ def _ops():
         return _CE_STATE["mod"]
     try:
         from ..ops import cross_entropy as ce  # type: ignore[attr-defined]
-    except Exception:  # not built / not written yet: try again next time
+    except Exception:  # not built / not written yet
+        _CE_STATE["mod"] = None
         return None
     try:
         _self_check(ce)
