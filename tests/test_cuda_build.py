@@ -61,7 +61,10 @@ def test_cu_files_include_no_torch_headers():
 @pytest.mark.parametrize("source", CU_FILES, ids=[f.name for f in CU_FILES])
 def test_cu_compiles_with_nvcc(source, tmp_path):
     flags = json.loads((ROOT / "csrc" / "build.json").read_text())["nvcc_flags"]
-    cmd = [NVCC, "-c", f"-arch={ARCH}", *flags, "-I", str(ROOT / "csrc"), "-I", str(CUDA_DIR),
+    # the macros torch's BuildExtension passes to nvcc (no implicit half/bfloat16 conversions)
+    torch_macros = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
+    cmd = [NVCC, "-c", f"-arch={ARCH}", *flags, *torch_macros, "-I", str(ROOT / "csrc"), "-I", str(CUDA_DIR),
            str(source), "-o", str(tmp_path / (source.stem + ".o"))]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
