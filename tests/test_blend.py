@@ -299,7 +299,8 @@ def test_torch_func_and_forward_ad(bk):
             return torch.func.jvp(lambda b: torch.func.grad(lambda a: fn(a, b).square().sum())(x), (m,), (tm,))[1]
 
         torch.testing.assert_close(fwd_over_rev(ours), fwd_over_rev(ref))
-        xb = torch.randn(3, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda a, b, c: masked_blend(a, b, x_b=c, perm=perm.clamp(max=2)),
-                                        (x.clone().requires_grad_(), m.clone().requires_grad_(), xb),
-                                        check_forward_ad=True)
+        if bk != "triton":  # the jvp formula is backend independent; the interpreter is slow
+            xs, ms = x[:, :2, :3, :3].clone().requires_grad_(), m[:, :, :3, :3].clone().requires_grad_()
+            xb = torch.randn(3, 2, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+            assert torch.autograd.gradcheck(lambda a, b, c: masked_blend(a, b, x_b=c, perm=perm.clamp(max=2)),
+                                            (xs, ms, xb), check_forward_ad=True)
