@@ -72,8 +72,9 @@ def _blend_fwd_kernel(XA, XB, M, PERM, OUT, F, sxa, sxb, msn, MS1, MS2, MS3, S2,
 @triton.jit
 def _blend_bwd_kernel(G, XA, XB, M, PERM, GXA, GXB, PROD, F, sxa, sxb, msn, MS1, MS2, MS3, S2, S3,
                       HAS_PERM: tl.constexpr, WANT_GXA: tl.constexpr, WANT_GXB: tl.constexpr,
-                      WANT_PROD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """Elementwise part: grad*m (no scatter), grad*(1-m) (x_b without perm), grad*(x_a-xb)."""
+                      WANT_PROD: tl.constexpr, ROWSUM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Elementwise part: grad*m (no scatter), grad*(1-m) (x_b without perm), grad*(x_a-xb)
+    (ROWSUM: one partial sum per program instead, for a per-example m)."""
     n = tl.program_id(0)
     k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = k < F
@@ -91,7 +92,11 @@ def _blend_bwd_kernel(G, XA, XB, M, PERM, GXA, GXB, PROD, F, sxa, sxb, msn, MS1,
             src = n64
         xa = tl.load(XA + n64 * sxa + k, mask=mask, other=0.0).to(ACC)
         xb = tl.load(XB + src * sxb + k, mask=mask, other=0.0).to(ACC)
-        tl.store(PROD + n64 * F + k, g * (xa - xb), mask=mask)
+        if ROWSUM:
+            part = tl.sum(tl.where(mask, g * (xa - xb), 0.0), axis=0)
+            tl.store(PROD + n64 * tl.num_programs(1) + tl.program_id(1), part)
+        else:
+            tl.store(PROD + n64 * F + k, g * (xa - xb), mask=mask)
 
 
 @triton.jit
@@ -181,13 +186,15 @@ def blend_backward(grad: torch.Tensor, x_a: torch.Tensor, m: torch.Tensor, x_b: 
     ew_xa = want_xa and not scatter_xa
     ew_xb = want_xb and not scatter_xb
     full_m = all(m_orig.shape[d] == x_a.shape[d] for d in range(x_a.dim()))
-    prod = torch.empty((n, f), dtype=acc, device=x_a.device) if want_m else x_a.new_empty(0, dtype=acc)
+    per_example = all(m_orig.shape[d] == 1 for d in range(1, x_a.dim()))
     grid = (n, triton.cdiv(f, BLOCK))
+    width = grid[1] if per_example else f
+    prod = torch.empty((n, width), dtype=acc, device=x_a.device) if want_m else x_a.new_empty(0, dtype=acc)
     if ew_xa or ew_xb or want_m:
         _blend_bwd_kernel[grid](grad, x_a, xb_src, m, perm if perm is not None else x_a, gxa if ew_xa else grad,
                                 gxb if ew_xb else grad, prod, f, x_a.stride(0), xb_src.stride(0), *margs,
                                 HAS_PERM=perm is not None, WANT_GXA=ew_xa, WANT_GXB=ew_xb, WANT_PROD=want_m,
-                                ACC=ACC, BLOCK=BLOCK, num_warps=num_warps_for(BLOCK))
+                                ROWSUM=per_example, ACC=ACC, BLOCK=BLOCK, num_warps=num_warps_for(BLOCK))
     if scatter_xa or scatter_xb:
         rows = n if x_b is None else x_b.shape[0]
         order, offs = _csr(perm, rows)
@@ -195,7 +202,9 @@ def blend_backward(grad: torch.Tensor, x_a: torch.Tensor, m: torch.Tensor, x_b: 
         _blend_gather_kernel[(rows, triton.cdiv(f, BLOCK))](
             grad, m, out, order, offs, f, grad.stride(0), out.stride(0), *margs, SELF=scatter_xa, ACC=ACC,
             BLOCK=BLOCK, num_warps=num_warps_for(BLOCK))
-    if want_m:
+    if want_m and per_example:
+        gm.copy_(prod.sum(1).reshape(m_orig.shape))
+    elif want_m:
         # prod is in x_a's memory order; view it with x_a's logical shape, reduce over m's size-1 dims
         p = prod.view(-1).as_strided(x_a.shape, [s if d else f for d, s in enumerate(x_a.stride())])
         dims = [d for d in range(x_a.dim()) if m_orig.shape[d] == 1 and x_a.shape[d] != 1]

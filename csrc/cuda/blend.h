@@ -26,11 +26,16 @@ cudaError_t blend_forward(BlendDType dtype, const void* x_a, int64_t s_xa, const
 
 // Elementwise part of the backward, each output optional (nullptr: skipped):
 // gxa[n] = g*m (row stride s_xa), gxb[n] = g*(1-m) (row stride s_xb, no perm),
-// prod[n*f + k] = g*(x_a - xb) in the accumulation dtype (float, double for double).
+// prod[n*f + k] = g*(x_a - xb) in the accumulation dtype (float, double for double);
+// with row_sum (a per-example m), prod[n * blend_row_blocks(f) + b] holds partial
+// sums of g*(x_a - xb) over row n instead (summed by the caller).
 cudaError_t blend_backward_elementwise(BlendDType dtype, const void* grad, const void* x_a, int64_t s_xa,
                                       const void* x_b, int64_t s_xb, const int64_t* perm, const void* m,
-                                      MaskLayout ml, void* gxa, void* gxb, void* prod, int64_t n, int64_t f,
-                                      cudaStream_t stream);
+                                      MaskLayout ml, void* gxa, void* gxb, void* prod, bool row_sum, int64_t n,
+                                      int64_t f, cudaStream_t stream);
+
+// Number of partial sums per row written by blend_backward_elementwise with row_sum.
+int64_t blend_row_blocks(int64_t f);
 
 // Scattered partner gradient, gathered through the CSR inverse of perm
 // (order: source rows sorted by perm value; offs[rows + 1]):

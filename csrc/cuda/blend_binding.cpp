@@ -98,14 +98,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_backward(const at::Tensor& 
   const bool scatter_xb = want_xb && perm.has_value();
   const bool ew_xa = want_xa && !scatter_xa, ew_xb = want_xb && !scatter_xb;
   const auto acc = acc_type(x_a.scalar_type());
-  at::Tensor prod = want_m ? at::empty({n, f}, x_a.options().dtype(acc)) : at::Tensor();
+  bool per_example = true;
+  for (int64_t d = 1; d < x_a.dim(); ++d) per_example = per_example && m.size(d) == 1;
+  const int64_t width = per_example ? ck::blend_row_blocks(f) : f;
+  at::Tensor prod = want_m ? at::empty({n, width}, x_a.options().dtype(acc)) : at::Tensor();
   const auto dt = element(x_a, op);
   const cudaStream_t st = current_stream();
   if (ew_xa || ew_xb || want_m) {
     check_cuda(ck::blend_backward_elementwise(dt, grad.data_ptr(), x_a.data_ptr(), x_a.stride(0), xb.data_ptr(),
                                               xb.stride(0), pp, mm.data_ptr(), ml, ew_xa ? gxa.data_ptr() : nullptr,
                                               ew_xb ? gxb.data_ptr() : nullptr, want_m ? prod.data_ptr() : nullptr,
-                                              n, f, st),
+                                              per_example, n, f, st),
                op);
   }
   if (scatter_xa || scatter_xb) {
@@ -119,7 +122,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_backward(const at::Tensor& 
                                          out.data_ptr(), out.stride(0), rows, f, st),
                op);
   }
-  if (want_m) {
+  if (want_m && per_example) {
+    gm.copy_(prod.sum(1).reshape(m.sizes()));
+  } else if (want_m) {
     // prod is in x_a's memory order: view it with x_a's logical shape and strides
     std::vector<int64_t> strides(x_a.strides().begin(), x_a.strides().end());
     strides[0] = f;
