@@ -1,0 +1,82 @@
+"""The ``commentaries`` command line: help, a tiny learn/train/inspect job on digits,
+errors that say what to do."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from commentaries_ext import cli
+
+
+def test_help_explains_every_option(capsys):
+    parser = cli.build_parser()
+    for sub in ([], ["demo"], ["learn"], ["train"], ["inspect"]):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(sub + ["--help"])
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "weighting" in out and "--inner-steps" in out and "--commentary" in out
+    # every option has a help text
+    for action in parser._actions:
+        if hasattr(action, "choices") and isinstance(action.choices, dict):
+            for sp in action.choices.values():
+                for a in sp._actions:
+                    assert a.help, f"{sp.prog} {a.option_strings or a.dest} has no help"
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "learn" in capsys.readouterr().out
+
+
+def test_learn_train_inspect_tiny(tmp_path, capsys):
+    out = tmp_path / "w.commentary"
+    rc = cli.main(["learn", "weighting", "--data", "digits", "--train-size", "200", "--val-size", "100",
+                   "--test-size", "100", "--inner-steps", "3", "--outer-steps", "2", "--train-steps", "6",
+                   "--eval-every", "3", "--evaluate", "--quiet", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "commentary file" in text and "baseline: test acc" in text
+    assert out.exists() and out.with_suffix(".png").exists()
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["learned_with"]["algorithm"] == "bptt" and len(summary["history"]) == 2
+    assert {"baseline", "with_commentary"} <= set(summary["evaluation"])
+
+    rc = cli.main(["train", "--commentary", str(out), "--data", "digits", "--train-size", "200", "--val-size", "100",
+                   "--test-size", "100", "--arch", "mlp", "--train-steps", "5", "--eval-every", "5", "--quiet"])
+    assert rc == 0
+    res = json.loads((tmp_path / "w.train-mlp.json").read_text())
+    assert 0 <= res["test"]["accuracy"] <= 1 and res["arch"] == "mlp"
+
+    # the commentary was learned on other data: a clear error, unless asked for
+    rc = cli.main(["train", "--commentary", str(out), "--data", "digits", "--train-steps", "2", "--quiet"])
+    assert rc == 1
+    assert "does not match" in capsys.readouterr().err
+
+    rc = cli.main(["inspect", str(out), "--out", str(tmp_path / "i.png")])
+    assert rc == 0
+    assert "ExampleWeighting" in capsys.readouterr().out and (tmp_path / "i.png").exists()
+
+
+@pytest.mark.parametrize("kind,extra", [("blending", []), ("mask", ["--spurious"])])
+def test_learn_ift_kinds(tmp_path, capsys, kind, extra):
+    out = tmp_path / f"{kind}.commentary"
+    rc = cli.main(["learn", kind, "--data", "digits", "--train-size", "100", "--val-size", "50", "--test-size", "50",
+                   "--steps", "2", "--quiet", "--out", str(out), *extra])
+    assert rc == 0
+    assert out.exists() and out.with_suffix(".png").exists()
+    assert json.loads(out.with_suffix(".json").read_text())["learned_with"]["algorithm"] == "ift"
+
+
+def test_missing_dataset_and_file(tmp_path, capsys):
+    assert cli.main(["learn", "mask", "--data-dir", str(tmp_path / "none"), "--steps", "1", "--quiet"]) == 3
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+    assert cli.main(["inspect", str(tmp_path / "none.commentary")]) == 1
+    assert "no commentary file" in capsys.readouterr().err
+
+
+def test_python_dash_m():
+    r = subprocess.run([sys.executable, "-m", "commentaries_ext", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "commentaries" in r.stdout
