@@ -1,0 +1,363 @@
+// Weighted / blended softmax cross-entropy on the CPU (kernel ops cpp_wce_*).
+// Signatures and semantics: DEVELOPING.md ("cross_entropy"). Validated input
+// (commentaries_ext/ops/cross_entropy.py): logits [N, C] float32/float64 with any
+// strides, target [N] int64 (in range or == ignore_index), target_b/lam [N] or
+// None, per-row tensors with any stride. Outputs are new contiguous tensors.
+//
+// Every row is handled by one thread (rows spread with at::parallel_for). A row
+// with column stride 1 is read in place, otherwise it is first gathered into a
+// thread-local buffer (likewise u and t); the per-row passes then run over a
+// contiguous row with at::vec::Vectorized (the second pass over a row reads it
+// from L1/L2, so memory sees the logits once per op). Math in the logits dtype.
+// Extreme logits: the row max is subtracted before exp; a row max of -inf (all
+// -inf) gives lse = -inf; target terms with a zero coefficient (lam 0 or 1) are
+// dropped, so a -inf logit there gives no NaN.
+#if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "common.h"
+
+namespace commentaries_ext {
+namespace {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+inline T hsum(const Vec<T>& v) {
+  alignas(64) T buf[Vec<T>::size()];
+  v.store(buf);
+  T s = 0;
+  for (int k = 0; k < Vec<T>::size(); ++k) s += buf[k];
+  return s;
+}
+
+template <typename T>
+inline T hmax(const Vec<T>& v) {
+  alignas(64) T buf[Vec<T>::size()];
+  v.store(buf);
+  T s = buf[0];
+  for (int k = 1; k < Vec<T>::size(); ++k) s = std::max(s, buf[k]);
+  return s;
+}
+
+template <typename T>
+inline T row_max(const T* z, int64_t C) {
+  constexpr int64_t W = Vec<T>::size();
+  const T ninf = -std::numeric_limits<T>::infinity();
+  Vec<T> m0(ninf), m1(ninf);
+  int64_t c = 0;
+  for (; c + 2 * W <= C; c += 2 * W) {
+    m0 = at::vec::maximum(m0, Vec<T>::loadu(z + c));
+    m1 = at::vec::maximum(m1, Vec<T>::loadu(z + c + W));
+  }
+  for (; c + W <= C; c += W) m0 = at::vec::maximum(m0, Vec<T>::loadu(z + c));
+  T m = hmax(at::vec::maximum(m0, m1));
+  for (; c < C; ++c) m = std::max(m, z[c]);  // std::max keeps m on NaN; NaN input is rejected upstream
+  return m;
+}
+
+// sum_c exp(z_c - m)
+template <typename T>
+inline T row_sumexp(const T* z, int64_t C, T m) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> vm(m);
+  Vec<T> s0(0), s1(0);
+  int64_t c = 0;
+  for (; c + 2 * W <= C; c += 2 * W) {
+    s0 = s0 + (Vec<T>::loadu(z + c) - vm).exp();
+    s1 = s1 + (Vec<T>::loadu(z + c + W) - vm).exp();
+  }
+  for (; c + W <= C; c += W) s0 = s0 + (Vec<T>::loadu(z + c) - vm).exp();
+  if (c < C) {
+    const int64_t r = C - c;
+    // pad with -inf: exp gives 0
+    const Vec<T> x = Vec<T>::set(Vec<T>(-std::numeric_limits<T>::infinity()), Vec<T>::loadu(z + c, r), r);
+    s1 = s1 + (x - vm).exp();
+  }
+  return hsum(s0 + s1);
+}
+
+template <typename T>
+inline T row_lse(const T* z, int64_t C) {
+  if (C == 0) return -std::numeric_limits<T>::infinity();
+  const T m = row_max(z, C);
+  const T ms = (std::isinf(m) && m < 0) ? T(0) : m;
+  if (std::isinf(ms)) return ms;  // +inf logit: lse is +inf
+  const T s = row_sumexp(z, C, ms);
+  return s > 0 ? ms + std::log(s) : -std::numeric_limits<T>::infinity();
+}
+
+// A row of a [N, C] tensor as a contiguous pointer: in place when the column
+// stride is 1, else gathered into buf.
+template <typename T>
+inline const T* row_ptr(const T* base, int64_t i, int64_t s0, int64_t s1, int64_t C, std::vector<T>& buf) {
+  const T* p = base + i * s0;
+  if (s1 == 1 || C <= 1) return p;
+  buf.resize(C);
+  for (int64_t c = 0; c < C; ++c) buf[c] = p[c * s1];
+  return buf.data();
+}
+
+int64_t grain_for(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
+
+struct Mix {
+  const int64_t* y;
+  int64_t sy;
+  const int64_t* yb;  // null without mixing
+  int64_t syb;
+  int64_t ignore_index;
+};
+
+Mix make_mix(const at::Tensor& target, const std::optional<at::Tensor>& target_b,
+             const std::optional<at::Tensor>& lam, int64_t ignore_index) {
+  TORCH_CHECK(target.scalar_type() == at::kLong, "wce: target must be int64");
+  Mix m{target.data_ptr<int64_t>(), target.stride(0), nullptr, 0, ignore_index};
+  if (target_b.has_value() && lam.has_value()) {
+    TORCH_CHECK(target_b->scalar_type() == at::kLong, "wce: target_b must be int64");
+    m.yb = target_b->data_ptr<int64_t>();
+    m.syb = target_b->stride(0);
+  }
+  return m;
+}
+
+void check_logits(const at::Tensor& logits, const char* op) {
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, C]");
+  TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be a CPU tensor");
+}
+
+// -------------------------------------------------------------- forward
+
+std::tuple<at::Tensor, at::Tensor> cpp_wce_forward(const at::Tensor& logits, const at::Tensor& target,
+                                                   const std::optional<at::Tensor>& target_b,
+                                                   const std::optional<at::Tensor>& lam, int64_t ignore_index) {
+  check_logits(logits, "wce_forward");
+  const int64_t N = logits.size(0), C = logits.size(1);
+  at::Tensor loss = new_output({N}, logits.options());
+  at::Tensor lse = new_output({N}, logits.options());
+  if (N == 0) return {loss, lse};
+  const Mix mix = make_mix(target, target_b, lam, ignore_index);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_wce_forward", [&] {
+    using T = scalar_t;
+    const T* z = logits.const_data_ptr<T>();
+    const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
+    const T* lm = mix.yb ? lam->const_data_ptr<T>() : nullptr;
+    const int64_t slm = mix.yb ? lam->stride(0) : 0;
+    T* lo = loss.mutable_data_ptr<T>();
+    T* ls = lse.mutable_data_ptr<T>();
+    at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t e) {
+      std::vector<T> buf;
+      for (int64_t i = b; i < e; ++i) {
+        const T* row = row_ptr(z, i, s0, s1, C, buf);
+        const T l = row_lse(row, C);
+        ls[i] = l;
+        const int64_t y = mix.y[i * mix.sy];
+        if (y == mix.ignore_index || C == 0) {
+          lo[i] = 0;
+          continue;
+        }
+        T tgt;
+        if (lm) {
+          const T a = lm[i * slm];
+          const int64_t yb = mix.yb[i * mix.syb];
+          tgt = (a == T(0) ? T(0) : a * row[y]) + (a == T(1) ? T(0) : (T(1) - a) * row[yb]);
+        } else {
+          tgt = row[y];
+        }
+        lo[i] = l - tgt;
+      }
+    });
+  });
+  return {loss, lse};
+}
+
+// -------------------------------------------------------------- backward
+
+at::Tensor cpp_wce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& lse,
+                            const at::Tensor& target, const std::optional<at::Tensor>& target_b,
+                            const std::optional<at::Tensor>& lam, int64_t ignore_index) {
+  check_logits(logits, "wce_backward");
+  const int64_t N = logits.size(0), C = logits.size(1);
+  at::Tensor out = new_output({N, C}, logits.options());
+  if (N == 0 || C == 0) return out;
+  const Mix mix = make_mix(target, target_b, lam, ignore_index);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_wce_backward", [&] {
+    using T = scalar_t;
+    constexpr int64_t W = Vec<T>::size();
+    const T* z = logits.const_data_ptr<T>();
+    const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
+    const T* g = grad_loss.const_data_ptr<T>();
+    const int64_t sg = grad_loss.stride(0);
+    const T* ls = lse.const_data_ptr<T>();
+    const int64_t sls = lse.stride(0);
+    const T* lm = mix.yb ? lam->const_data_ptr<T>() : nullptr;
+    const int64_t slm = mix.yb ? lam->stride(0) : 0;
+    T* o = out.mutable_data_ptr<T>();
+    at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t e) {
+      std::vector<T> buf;
+      for (int64_t i = b; i < e; ++i) {
+        T* orow = o + i * C;
+        const int64_t y = mix.y[i * mix.sy];
+        if (y == mix.ignore_index) {
+          std::fill(orow, orow + C, T(0));
+          continue;
+        }
+        const T* row = row_ptr(z, i, s0, s1, C, buf);
+        const T gi = g[i * sg];
+        const Vec<T> vl(ls[i * sls]), vg(gi);
+        int64_t c = 0;
+        for (; c + W <= C; c += W) (vg * (Vec<T>::loadu(row + c) - vl).exp()).store(orow + c);
+        if (c < C) (vg * (Vec<T>::loadu(row + c, C - c) - vl).exp()).store(orow + c, C - c);
+        if (lm) {
+          const T a = lm[i * slm];
+          const int64_t yb = mix.yb[i * mix.syb];
+          orow[y] -= gi * a;
+          orow[yb] -= gi * (T(1) - a);
+        } else {
+          orow[y] -= gi;
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// -------------------------------------------------------------- hvp
+
+at::Tensor cpp_wce_hvp(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& scale, const at::Tensor& u) {
+  check_logits(logits, "wce_hvp");
+  const int64_t N = logits.size(0), C = logits.size(1);
+  at::Tensor out = new_output({N, C}, logits.options());
+  if (N == 0 || C == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_wce_hvp", [&] {
+    using T = scalar_t;
+    constexpr int64_t W = Vec<T>::size();
+    const T* z = logits.const_data_ptr<T>();
+    const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
+    const T* up = u.const_data_ptr<T>();
+    const int64_t u0 = u.stride(0), u1 = u.stride(1);
+    const T* ls = lse.const_data_ptr<T>();
+    const int64_t sls = lse.stride(0);
+    const T* sc = scale.const_data_ptr<T>();
+    const int64_t ssc = scale.stride(0);
+    T* o = out.mutable_data_ptr<T>();
+    at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t e) {
+      std::vector<T> zbuf, ubuf;
+      for (int64_t i = b; i < e; ++i) {
+        T* orow = o + i * C;
+        const T* row = row_ptr(z, i, s0, s1, C, zbuf);
+        const T* urow = row_ptr(up, i, u0, u1, C, ubuf);
+        const Vec<T> vl(ls[i * sls]);
+        // pass 1: p into out, dot = p . u
+        Vec<T> d0(0);
+        int64_t c = 0;
+        for (; c + W <= C; c += W) {
+          const Vec<T> p = (Vec<T>::loadu(row + c) - vl).exp();
+          p.store(orow + c);
+          d0 = at::vec::fmadd(p, Vec<T>::loadu(urow + c), d0);
+        }
+        T dot = hsum(d0);
+        for (; c < C; ++c) {
+          const T p = std::exp(row[c] - ls[i * sls]);
+          orow[c] = p;
+          dot += p * urow[c];
+        }
+        // pass 2: out = s * p * (u - dot)
+        const T s = sc[i * ssc];
+        const Vec<T> vs(s), vd(dot);
+        c = 0;
+        for (; c + W <= C; c += W)
+          (vs * Vec<T>::loadu(orow + c) * (Vec<T>::loadu(urow + c) - vd)).store(orow + c);
+        for (; c < C; ++c) orow[c] = s * orow[c] * (urow[c] - dot);
+      }
+    });
+  });
+  return out;
+}
+
+// -------------------------------------------------------------- jvp
+
+at::Tensor cpp_wce_jvp(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& target,
+                       const std::optional<at::Tensor>& target_b, const std::optional<at::Tensor>& lam,
+                       const at::Tensor& t, int64_t ignore_index) {
+  check_logits(logits, "wce_jvp");
+  const int64_t N = logits.size(0), C = logits.size(1);
+  at::Tensor out = new_output({N}, logits.options());
+  if (N == 0) return out;
+  const Mix mix = make_mix(target, target_b, lam, ignore_index);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_wce_jvp", [&] {
+    using T = scalar_t;
+    constexpr int64_t W = Vec<T>::size();
+    const T* z = logits.const_data_ptr<T>();
+    const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
+    const T* tp = t.const_data_ptr<T>();
+    const int64_t t0 = t.stride(0), t1 = t.stride(1);
+    const T* ls = lse.const_data_ptr<T>();
+    const int64_t sls = lse.stride(0);
+    const T* lm = mix.yb ? lam->const_data_ptr<T>() : nullptr;
+    const int64_t slm = mix.yb ? lam->stride(0) : 0;
+    T* o = out.mutable_data_ptr<T>();
+    at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t e) {
+      std::vector<T> zbuf, tbuf;
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t y = mix.y[i * mix.sy];
+        if (y == mix.ignore_index || C == 0) {
+          o[i] = 0;
+          continue;
+        }
+        const T* row = row_ptr(z, i, s0, s1, C, zbuf);
+        const T* trow = row_ptr(tp, i, t0, t1, C, tbuf);
+        const Vec<T> vl(ls[i * sls]);
+        Vec<T> d0(0);
+        int64_t c = 0;
+        for (; c + W <= C; c += W)
+          d0 = at::vec::fmadd((Vec<T>::loadu(row + c) - vl).exp(), Vec<T>::loadu(trow + c), d0);
+        if (c < C) {
+          // zero-padded t: padded lanes contribute exp(0 - lse) * 0 = 0 (finite lse)
+          const Vec<T> p = (Vec<T>::loadu(row + c, C - c) - vl).exp();
+          d0 = at::vec::fmadd(Vec<T>::set(Vec<T>(0), p, C - c), Vec<T>::loadu(trow + c, C - c), d0);
+        }
+        T acc = hsum(d0);
+        if (lm) {
+          const T a = lm[i * slm];
+          const int64_t yb = mix.yb[i * mix.syb];
+          acc -= (a == T(0) ? T(0) : a * trow[y]) + (a == T(1) ? T(0) : (T(1) - a) * trow[yb]);
+        } else {
+          acc -= trow[y];
+        }
+        o[i] = acc;
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(commentaries_ext, m) {
+  m.def("cpp_wce_forward(Tensor logits, Tensor target, Tensor? target_b, Tensor? lam, int ignore_index) -> (Tensor, Tensor)");
+  m.def("cpp_wce_backward(Tensor grad_loss, Tensor logits, Tensor lse, Tensor target, Tensor? target_b, Tensor? lam, int ignore_index) -> Tensor");
+  m.def("cpp_wce_hvp(Tensor logits, Tensor lse, Tensor scale, Tensor u) -> Tensor");
+  m.def("cpp_wce_jvp(Tensor logits, Tensor lse, Tensor target, Tensor? target_b, Tensor? lam, Tensor t, int ignore_index) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(commentaries_ext, CPU, m) {
+  m.impl("cpp_wce_forward", &cpp_wce_forward);
+  m.impl("cpp_wce_backward", &cpp_wce_backward);
+  m.impl("cpp_wce_hvp", &cpp_wce_hvp);
+  m.impl("cpp_wce_jvp", &cpp_wce_jvp);
+}
+
+}  // namespace commentaries_ext
