@@ -190,6 +190,8 @@ def wce_forward(logits: torch.Tensor, target: torch.Tensor, target_b: torch.Tens
     lse = backend.new_output(n, dtype=row_dtype, device=logits.device)
     if n == 0:
         return loss, lse
+    if c == 0:  # no classes: lse = -inf, loss 0 (as the reference)
+        return loss.zero_(), lse.fill_(float("-inf"))
     has_mix, yb, lm, syb, slam = _mix_args(target, target_b, lam)
     block_n, block_c = _blocks(n, c)
     _wce_forward_kernel[(triton.cdiv(n, block_n),)](
@@ -233,6 +235,8 @@ def wce_jvp(logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, targe
     out = backend.new_output(n, dtype=acc_dtype(logits.dtype), device=logits.device)
     if n == 0:
         return out
+    if c == 0:
+        return out.zero_()
     has_mix, yb, lm, syb, slam = _mix_args(target, target_b, lam)
     block_n, block_c = _blocks(n, c)
     _wce_jvp_kernel[(triton.cdiv(n, block_n),)](

@@ -4,6 +4,8 @@
 #include "binding_common.h"
 #include "cross_entropy.h"
 
+#include <limits>
+
 namespace commentaries_ext {
 namespace {
 
@@ -43,6 +45,11 @@ std::tuple<at::Tensor, at::Tensor> wce_forward(const at::Tensor& logits, const a
   const int64_t n = logits.size(0), c = logits.size(1);
   at::Tensor loss = new_output({n}, logits.options().dtype(row));
   at::Tensor lse = new_output({n}, logits.options().dtype(row));
+  if (c == 0) {  // no classes: lse = -inf, loss 0 (as the reference)
+    loss.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {loss, lse};
+  }
   Targets t = targets(target, target_b, lam, ignore_index, row);
   check_cuda(ck::wce_forward(element(logits, op), matrix(logits), n, c, t.tg, loss.data_ptr(), lse.data_ptr(),
                              current_stream()),
@@ -87,6 +94,7 @@ at::Tensor wce_jvp(const at::Tensor& logits, const at::Tensor& lse, const at::Te
   const auto row = acc_type(logits.scalar_type());
   const int64_t n = logits.size(0), c = logits.size(1);
   at::Tensor out = new_output({n}, logits.options().dtype(row));
+  if (c == 0) return out.zero_();
   at::Tensor l = lse.to(row), tt = tangent.to(logits.scalar_type());
   Targets t = targets(target, target_b, lam, ignore_index, row);
   check_cuda(ck::wce_jvp(element(logits, op), matrix(logits), n, c, l.data_ptr(), l.stride(0), t.tg, matrix(tt),
