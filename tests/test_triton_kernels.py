@@ -269,3 +269,27 @@ def test_gpu_blend_and_solver_half(bk, dtype):
     torch.testing.assert_close(r1, r2, rtol=1e-2, atol=1e-1)
     for v, w in zip(vs[0] + vs[1], ws[0] + ws[1]):
         torch.testing.assert_close(v.float(), w.float(), **tol)
+
+
+@pytest.mark.parametrize("n,c", [(5, 0), (0, 4), (4, 1), (9, 23)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_wce_same_as_reference_backend_edge_cases(n, c, dtype):
+    # degenerate shapes and the half-given mixing arguments (target_b without lam, ...) agree with `reference`
+    ref = pytest.importorskip("commentaries_ext.reference.cross_entropy")
+    gen = torch.Generator().manual_seed(n * 10 + c)
+    z = (torch.randn(n, c, generator=gen, dtype=dtype) * 3).to(DEVICE)
+    y = torch.randint(0, max(c, 1), (n,), generator=gen).to(DEVICE)
+    yb = torch.randint(0, max(c, 1), (n,), generator=gen).to(DEVICE)
+    if n > 1:
+        y[1] = IGNORE
+    lam, g = (torch.rand(n, generator=gen, dtype=dtype).to(DEVICE) for _ in range(2))
+    u, t = (torch.randn(n, c, generator=gen, dtype=dtype).to(DEVICE) for _ in range(2))
+    for mix in ((yb, lam), (None, None), (yb, None), (None, lam)):
+        got = tce.wce_forward(z, y, *mix, IGNORE)
+        want = ref.wce_forward(z, y, *mix, IGNORE)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        lse = want[1]
+        torch.testing.assert_close(tce.wce_backward(g, z, lse, y, *mix, IGNORE), ref.wce_backward(g, z, lse, y, *mix, IGNORE))
+        torch.testing.assert_close(tce.wce_jvp(z, lse, y, *mix, t, IGNORE), ref.wce_jvp(z, lse, y, *mix, t, IGNORE))
+    torch.testing.assert_close(tce.wce_hvp(z, want[1], g, u), ref.wce_hvp(z, want[1], g, u))
