@@ -307,8 +307,10 @@ def test_damping_matches_dense():
     assert torch.allclose(flat(op.matvec(c)), (H + delta * torch.eye(H.shape[0], dtype=DT)) @ flat(c))
 
 
-def test_weighted_fast_path_equals_general():
+@pytest.mark.parametrize("reduction", ["sum", "mean", "normalized"])
+def test_weighted_fast_path_equals_general(reduction):
     tl, vl, params, phi, tb, vb = logistic_problem(2)
+    tl = WeightedLoss(tl.per_example, tl.weights, reduction)
     general = lambda p, h, b: tl(p, h, b)  # noqa: E731  (a plain callable: no fast path)
     for hvp in HVPS:
         a = implicit_hypergradient(tl, vl, params, phi, tb, vb, solver=NeumannConfig(K=3, alpha=0.5), hvp=hvp)
