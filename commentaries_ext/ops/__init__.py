@@ -9,6 +9,7 @@ Each module defines the device-independent ops with ``torch.library`` (fake and
 autograd registrations included) and picks a backend per call through
 ``commentaries_ext.backend``.
 """
+from . import cross_entropy  # noqa: E402,F401
 from . import blend  # noqa: E402,F401
 from . import solver  # noqa: E402,F401
 try:  # Triton kernels of every family (backend "triton"); optional
