@@ -1,0 +1,410 @@
+"""Weighted / blended softmax cross-entropy: kernel ops of every present backend
+vs a float64 reference, autograd (gradcheck, gradgradcheck, forward AD, double
+backward through a student), opcheck, bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from commentaries_ext import backend
+from commentaries_ext.ops import cross_entropy as ce
+from commentaries_ext.reference import cross_entropy as ref
+
+IGNORE = -100
+BACKENDS = backend.candidates("wce_forward", "cpu")
+# elements of logits per example: Triton runs under the (slow) interpreter on the CPU
+MAX_ELEMS = {"triton": 4096}
+DEFAULT_MAX_ELEMS = 1 << 18
+
+
+def _dims(backend_name: str):
+    cap = MAX_ELEMS.get(backend_name, DEFAULT_MAX_ELEMS)
+    maxn, maxc = (64, 256) if backend_name == "triton" else (4096, 2048)
+
+    @st.composite
+    def dims(draw):
+        c = draw(st.one_of(st.integers(1, 16), st.integers(1, maxc)))
+        n = draw(st.one_of(st.integers(1, 16), st.integers(1, max(1, min(maxn, cap // c)))))
+        return n, c
+
+    return dims()
+
+
+def _inputs(n, c, dtype, *, mixed, ignore_some, extreme, layout, seed):
+    g = torch.Generator().manual_seed(seed)
+    z64 = torch.randn(n, c, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, c, (n,), generator=g)
+    yb = torch.randint(0, c, (n,), generator=g)
+    lam = torch.rand(n, generator=g, dtype=torch.float64)
+    if mixed:
+        lam[::3] = 1.0  # exact endpoints
+        lam[1::5] = 0.0
+    if extreme:
+        big = torch.tensor([1e4, -1e4], dtype=torch.float64)
+        pick = torch.randint(0, 2, (n, c), generator=g)
+        mask = torch.rand(n, c, generator=g) < 0.3
+        z64 = torch.where(mask, big[pick], z64)
+        neg = (torch.rand(n, c, generator=g) < 0.3)
+        neg[torch.arange(n), y] = False
+        if mixed:
+            neg[torch.arange(n), yb] = False
+        z64 = torch.where(neg, float("-inf"), z64)
+    if ignore_some:
+        y = torch.where(torch.rand(n, generator=g) < 0.3, torch.full_like(y, IGNORE), y)
+    u64 = torch.randn(n, c, generator=g, dtype=torch.float64)
+    t64 = torch.randn(n, c, generator=g, dtype=torch.float64)
+    gl64 = torch.randn(n, generator=g, dtype=torch.float64)
+    sc64 = torch.rand(n, generator=g, dtype=torch.float64)
+
+    def lay(x):
+        x = x.to(dtype)
+        if layout == "transposed":  # column stride N
+            return x.t().contiguous().t()
+        if layout == "strided":  # every other column of a wider buffer, every row stride padded
+            buf = torch.full((n, 2 * c + 3), float("nan"), dtype=dtype)
+            buf[:, : 2 * c : 2] = x
+            return buf[:, : 2 * c : 2]
+        return x.contiguous()
+
+    return dict(z64=z64, z=lay(z64), y=y, yb=yb if mixed else None, lam64=lam if mixed else None,
+                lam=lam.to(dtype) if mixed else None, u64=u64, u=lay(u64), t64=t64, t=lay(t64), gl64=gl64,
+                gl=gl64.to(dtype), sc64=sc64, sc=sc64.to(dtype))
+
+
+def _tols(dtype, extreme):
+    if dtype == torch.float64:
+        return dict(rtol=1e-9, atol=1e-9)
+    # |logits| up to 1e4: float32 lse (and so p = exp(z - lse)) is good to ulp(1e4) ~ 1e-3
+    return dict(rtol=2e-5, atol=5e-5 if not extreme else 4e-3)
+
+
+def _close(got, want, name, **tol):
+    assert not torch.isnan(got).any() or torch.isnan(want).any(), f"{name}: NaN where the reference is not"
+    torch.testing.assert_close(got.to(torch.float64), want, equal_nan=True, msg=lambda m: f"{name}: {m}", **tol)
+
+
+def _check_backend(name, n, c, dtype, mixed, ignore_some, extreme, layout, seed):
+    d = _inputs(n, c, dtype, mixed=mixed, ignore_some=ignore_some, extreme=extreme, layout=layout, seed=seed)
+    # float64 oracle: the reference backend in float64 on the same (rounded) inputs
+    for k in ("z", "lam", "u", "t", "gl", "sc"):
+        if d[k] is not None:
+            d[k + "64"] = d[k].to(torch.float64)
+    r_loss, r_lse = ref.wce_forward(d["z64"], d["y"], d["yb"], d["lam64"], IGNORE)
+    r_grad = ref.wce_backward(d["gl64"], d["z64"], r_lse, d["y"], d["yb"], d["lam64"], IGNORE)
+    r_hvp = ref.wce_hvp(d["z64"], r_lse, d["sc64"], d["u64"])
+    r_jvp = ref.wce_jvp(d["z64"], r_lse, d["y"], d["yb"], d["lam64"], d["t64"], IGNORE)
+    with backend.use(name):
+        k = {op: backend.kernel(op, "cpu") for op in ce.KERNEL_OPS}
+        loss, lse = k["wce_forward"](d["z"], d["y"], d["yb"], d["lam"], IGNORE)
+        lse_in = r_lse.to(dtype)
+        grad = k["wce_backward"](d["gl"], d["z"], lse_in, d["y"], d["yb"], d["lam"], IGNORE)
+        hvp = k["wce_hvp"](d["z"], lse_in, d["sc"], d["u"])
+        jvp = k["wce_jvp"](d["z"], lse_in, d["y"], d["yb"], d["lam"], d["t"], IGNORE)
+    tol = _tols(dtype, extreme)
+    assert loss.shape == (n,) and lse.shape == (n,) and grad.shape == (n, c) and hvp.shape == (n, c)
+    assert loss.dtype == dtype and grad.dtype == dtype and jvp.dtype == dtype
+    _close(lse, r_lse, "lse", **tol)
+    _close(loss, r_loss, "loss", **tol)
+    _close(grad, r_grad, "grad", **tol)
+    _close(hvp, r_hvp, "hvp", **tol)
+    _close(jvp, r_jvp, "jvp", **tol)
+    if not extreme:  # the reference itself agrees with torch's cross-entropy
+        valid = d["y"] != IGNORE
+        want = F.cross_entropy(d["z64"], d["y"], reduction="none", ignore_index=IGNORE)
+        if d["yb"] is not None:
+            want = d["lam64"] * want + (1 - d["lam64"]) * F.cross_entropy(d["z64"], d["yb"], reduction="none")
+        torch.testing.assert_close(r_loss, torch.where(valid, want, 0.0))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_backends_listed(name):
+    assert "cpp" in BACKENDS and "reference" in BACKENDS, BACKENDS
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernels_match_float64(name, dtype):
+    @settings(max_examples=12 if name == "triton" else 25)
+    @given(dims=_dims(name), mixed=st.booleans(), ignore_some=st.booleans(), extreme=st.booleans(),
+           layout=st.sampled_from(["contiguous", "transposed", "strided"]), seed=st.integers(0, 2**31 - 1))
+    def run(dims, mixed, ignore_some, extreme, layout, seed):
+        _check_backend(name, *dims, dtype, mixed, ignore_some, extreme, layout, seed)
+
+    run()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("n,c", [(1, 1), (1, 2048), (4096, 1), (3, 2049), (4099, 10)])
+def test_kernel_edge_sizes(name, n, c):
+    if name == "triton" and n * c > 20000:
+        pytest.skip("too large for the Triton interpreter")
+    _check_backend(name, n, c, torch.float32, True, True, False, "contiguous", n * 7 + c)
+    _check_backend(name, n, c, torch.float64, False, False, True, "transposed", n + c)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_all_minus_inf_but_target_and_all_ignored(name):
+    z = torch.full((4, 7), float("-inf"))
+    z[:, 2] = 1e4
+    y = torch.full((4,), 2)
+    with backend.use(name):
+        loss, lse = backend.kernel("wce_forward", "cpu")(z, y, None, None, IGNORE)
+        assert torch.equal(loss, torch.zeros(4)) and torch.equal(lse, torch.full((4,), 1e4))
+        grad = backend.kernel("wce_backward", "cpu")(torch.ones(4), z, lse, y, None, None, IGNORE)
+        assert torch.equal(grad, torch.zeros(4, 7))
+        yi = torch.full((4,), IGNORE)
+        loss, lse = backend.kernel("wce_forward", "cpu")(z, yi, None, None, IGNORE)
+        assert torch.equal(loss, torch.zeros(4))
+        grad = backend.kernel("wce_backward", "cpu")(torch.ones(4), z, lse, yi, None, None, IGNORE)
+        assert torch.equal(grad, torch.zeros(4, 7))
+        jvp = backend.kernel("wce_jvp", "cpu")(z, lse, yi, None, None, torch.ones(4, 7), IGNORE)
+        assert torch.equal(jvp, torch.zeros(4))
+
+
+# ----------------------------------------------------------------- public functions and autograd
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_gradcheck_gradgradcheck(name):
+    g = torch.Generator().manual_seed(1)
+    n, c = 5, 4
+    z = torch.randn(n, c, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(n, generator=g, dtype=torch.float64, requires_grad=True)
+    lam = torch.rand(n, generator=g, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(n, c, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(n, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, IGNORE, 3, 1])
+    yb = torch.tensor([2, 2, 0, 1, 3])
+    cases = [
+        (lambda z, w: ce.weighted_cross_entropy(z, y, w, reduction="mean"), (z, w)),
+        (lambda z, w: ce.weighted_cross_entropy(z.t().contiguous().t(), y, w, reduction="none"), (z, w)),
+        (lambda z, w, l: ce.blended_cross_entropy(z, y, yb, l, w, reduction="sum"), (z, w, lam)),
+        (lambda z, u, s: ce.cross_entropy_hvp(z, u, s), (z, u, s)),
+        (lambda z, u, l: ce.cross_entropy_jvp(z, y, u, yb, l), (z, u, lam)),
+    ]
+    with backend.use(name):
+        for f, args in cases:
+            assert torch.autograd.gradcheck(f, args, check_forward_ad=True)
+            assert torch.autograd.gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_torch_cross_entropy(name, reduction):
+    g = torch.Generator().manual_seed(2)
+    n, c = 37, 11
+    z0 = torch.randn(n, c, generator=g) * 4
+    y = torch.randint(0, c, (n,), generator=g)
+    y[::4] = IGNORE
+    w0 = torch.rand(n, generator=g)
+    z1, w1 = z0.clone().requires_grad_(), w0.clone().requires_grad_()
+    z2, w2 = z0.clone().requires_grad_(), w0.clone().requires_grad_()
+    with backend.use(name):
+        got = ce.weighted_cross_entropy(z1, y, w1, reduction=reduction)
+    per = F.cross_entropy(z2, y, reduction="none", ignore_index=IGNORE) * w2
+    want = {"none": per, "sum": per.sum(), "mean": per.sum() / (y != IGNORE).sum()}[reduction]
+    torch.testing.assert_close(got, want)
+    v = torch.randn_like(got)
+    gz1, gw1 = torch.autograd.grad(got, (z1, w1), v)
+    gz2, gw2 = torch.autograd.grad(want, (z2, w2), v)
+    torch.testing.assert_close(gz1, gz2)
+    torch.testing.assert_close(gw1, gw2)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_blended_matches_torch(name):
+    g = torch.Generator().manual_seed(3)
+    n, c = 20, 6
+    z0 = torch.randn(n, c, generator=g)
+    a, b = torch.randint(0, c, (n,), generator=g), torch.randint(0, c, (n,), generator=g)
+    lam0 = 0.5 + 0.5 * torch.rand(n, generator=g)
+    z1, l1 = z0.clone().requires_grad_(), lam0.clone().requires_grad_()
+    z2, l2 = z0.clone().requires_grad_(), lam0.clone().requires_grad_()
+    with backend.use(name):
+        got = ce.blended_cross_entropy(z1, a, b, l1)
+    want = (l2 * F.cross_entropy(z2, a, reduction="none") + (1 - l2) * F.cross_entropy(z2, b, reduction="none")).mean()
+    torch.testing.assert_close(got, want)
+    for x, y_ in zip(torch.autograd.grad(got, (z1, l1)), torch.autograd.grad(want, (z2, l2))):
+        torch.testing.assert_close(x, y_)
+    # a scalar lam broadcasts
+    with backend.use(name):
+        got = ce.blended_cross_entropy(z0, a, b, 0.7, reduction="sum")
+    want = (0.7 * F.cross_entropy(z0, a, reduction="none") + 0.3 * F.cross_entropy(z0, b, reduction="none")).sum()
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_student_hessian_vector_product(name):
+    """Double backward through an MLP with this loss gives the true HVP w.r.t. its parameters."""
+    torch.manual_seed(4)
+    mlp = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).double()
+    x = torch.randn(9, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (9,))
+    y[2] = IGNORE
+    w = torch.rand(9, dtype=torch.float64, requires_grad=True)
+    params = list(mlp.parameters())
+    vs = [torch.randn_like(p) for p in params]
+
+    def hvp(loss_fn):
+        loss = loss_fn(mlp(x))
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        dot = sum((g * v).sum() for g, v in zip(grads, vs))
+        return torch.autograd.grad(dot, params + [w])
+
+    with backend.use(name):
+        got = hvp(lambda z: ce.weighted_cross_entropy(z, y, w, reduction="mean"))
+    want = hvp(lambda z: (w * F.cross_entropy(z, y, reduction="none", ignore_index=IGNORE)).sum() / 8)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_hvp_and_jvp_functions(name):
+    g = torch.Generator().manual_seed(5)
+    n, c = 13, 9
+    z = torch.randn(n, c, generator=g, dtype=torch.float64)
+    y = torch.randint(0, c, (n,), generator=g)
+    u = torch.randn(n, c, generator=g, dtype=torch.float64)
+    s = torch.rand(n, generator=g, dtype=torch.float64)
+    with backend.use(name):
+        h = ce.cross_entropy_hvp(z, u, s)
+        j = ce.cross_entropy_jvp(z, y, u)
+    # per-row Hessian of the loss by autograd
+    want_h = torch.stack([s[i] * torch.autograd.functional.hessian(lambda r: F.cross_entropy(r[None], y[i:i + 1]), z[i])
+                          @ u[i] for i in range(n)])
+    torch.testing.assert_close(h, want_h)
+    _, want_j = torch.func.jvp(lambda z: F.cross_entropy(z, y, reduction="none"), (z,), (u,))
+    torch.testing.assert_close(j, want_j)
+
+
+def test_forward_over_reverse_hvp():
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (7,), generator=g)
+    yb = torch.randint(0, 5, (7,), generator=g)
+    lam = torch.rand(7, generator=g, dtype=torch.float64)
+    v = torch.randn_like(z)
+
+    def f(z):
+        return ce.blended_cross_entropy(z, y, yb, lam, reduction="sum")
+
+    def f_ref(z):
+        return (lam * F.cross_entropy(z, y, reduction="none") + (1 - lam) * F.cross_entropy(z, yb, reduction="none")).sum()
+
+    got = torch.func.jvp(torch.func.grad(f), (z,), (v,))[1]
+    want = torch.func.jvp(torch.func.grad(f_ref), (z,), (v,))[1]
+    torch.testing.assert_close(got, want)
+
+
+# ----------------------------------------------------------------- opcheck
+
+
+def _opcheck_samples():
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, IGNORE, 3, 4, 2])
+    yb = torch.tensor([1, 1, 0, 2, 0, 4])
+    lam = torch.rand(6, generator=g, dtype=torch.float64)
+    lse = torch.logsumexp(z, 1)
+    gl = torch.rand(6, generator=g, dtype=torch.float64)
+    u = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    return {
+        "wce_forward": [(z, y, None, None, IGNORE), (z, y, yb, lam, IGNORE)],
+        "wce_backward": [(gl, z, lse, y, None, None, IGNORE), (gl, z, lse, y, yb, lam, IGNORE)],
+        "wce_hvp": [(z, lse, gl, u)],
+        "wce_jvp": [(z, lse, y, yb, lam, u, IGNORE)],
+    }
+
+
+@pytest.mark.parametrize("op", ["wce_forward", "wce_backward", "wce_hvp", "wce_jvp"])
+def test_opcheck(op):
+    samples = _opcheck_samples()[op]
+    for args in samples:
+        torch.library.opcheck(getattr(torch.ops.commentaries_ext, op), args,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        if hasattr(torch.ops.commentaries_ext, "cpp_" + op):
+            torch.library.opcheck(getattr(torch.ops.commentaries_ext, "cpp_" + op), args,
+                                  test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def test_bad_input_errors():
+    z = torch.randn(4, 3)
+    y = torch.tensor([0, 1, 2, 1])
+    with pytest.raises(IndexError, match="target holds 3"):
+        ce.weighted_cross_entropy(z, torch.tensor([0, 3, 1, 1]))
+    with pytest.raises(IndexError, match="target holds -1"):
+        ce.weighted_cross_entropy(z, torch.tensor([0, -1, 1, 1]))
+    with pytest.raises(IndexError, match="target_b holds 5"):
+        ce.blended_cross_entropy(z, y, torch.tensor([0, 5, 1, 1]), 0.5)
+    with pytest.raises(TypeError, match="target must be an integer"):
+        ce.weighted_cross_entropy(z, y.float())
+    with pytest.raises(TypeError, match="logits has dtype"):
+        ce.weighted_cross_entropy(z.to(torch.int32), y)
+    with pytest.raises(TypeError, match="logits has dtype torch.float16"):
+        ce.weighted_cross_entropy(z.half(), y)
+    with pytest.raises(ValueError, match="logits must be 2-D"):
+        ce.weighted_cross_entropy(z[0], y)
+    with pytest.raises(ValueError, match=r"target must have shape \[4\]"):
+        ce.weighted_cross_entropy(z, y[:3])
+    with pytest.raises(ValueError, match=r"weight must have shape \[4\]"):
+        ce.weighted_cross_entropy(z, y, torch.ones(5))
+    with pytest.raises(TypeError, match="weight has dtype torch.float64"):
+        ce.weighted_cross_entropy(z, y, torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        ce.weighted_cross_entropy(z, y, reduction="avg")
+    with pytest.raises(ValueError, match="lam must have shape"):
+        ce.blended_cross_entropy(z, y, y, torch.ones(3))
+    with pytest.raises(ValueError, match="u must have the shape"):
+        ce.cross_entropy_hvp(z, torch.ones(4, 2))
+    with pytest.raises(ValueError, match="target_b and lam must be given together"):
+        ce.per_example_cross_entropy(z, y, y)
+    with pytest.raises(ValueError, match="is on meta"):
+        ce.weighted_cross_entropy(z, y.to("meta"))
+    bad = z.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="logits contains NaN"):
+        ce.weighted_cross_entropy(bad, y, check_finite=True)
+    bad[1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"logits contains \+inf"):
+        ce.weighted_cross_entropy(bad, y, check_finite=True)
+    ok = z.clone()
+    ok[1, 0] = float("-inf")
+    assert torch.isfinite(ce.weighted_cross_entropy(ok, y, check_finite=True))
+    # ignore_index rows may hold ignore_index even when it is out of range
+    assert torch.isfinite(ce.weighted_cross_entropy(z, torch.tensor([0, IGNORE, 1, 1])))
+
+
+def test_empty_batch_and_all_ignored():
+    z = torch.randn(0, 3, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.int64)
+    assert ce.weighted_cross_entropy(z, y, reduction="sum").item() == 0
+    assert ce.weighted_cross_entropy(z, y, reduction="none").shape == (0,)
+    z = torch.randn(3, 3)
+    got = ce.weighted_cross_entropy(z, torch.full((3,), IGNORE))
+    want = F.cross_entropy(z, torch.full((3,), IGNORE), ignore_index=IGNORE)
+    assert math.isnan(got.item()) and math.isnan(want.item())
+
+
+def test_compile_uses_custom_op():
+    pytest.importorskip("torch._dynamo")
+    z0 = torch.randn(8, 5)
+    y = torch.randint(0, 5, (8,))
+    w = torch.rand(8)
+
+    def f(z):
+        return ce.weighted_cross_entropy(z, y, w, reduction="sum")
+
+    z1 = z0.clone().requires_grad_()
+    z2 = z0.clone().requires_grad_()
+    got = torch.compile(f, backend="aot_eager")(z1)
+    want = (w * F.cross_entropy(z2, y, reduction="none")).sum()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, z1)[0], torch.autograd.grad(want, z2)[0])
