@@ -312,3 +312,39 @@ def test_every_triton_kernel_compiles_for_sm90():
         pytest.skip("Triton's bundled ptxas is missing")
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-6000:]
     assert "compiled" in res.stdout
+
+
+@needs_gpu
+@pytest.mark.parametrize("bk", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_gpu_solver_ops_match_reference(bk, dtype):
+    if bk == "cuda" and not _cuda_has("neumann_step"):
+        pytest.skip("the CUDA C++ kernels are not built")
+    from commentaries_ext.reference import solver as rs
+
+    gen = torch.Generator().manual_seed(1)
+    sizes = [(1,), (4097,), (3, 5), (70000,)]  # block boundaries of both backends
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    a = torch.tensor(-0.7, dtype=acc, device="cuda")
+
+    def lists(k):
+        return [[torch.randn(s, generator=gen).to("cuda", dtype) for s in sizes] for _ in range(k)]
+
+    def clone(ls):
+        return [[t.clone() for t in v] for v in ls]
+
+    kern = backend._kernels[bk]
+    v = lists(4)
+    w = clone(v)
+    kern["neumann_step"](v[0], v[1], v[2], a)
+    rs.neumann_step(w[0], w[1], w[2], a)
+    for x, y in zip(v[0] + v[1], w[0] + w[1]):
+        torch.testing.assert_close(x.float(), y.float(), **tol)
+    for z in (v[3], []):
+        v2, w2 = clone(v), clone(v)
+        r1 = kern["axpy_dot"](v2[0], a, v2[2], z)
+        r2 = rs.axpy_dot(w2[0], a, w2[2], z)
+        assert r1.dtype == acc and r1.dim() == 0
+        torch.testing.assert_close(r1, r2, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-3)
+        torch.testing.assert_close(kern["multi_dot"](v[0], z), rs.multi_dot(v[0], z), rtol=1e-4, atol=1e-3)
