@@ -1,0 +1,140 @@
+"""Micro-benchmark of the weighted softmax cross-entropy on the CPU.
+
+For N=8192 and C in {10, 100, 1000} (float32), in one run:
+
+* forward+backward of ``sum_i w_i CE(z_i, y_i)`` (gradient w.r.t. the logits):
+  eager PyTorch (``F.cross_entropy(reduction="none") * w``, sum, backward),
+  ``torch.compile`` of the same, and ``weighted_cross_entropy`` on each backend;
+* the loss-HVP ``w_i H_i u_i`` w.r.t. the logits: eager double backward vs
+  ``cross_entropy_hvp`` on each backend;
+* the copy bandwidth (``Tensor.copy_`` of a 64 MB buffer, read + write) and the
+  bandwidth achieved by the C=1000 forward+backward (read the logits once,
+  write the gradient once).
+
+Medians over ``--repeats`` timed calls after warm-up. Usage::
+
+    python python/bench_cross_entropy.py [--backends cpp,reference] [--repeats 50] [--json out.json] [--no-compile]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import commentaries_ext  # noqa: F401
+from commentaries_ext import backend
+from commentaries_ext.ops import cross_entropy as ce
+
+
+def timeit(fn, repeats: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(repeats: int) -> float:
+    src = torch.empty(16 * 1024 * 1024, dtype=torch.float32).uniform_()  # 64 MB
+    dst = torch.empty_like(src)
+    t = timeit(lambda: dst.copy_(src), repeats)
+    return 2 * src.numel() * src.element_size() / t  # bytes/s (read + write)
+
+
+def eager_loss(z, y, w):
+    return (F.cross_entropy(z, y, reduction="none") * w).sum()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backends", default=",".join(b for b in backend.candidates("wce_forward", "cpu") if b != "triton"),
+                    help="comma-separated backends to time (default: the CPU ones present)")
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument("--classes", default="10,100,1000")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    backends = [b for b in args.backends.split(",") if b]
+    n = args.n
+    results: dict = {"n": n, "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": []}
+
+    bw = copy_bandwidth(args.repeats)
+    results["copy_GBps"] = bw / 1e9
+    compiled = None if args.no_compile else torch.compile(eager_loss)
+
+    for c in (int(v) for v in args.classes.split(",")):
+        g = torch.Generator().manual_seed(c)
+        z = torch.randn(n, c, generator=g).requires_grad_()
+        y = torch.randint(0, c, (n,), generator=g)
+        w = torch.rand(n, generator=g)
+        u = torch.randn(n, c, generator=g)
+        row: dict = {"C": c, "fwd_bwd_ms": {}, "hvp_ms": {}}
+
+        def fb_eager():
+            torch.autograd.grad(eager_loss(z, y, w), z)
+
+        def hvp_eager():
+            (gz,) = torch.autograd.grad(eager_loss(z, y, w), z, create_graph=True)
+            torch.autograd.grad(gz, z, u)
+
+        row["fwd_bwd_ms"]["eager"] = timeit(fb_eager, args.repeats) * 1e3
+        if compiled is not None:
+            def fb_compile():
+                torch.autograd.grad(compiled(z, y, w), z)
+            row["fwd_bwd_ms"]["compile"] = timeit(fb_compile, args.repeats) * 1e3
+        row["hvp_ms"]["eager"] = timeit(hvp_eager, max(5, args.repeats // 2)) * 1e3
+        zd = z.detach()
+        for b in backends:
+            with backend.use(b):
+                def fb_ours():
+                    torch.autograd.grad(ce.weighted_cross_entropy(z, y, w, reduction="sum"), z)
+
+                def hvp_ours():
+                    ce.cross_entropy_hvp(zd, u, w)
+
+                row["fwd_bwd_ms"][b] = timeit(fb_ours, args.repeats) * 1e3
+                row["hvp_ms"][b] = timeit(hvp_ours, args.repeats) * 1e3
+        nbytes = 2 * n * c * z.element_size()
+        row["fwd_bwd_GBps"] = {k: nbytes / (v * 1e-3) / 1e9 for k, v in row["fwd_bwd_ms"].items()}
+        results["rows"].append(row)
+
+    print(f"N={n} float32, {results['threads']} threads, torch {torch.__version__}; medians of {args.repeats}")
+    print(f"copy bandwidth (64 MB copy_, read+write): {results['copy_GBps']:.1f} GB/s")
+    for kind in ("fwd_bwd_ms", "hvp_ms"):
+        print(f"\n{kind.replace('_ms', '')} (ms; speed-up vs eager" + (", vs compile)" if kind == "fwd_bwd_ms" and
+                                                                             compiled is not None else ")"))
+        names = list(results["rows"][0][kind].keys())
+        print("| C | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
+        for row in results["rows"]:
+            cells = []
+            for k in names:
+                t = row[kind][k]
+                cell = f"{t:.3f}"
+                if k not in ("eager", "compile"):
+                    cell += f" ({row[kind]['eager'] / t:.1f}x"
+                    if "compile" in row[kind]:
+                        cell += f", {row[kind]['compile'] / t:.2f}x"
+                    cell += ")"
+                cells.append(cell)
+            print(f"| {row['C']} | " + " | ".join(cells) + " |")
+    for row in results["rows"]:
+        if row["C"] == max(r["C"] for r in results["rows"]):
+            parts = ", ".join(f"{k} {v:.1f} GB/s ({100 * v / results['copy_GBps']:.0f}% of copy)"
+                              for k, v in row["fwd_bwd_GBps"].items())
+            print(f"\nC={row['C']} fwd+bwd bandwidth (read logits + write gradient): {parts}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
