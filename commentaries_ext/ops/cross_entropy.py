@@ -197,8 +197,57 @@ def _hvp_op_grads(K: _Kernels, saved, needs, v):
 # ----------------------------------------------------------------- eager autograd.Functions
 
 
+_KCACHE: dict = {}
+
+
 def _k(op: str, device) -> callable:
-    return backend.kernel(op, device)
+    """``backend.kernel(op, device)``, cached per (op, device type, forced backend, registrations)."""
+    tables = backend._kernels
+    key = (op, device.type, backend.forced(), sum(len(t) for t in tables.values()))
+    fn = _KCACHE.get(key)
+    if fn is None:
+        fn = _KCACHE[key] = backend.kernel(op, device)
+    return fn
+
+
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+import torch.autograd.forward_ad as _fwad  # noqa: E402
+
+
+def _dual_level_active() -> bool:
+    return getattr(_fwad, "_current_level", 0) >= 0
+
+
+def _eager(setup_cls, op: str):
+    """The differentiable callable of one kernel op in eager mode.
+
+    ``setup_cls`` is an ``autograd.Function`` written with ``setup_context`` (needed by
+    ``torch.func`` transforms); outside them a classic ``forward(ctx, ...)`` twin runs
+    (about 20 us cheaper per call), and with grad mode off (a first-order backward) the
+    kernel is called directly."""
+
+    class Classic(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            out = setup_cls.forward(*inputs)
+            setup_cls.setup_context(ctx, inputs, out)
+            return out
+
+        backward = setup_cls.backward
+        jvp = setup_cls.jvp
+
+    Classic.__name__ = Classic.__qualname__ = setup_cls.__name__ + "Classic"
+    classic_apply, setup_apply = Classic.apply, setup_cls.apply
+
+    def call(*args):
+        if _functorch_active():
+            return setup_apply(*args)
+        if not torch.is_grad_enabled() and not _dual_level_active():
+            return _k(op, args[1].device)(*args)
+        return classic_apply(*args)
+
+    call.classic = Classic
+    return call
 
 
 class _Forward(torch.autograd.Function):
@@ -333,7 +382,8 @@ class _Jvp(torch.autograd.Function):
         return torch.zeros_like(lse) if out is None else out
 
 
-EAGER = _Kernels(_Forward.apply, _Backward.apply, _Hvp.apply, _Jvp.apply)
+EAGER = _Kernels(_eager(_Forward, "wce_forward"), _eager(_Backward, "wce_backward"), _eager(_Hvp, "wce_hvp"),
+                 _eager(_Jvp, "wce_jvp"))
 
 
 # ----------------------------------------------------------------- device-independent custom ops
