@@ -33,7 +33,7 @@ def setup(args) -> Path:
 
 def ms(values) -> str:
     """'mean ± std' of a list (None entries are reported as a count)."""
-    vals = [v for v in values if v is not None]
+    vals = [v for v in values if v is not None and v == v]
     if not vals:
         return "n/a"
     m = statistics.fmean(vals)

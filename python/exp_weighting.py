@@ -62,7 +62,14 @@ def main():
     p.add_argument("--outer-lr", type=float, default=3e-3)
     p.add_argument("--inits", type=int, default=3, help="student initialisations per seed")
     p.add_argument("--reuse-arch", default="resnet")
+    p.add_argument("--summarize", action="store_true", help="only rebuild summary.md from results.json")
     args = p.parse_args()
+    if args.summarize:
+        import json
+        from pathlib import Path
+
+        R = json.loads((Path(args.out) / "results.json").read_text())
+        return summarize(Path(args.out), argparse_ns(R["args"]), R["results"])
     out = E.setup(args)
     if args.quick:
         args.train_size, args.val_size, args.inner_steps, args.outer_steps, args.inits = 500, 200, 10, 2, 1
@@ -108,13 +115,26 @@ def main():
         E.log(f"seed {seed}: learn {learn_seconds:.0f}s; convnet steps baseline "
               f"{[r['baseline_steps'] for r in conv]} commentary {[r['commentary_steps'] for r in conv]}")
         E.dump(out / "results.json", {"args": vars(args), "results": results})
+    summarize(out, args, results)
+
+
+def argparse_ns(d):
+    import argparse
+
+    return argparse.Namespace(**d)
+
+
+def summarize(out, args, results):
+    T = args.inner_steps
+    ev = max(1, T // 20)
 
     def agg(key, arch):
         # per seed: mean over initialisations (never reached -> T + 1 counted separately)
         vals = []
         for r in results:
             xs = [row[key] for row in r[arch]]
-            vals.append(statistics.fmean([x if x is not None else float("nan") for x in xs]))
+            xs = [x for x in xs if x is not None]
+            vals.append(statistics.fmean(xs) if xs else None)
         return vals
 
     lines = [f"inner/training steps T = {T}, evaluation every {ev} steps, {args.inits} student inits per seed",
