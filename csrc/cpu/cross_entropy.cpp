@@ -142,6 +142,42 @@ void check_logits(const at::Tensor& logits, const char* op) {
 
 // -------------------------------------------------------------- forward
 
+// Small C with column stride 1: blocks of rows are shifted by their max into a
+// flat scratch buffer, so that exp and log run on full vectors (per-row vector
+// code would leave most lanes idle and pay a horizontal reduction per row).
+template <typename T>
+void lse_small_block(const T* z, int64_t s0, int64_t C, int64_t i0, int64_t rb, T* sh, T* ms, T* sums, T* lse_out) {
+  constexpr int64_t W = Vec<T>::size();
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < rb; ++r) {
+    const T* row = z + (i0 + r) * s0;
+    T m = row[0];
+    for (int64_t c = 1; c < C; ++c) m = std::max(m, row[c]);
+    const T mm = (m == ninf) ? T(0) : m;
+    ms[r] = mm;
+    T* o = sh + r * C;
+    for (int64_t c = 0; c < C; ++c) o[c] = row[c] - mm;
+  }
+  const int64_t L = rb * C;
+  int64_t k = 0;
+  for (; k + W <= L; k += W) Vec<T>::loadu(sh + k).exp_u20().store(sh + k);
+  if (k < L) Vec<T>::loadu(sh + k, L - k).exp_u20().store(sh + k, L - k);
+  for (int64_t r = 0; r < rb; ++r) {
+    const T* o = sh + r * C;
+    T sacc = 0;
+    for (int64_t c = 0; c < C; ++c) sacc += o[c];
+    sums[r] = sacc;
+  }
+  k = 0;
+  for (; k + W <= rb; k += W) (Vec<T>::loadu(ms + k) + Vec<T>::loadu(sums + k).log()).store(lse_out + k);
+  for (; k < rb; ++k) lse_out[k] = ms[k] + std::log(sums[k]);
+  for (int64_t r = 0; r < rb; ++r)
+    if (std::isinf(ms[r])) lse_out[r] = ms[r];  // a +inf logit: lse is +inf
+}
+
+constexpr int64_t kSmallC = 32;
+constexpr int64_t kRowBlock = 64;
+
 std::tuple<at::Tensor, at::Tensor> cpp_wce_forward(const at::Tensor& logits, const at::Tensor& target,
                                                    const std::optional<at::Tensor>& target_b,
                                                    const std::optional<at::Tensor>& lam, int64_t ignore_index) {
@@ -159,11 +195,18 @@ std::tuple<at::Tensor, at::Tensor> cpp_wce_forward(const at::Tensor& logits, con
     const int64_t slm = mix.yb ? lam->stride(0) : 0;
     T* lo = loss.mutable_data_ptr<T>();
     T* ls = lse.mutable_data_ptr<T>();
+    const bool small = C > 0 && C <= kSmallC && (s1 == 1 || C == 1);
     at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t e) {
       std::vector<T> buf;
+      if (small) {
+        std::vector<T> sh(kRowBlock * C), scratch(3 * kRowBlock);
+        for (int64_t i0 = b; i0 < e; i0 += kRowBlock)
+          lse_small_block(z, s0, C, i0, std::min(kRowBlock, e - i0), sh.data(), scratch.data(),
+                          scratch.data() + kRowBlock, ls + i0);
+      }
       for (int64_t i = b; i < e; ++i) {
         const T* row = row_ptr(z, i, s0, s1, C, buf);
-        const T l = row_lse(row, C);
+        const T l = small ? ls[i] : row_lse(row, C);
         ls[i] = l;
         const int64_t y = mix.y[i * mix.sy];
         if (y == mix.ignore_index || C == 0) {
