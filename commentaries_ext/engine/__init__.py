@@ -54,6 +54,12 @@ K <= 2), the linearised form otherwise, and double backward whenever the loss
 cannot be traced (data-dependent Python control flow).  Pass the same loss
 callable every hyper-step so that the trace is reused.
 
+Several processes: ``implicit_hypergradient(..., reduce=ShardReducer(...))``
+(``commentaries_ext.distributed``) combines ``v``, every Hessian-vector product,
+the mixed term and the solvers' scalars over the ranks, so that the result is
+the hypergradient of the union of the ranks' shards, the same on every rank;
+``unroll(..., grad_reduce=reducer.train)`` likewise for each inner step.
+
 Lower-level pieces: ``make_operator(loss, params, hparams, batch, curvature=,
 hvp=, damping=)`` (``.grad()``, ``.matvec(c)``, ``.mixed(p)``),
 ``inverse_hvp(op, v, solver, state)``, ``neumann``, ``conjugate_gradient``,
@@ -77,7 +83,7 @@ Backpropagation through training
 (tracked) trajectory; the inner optimisers reproduce ``torch.optim`` step by step.
 """
 from .functional import FunctionalModule
-from .hvp import SplitLoss, WeightedLoss, make_operator
+from .hvp import ReducedOperator, SplitLoss, WeightedLoss, make_operator
 from .implicit import (
     CGConfig,
     EngineState,
@@ -95,7 +101,7 @@ from .unroll import SGD, Adam, UnrollResult, from_torch, unroll
 from . import vector
 
 __all__ = [
-    "FunctionalModule", "SplitLoss", "WeightedLoss", "make_operator",
+    "FunctionalModule", "ReducedOperator", "SplitLoss", "WeightedLoss", "make_operator",
     "CGConfig", "EngineState", "HypergradientDivergenceError", "HypergradientDivergenceWarning",
     "HypergradResult", "NeumannConfig", "conjugate_gradient", "implicit_hypergradient", "inverse_hvp",
     "neumann", "power_iteration", "SGD", "Adam", "UnrollResult", "from_torch", "unroll", "vector",

@@ -353,3 +353,37 @@ def make_operator(
             _AUTO_BROKEN.add(_code_of(loss))
         warnings.warn(f"forward-over-reverse HVP unavailable ({type(exc).__name__}: {exc}); using double backward", stacklevel=3)
         return DoubleBackwardHessian(loss, params, hparams, batch, damping)
+
+
+class ReducedOperator:
+    """A curvature operator whose products are combined over several processes.
+
+    ``reduce.train(tensors)`` (e.g. :class:`commentaries_ext.distributed.ShardReducer`)
+    turns one rank's derivatives of its shard's training loss into the union's;
+    ``matvec(c)`` is ``reduce.train(H_r c) + delta c`` (the damping is added once,
+    after the combination), ``mixed(p)`` is ``reduce.train(mixed_r(p))``; one
+    collective each.  ``c`` and ``p`` should be the same on every rank."""
+
+    def __init__(self, op, reduce):
+        self.op, self.reduce = op, reduce
+        self.damping = op.damping
+
+    @property
+    def n_matvec(self):
+        return self.op.n_matvec
+
+    def grad(self):
+        return self.reduce.train(self.op.grad())
+
+    def matvec(self, c):
+        self.op.damping = 0.0
+        hc = self.reduce.train(list(self.op.matvec(c)))
+        if self.damping:
+            torch._foreach_add_(hc, list(c), alpha=self.damping)
+        return hc
+
+    def mixed(self, p):
+        return self.reduce.train(list(self.op.mixed(p)))
+
+    def _mixed_double_backward(self, p):
+        return self.reduce.train(list(self.op._mixed_double_backward(p)))

@@ -184,6 +184,7 @@ def unroll(
     steps: int | None = None,
     truncate: int | None = None,
     checkpoint: int | None = None,
+    grad_reduce: Callable | None = None,
 ) -> UnrollResult:
     """Run ``steps`` differentiable inner steps (one per batch) from ``params``.
 
@@ -194,6 +195,12 @@ def unroll(
     per step, ``s ~ sqrt(T)`` gives sub-linear growth).  The returned params are
     functions of ``hparams`` (and of the initial params if they require grad):
     backpropagate a validation loss through them.
+
+    ``grad_reduce(grads) -> grads`` (several processes, each rank unrolling on its
+    shard of every batch): combines each step's student gradients over the ranks
+    before the optimiser step, differentiably (e.g. ``ShardReducer.train`` of
+    ``commentaries_ext.distributed``: an all-reduce whose backward is the adjoint
+    all-reduce), so that every rank follows the union's trajectory.
     """
     hparams = {} if hparams is None else dict(hparams)
     buffers = {} if buffers is None else {k: v.detach() for k, v in buffers.items()}
@@ -214,6 +221,7 @@ def unroll(
                 params = {k: (v if v.requires_grad else v.detach().requires_grad_(True)) for k, v in params.items()}
             loss, new_buffers = _call_loss(loss_fn, params, buffers, hparams, batch)
             gs = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, allow_unused=True)
+            gs = _reduce_grads(grad_reduce, gs)
         grads = dict(zip(params, gs))
         if not create_graph:
             with torch.no_grad():
@@ -251,7 +259,7 @@ def unroll(
                 b = buf_in
                 ls = []
                 for i in idx:
-                    p, s, b, L = _step(loss_fn, optimizer, p, s, b, h, batches[i], create_graph)
+                    p, s, b, L = _step(loss_fn, optimizer, p, s, b, h, batches[i], create_graph, grad_reduce)
                     ls.append(L)
                 out_leaves, reb2 = _flatten_state(s)
                 if not box:
@@ -267,7 +275,19 @@ def unroll(
                         info={"steps": T, "tracked": len(tracked), "checkpoint": checkpoint})
 
 
-def _step(loss_fn, optimizer, params, state, buffers, hparams, batch, create_graph):
+def _reduce_grads(grad_reduce, gs):
+    """``grad_reduce`` on the gradients that exist (None stays None, alike on every rank)."""
+    if grad_reduce is None:
+        return gs
+    idx = [i for i, g in enumerate(gs) if g is not None]
+    red = grad_reduce([gs[i] for i in idx])
+    out = list(gs)
+    for i, g in zip(idx, red):
+        out[i] = g
+    return tuple(out)
+
+
+def _step(loss_fn, optimizer, params, state, buffers, hparams, batch, create_graph, grad_reduce=None):
     with torch.enable_grad():
         if create_graph:
             params = {k: (v if v.requires_grad else v.detach().requires_grad_(True)) for k, v in params.items()}
@@ -275,6 +295,7 @@ def _step(loss_fn, optimizer, params, state, buffers, hparams, batch, create_gra
             params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         loss, new_buffers = _call_loss(loss_fn, params, buffers, hparams, batch)
         gs = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, allow_unused=True)
+        gs = _reduce_grads(grad_reduce, gs)
     grads = dict(zip(params, gs))
     new_buffers = {k: v.detach() for k, v in new_buffers.items()}
     if create_graph:
