@@ -92,6 +92,7 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
                outer_steps: int = 10, outer_lr: float = 1e-4, outer_optimizer: torch.optim.Optimizer | None = None,
                batch_size: int = 8, same_init: bool = True, truncate: int | None = None,
                checkpoint: int | None = None, val_batch_size: int | None = None, seed: int = 0,
+               distributed: bool | None = None, process_group: Any = None,
                nan_policy: str = "raise", callback: Callable | None = None, device=None) -> LearnResult:
     """Algorithm 1 (backpropagation through training).
 
@@ -102,6 +103,18 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
     the mean over the whole validation split (``val_batch_size=None``, the
     reference) or a random batch of that size.  ``callback(step, record)`` is
     called after each outer step.
+
+    Several processes (``distributed``; default: when a ``torch.distributed``
+    process group is initialised; ``process_group``: the group): ``batch_size``
+    is the *global* batch, drawn alike on every rank (rank 0's ``seed``), and
+    each rank unrolls on its contiguous ``batch_size / world_size`` share of it
+    (it must divide).  Each inner step's student gradient is combined over the
+    ranks with a differentiable all-reduce (the sum for a commentary with
+    ``reduction="sum"``, else the mean), so every rank follows the trajectory
+    of the union of the shards; the validation loss is computed alike on every
+    rank and the commentary's meta-gradient averaged over the ranks before the
+    outer step -- it is then that of one process on the union.  Commentary,
+    outer-optimizer state and student initialisation come from rank 0.
     """
     from .engine import FunctionalModule, unroll
 
@@ -111,6 +124,23 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
         raise ValueError("inner_steps and batch_size must be positive and outer_steps >= 0")
     x, y = _check_data(train_data, "train_data", commentary.num_classes)
     xv, yv = _check_data(val_data, "val_data", commentary.num_classes)
+    from . import distributed as D
+
+    if distributed and not D.enabled():
+        raise ValueError("distributed=True needs an initialised torch.distributed process group")
+    dist_on = D.enabled() if distributed is None else bool(distributed)
+    world, rank = (D.world_size(process_group), D.rank(process_group)) if dist_on else (1, 0)
+    reducer = None
+    if dist_on:
+        if batch_size % world:
+            raise ValueError(f"batch_size={batch_size} is the global batch under torch.distributed: "
+                             f"it must be divisible by the world size {world}")
+        D.check_same({"inner_steps": inner_steps, "outer_steps": outer_steps, "batch_size": batch_size,
+                      "truncate": truncate, "checkpoint": checkpoint, "val_batch_size": val_batch_size,
+                      "train examples": x.shape[0], "validation examples": xv.shape[0]}, process_group)
+        seed = D.broadcast_int(seed, group=process_group)
+        D.broadcast_module_(commentary, group=process_group)
+        reducer = D.ShardReducer(process_group, train_reduction=getattr(commentary, "reduction", "mean"))
     gen = torch.Generator().manual_seed(seed)
     hnames = [n for n, p in commentary.named_parameters() if p.requires_grad]
     if outer_optimizer is None:
@@ -119,6 +149,10 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
     base = student_factory() if same_init else None
     if base is not None and device is not None:
         base = base.to(device)
+    if dist_on:
+        D.broadcast_optimizer_state_(outer_optimizer, group=process_group)
+        if base is not None:
+            D.broadcast_module_(base, group=process_group)
     result = LearnResult(commentary=commentary, info={
         "algorithm": "bptt", "inner_steps": inner_steps, "inner_optimizer": type(opt).__name__, "inner_lr": inner_lr,
         "outer_steps": outer_steps, "outer_lr": outer_lr, "batch_size": batch_size, "same_init": same_init,
@@ -127,12 +161,16 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
         student = copy.deepcopy(base) if same_init else student_factory()
         if device is not None:
             student = student.to(device)
+        if dist_on and not same_init:
+            D.broadcast_module_(student, group=process_group)
         student.train()
         fm = FunctionalModule(student)
         params0, buffers0 = fm.params(), {k: v.detach().clone() for k, v in fm.buffers().items()}
         batches = []
         for t in range(inner_steps):
             idx = _sample(x.shape[0], batch_size, gen)
+            if dist_on:  # this rank's share of the global batch
+                idx = idx[rank * (batch_size // world):(rank + 1) * (batch_size // world)]
             xb, yb = x[idx], y[idx]
             if device is not None:
                 xb, yb, idx = xb.to(device), yb.to(device), idx.to(device)
@@ -146,7 +184,7 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
                 return commentary_loss(out, prep), new_buffers
 
         res = unroll(loss_fn, params0, opt, batches, hparams=hparams, buffers=buffers0, truncate=truncate,
-                     checkpoint=checkpoint)
+                     checkpoint=checkpoint, grad_reduce=None if reducer is None else reducer.train)
         xvb, yvb = _val_batches(xv, yv, val_batch_size, gen)
         if device is not None:
             xvb, yvb = xvb.to(device), yvb.to(device)
@@ -156,6 +194,10 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
         ok = bool(torch.isfinite(L_V))
         if ok:
             L_V.backward()
+            if reducer is not None:  # the union's meta-gradient: the mean over the ranks
+                ps = [p for p in commentary.parameters() if p.grad is not None]
+                for p, g in zip(ps, D.all_reduce_mean([p.grad for p in ps], group=process_group)):
+                    p.grad.copy_(g)
             ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in commentary.parameters())
         if not ok:
             if nan_policy == "raise":

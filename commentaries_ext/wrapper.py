@@ -71,10 +71,33 @@ class CommentaryOptimizer:
     hyper_train_loader: optional iterable of ``(x, y[, index])`` batches: the hyper-step's
         ``g_T`` is then taken on a fresh training batch (the reference setting) instead of
         the batch of the last student step.
-    distributed: average the hypergradients over the ``torch.distributed`` process group
-        (default: when one is initialised).  The student's own gradients are the
-        business of the user's ``DistributedDataParallel`` model, which may be passed
-        as ``model`` (its ``.module`` is differentiated).
+    distributed: several processes, each with its shard of every batch (default: when a
+        ``torch.distributed`` process group is initialised); ``process_group``: the group
+        (default: the world).  See "Several processes" below.
+
+    Several processes
+    -----------------
+    Wrap the student in ``DistributedDataParallel`` (its gradients are then averaged
+    by DDP; the wrapper differentiates its ``.module``), give every rank its own
+    shard of the training and validation batches, and use the wrapper as usual::
+
+        model = DDP(student)                      # gloo on CPU, NCCL on GPUs
+        teacher = CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                      commentary, val_loader=my_val_shards, hyper_every=1)
+
+    At construction the commentary's parameters and buffers and the hyper-optimizer's
+    state are broadcast from rank 0.  Each hyper-step is the hypergradient of the
+    *union* of the ranks' shards (``commentaries_ext.distributed``): ``v = dL_V/dtheta``,
+    every Hessian-vector product, the mixed term and the solvers' scalars are
+    combined across ranks (averaging each rank's final hypergradient would not be:
+    the IFT formula is nonlinear in the data), so the hypergradient -- and the
+    commentary after the hyper-optimizer's step -- is bit-identical on every rank.
+    Shards of different sizes are weighted by their sizes; the commentary's
+    ``reduction="sum"`` makes the union loss the sum over ranks (note that DDP
+    averages the student's gradients), ``"normalized"`` is refused.  BatchNorm in
+    training mode uses each shard's statistics (DDP without ``SyncBatchNorm``),
+    so the result is the hypergradient of the mean of the per-rank losses, not
+    that of one process on the concatenated batch.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, commentary: Commentary | None = None, *,
@@ -83,7 +106,8 @@ class CommentaryOptimizer:
                  solver: Any = None, curvature: str = "hessian", hvp: str = "auto", enabled: bool = True,
                  total_steps: int | None = None, scaler: Any = None, nan_policy: str = "raise",
                  criterion: Callable = F.cross_entropy, generator: torch.Generator | None = None,
-                 hyper_train_loader: Iterable | None = None, distributed: bool | None = None):
+                 hyper_train_loader: Iterable | None = None, distributed: bool | None = None,
+                 process_group: Any = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if nan_policy not in NAN_POLICIES:
@@ -113,6 +137,7 @@ class CommentaryOptimizer:
         self.hyper_train_loader = hyper_train_loader
         self._train_iter = None
         self.distributed = distributed
+        self.process_group = process_group
         self._engine_state = None
         self._fm = None
         if commentary is not None:
@@ -120,6 +145,12 @@ class CommentaryOptimizer:
             if hyper_optimizer is None and hp:
                 hyper_optimizer = torch.optim.Adam(hp, lr=hyper_lr)
         self.hyper_optimizer = hyper_optimizer
+        if commentary is not None and self._dist():  # every rank starts from rank 0's commentary
+            from . import distributed as D
+
+            D.broadcast_module_(commentary, group=process_group)
+            if hyper_optimizer is not None:
+                D.broadcast_optimizer_state_(hyper_optimizer, group=process_group)
 
     # ------------------------------------------------------------------ optimizer face
     @property
@@ -269,10 +300,17 @@ class CommentaryOptimizer:
         hparams = self.commentary.hparams()
         autocast_off = (torch.autocast(device_type=dev.type, enabled=False)
                         if dev.type in ("cpu", "cuda") else contextlib.nullcontext())
+        reduce = None
+        if self._dist():  # several processes: the hypergradient of the union of the shards
+            from .distributed import ShardReducer
+
+            reduce = ShardReducer(self.process_group, train_reduction=getattr(self.commentary, "reduction", "mean"),
+                                  train_size=int(train_batch["x"].shape[0]), val_size=int(xv.shape[0]))
         with autocast_off:
             res = implicit_hypergradient(
                 train_loss, val_loss, fm.params(), hparams, train_batch, val_batch,
-                solver=self._solver(), curvature=self.curvature, hvp=self.hvp, state=self._engine_state)
+                solver=self._solver(), curvature=self.curvature, hvp=self.hvp, state=self._engine_state,
+                reduce=reduce)
         return res
 
     def hyper_step(self, train_batch: dict | None = None, val_batch: Any = None):
@@ -280,13 +318,6 @@ class CommentaryOptimizer:
         res = self.hypergradient(train_batch, val_batch)
         self.last_hyper = res
         named = dict(self.commentary.named_parameters())
-        if self._dist():
-            import torch.distributed as dist
-
-            world = dist.get_world_size()
-            for g in res.grads.values():
-                dist.all_reduce(g)
-                g.div_(world)
         finite = all(bool(torch.isfinite(g).all()) for g in res.grads.values())
         if not finite:
             if self.nan_policy == "raise":

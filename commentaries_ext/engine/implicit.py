@@ -97,22 +97,33 @@ class HypergradResult:
 # --------------------------------------------------------------------------- building blocks
 
 
-def power_iteration(matvec: Callable, like: list, iters: int = 20, v0: list | None = None, tol: float = 1e-4):
-    """Largest-magnitude eigenvalue (Rayleigh quotient) and eigenvector of a symmetric operator."""
+def _synced(sync, *scalars):
+    """The 0-dim ``scalars`` as one tensor, made identical on every rank by ``sync`` (if any)."""
+    if sync is None:
+        return scalars
+    return sync(torch.stack([s.reshape(()) for s in scalars]))
+
+
+def power_iteration(matvec: Callable, like: list, iters: int = 20, v0: list | None = None, tol: float = 1e-4,
+                    sync: Callable | None = None):
+    """Largest-magnitude eigenvalue (Rayleigh quotient) and eigenvector of a symmetric operator.
+
+    ``sync(t)`` (several processes): makes a tensor of scalars identical on every rank,
+    so that every rank stops after the same number of products."""
     if v0 is None:
         gen = torch.Generator(device=like[0].device).manual_seed(0) if like else None
         x = [torch.randn(t.shape, generator=gen, dtype=t.dtype, device=t.device) for t in like]
     else:
         x = V.clone(v0)
-    n = V.norm(x)
+    n = _synced(sync, V.norm(x))[0]
     x = V.scale(x, 1.0 / n)
     lam = 0.0
     used = 0
     for _ in range(iters):
         hx = matvec(x)
         used += 1
-        new = float(V.dot(x, hx))
-        nh = V.norm(hx)
+        s = _synced(sync, V.dot(x, hx), V.norm(hx))
+        new, nh = float(s[0]), s[1]
         if not math.isfinite(new) or float(nh) == 0.0:
             lam = new
             break
@@ -124,14 +135,16 @@ def power_iteration(matvec: Callable, like: list, iters: int = 20, v0: list | No
     return lam, x, used
 
 
-def neumann(matvec: Callable, v: list, K: int, alpha: float, growth_tol: float | None = 1e-3, keep_partial: bool = False):
+def neumann(matvec: Callable, v: list, K: int, alpha: float, growth_tol: float | None = 1e-3, keep_partial: bool = False,
+            sync: Callable | None = None):
     """Neumann series; returns ``(p, info)`` with ``p = alpha * sum_{j<=K} c_j`` and
     ``info['diverged']``.  With ``growth_tol`` each term's norm comes out of the
     same fused pass that updates it (``axpy_dot_``); ``keep_partial`` keeps the
-    partial sum before the first bad term (``on_divergence='truncate'``)."""
+    partial sum before the first bad term (``on_divergence='truncate'``).
+    ``sync``: as in :func:`power_iteration` (the term norms and the finiteness check)."""
     c = V.clone(v)
     p = V.clone(v)
-    norms = [float(V.norm(c))]
+    norms = [float(_synced(sync, V.norm(c))[0])]
     diverged, reason = False, None
     good_p = None
     for j in range(K):
@@ -140,7 +153,7 @@ def neumann(matvec: Callable, v: list, K: int, alpha: float, growth_tol: float |
             V.neumann_step_(c, p, h, alpha)
             continue
         prev_p = V.clone(p) if keep_partial else None
-        nc = max(float(V.axpy_dot_(c, -alpha, h)), 0.0) ** 0.5  # c <- c - alpha h, ||c||^2 in one pass
+        nc = max(float(_synced(sync, V.axpy_dot_(c, -alpha, h))[0]), 0.0) ** 0.5  # c <- c - alpha h, ||c||^2
         torch._foreach_add_(p, c)
         norms.append(nc)
         if not math.isfinite(nc):
@@ -151,7 +164,7 @@ def neumann(matvec: Callable, v: list, K: int, alpha: float, growth_tol: float |
             reason = f"term norm grew from {norms[-2]:.3e} to {nc:.3e} at j={j + 1} (spectral radius of I - alpha H >= 1)"
             good_p = prev_p
             break
-    if growth_tol is None and not keep_partial and not V.isfinite(p):
+    if growth_tol is None and not keep_partial and not math.isfinite(float(_synced(sync, V.norm(p))[0])):
         diverged, reason = True, "non-finite result"
     if diverged:
         p = good_p if good_p is not None else p
@@ -159,18 +172,20 @@ def neumann(matvec: Callable, v: list, K: int, alpha: float, growth_tol: float |
     return V.scale(p, alpha), {"diverged": diverged, "reason": reason, "term_norms": norms, "terms_used": terms}
 
 
-def conjugate_gradient(matvec: Callable, v: list, max_iter: int, tol: float = 1e-10):
+def conjugate_gradient(matvec: Callable, v: list, max_iter: int, tol: float = 1e-10, sync: Callable | None = None):
+    """``p ~= A^-1 v`` for the operator ``matvec`` (``sync``: as in :func:`power_iteration`,
+    for ``<d, Ad>`` and ``<r, r>``)."""
     x = V.zeros_like(v)
     r = V.clone(v)
     d = V.clone(v)
-    rr = V.dot(r, r)
-    v_norm = float(V.norm(v))
+    rr = _synced(sync, V.dot(r, r))[0]
+    v_norm = max(float(rr), 0.0) ** 0.5
     info = {"iterations": 0, "negative_curvature": False, "residual": float(rr) ** 0.5}
     if v_norm == 0.0:
         return x, info
     for k in range(max_iter):
         hd = matvec(d)
-        dhd = V.dot(d, hd)
+        dhd = _synced(sync, V.dot(d, hd))[0]
         if not torch.isfinite(dhd) or float(dhd) <= 0.0:
             info["negative_curvature"] = True
             info["curvature"] = float(dhd)
@@ -178,7 +193,7 @@ def conjugate_gradient(matvec: Callable, v: list, max_iter: int, tol: float = 1e
                 x = V.clone(v)
             break
         a = rr / dhd
-        r_new_dot = V.cg_update_(x, r, d, hd, a)  # x <- x + a d ; r <- r - a Hd ; <r, r>
+        r_new_dot = _synced(sync, V.cg_update_(x, r, d, hd, a))[0]  # x <- x + a d ; r <- r - a Hd ; <r, r>
         info["iterations"] = k + 1
         info["residual"] = float(r_new_dot) ** 0.5
         if float(r_new_dot) ** 0.5 <= tol * v_norm:
@@ -204,12 +219,23 @@ def _val_grads(val_loss, params, hparams, batch):
     return L.detach(), gt, gp
 
 
-def inverse_hvp(op, v, solver, state: EngineState | None = None, info: dict | None = None):
-    """``p ~= (H + delta I)^-1 v`` with the given solver (Neumann or CG) and operator ``op``."""
+def inverse_hvp(op, v, solver, state: EngineState | None = None, info: dict | None = None, *, reduce=None):
+    """``p ~= (H + delta I)^-1 v`` with the given solver (Neumann or CG) and operator ``op``.
+
+    ``reduce`` (several processes, e.g. ``distributed.ShardReducer``): ``op``'s products
+    are combined over the ranks (``op`` is wrapped in :class:`~.hvp.ReducedOperator`
+    unless it is one) and every scalar that steers the solver is synchronised;
+    ``v`` must already be the same on every rank."""
     info = {} if info is None else info
+    sync = None
+    if reduce is not None:
+        from .hvp import ReducedOperator
+
+        op = op if isinstance(op, ReducedOperator) else ReducedOperator(op, reduce)
+        sync = reduce.sync
     if isinstance(solver, CGConfig):
         op.damping = solver.damping
-        p, cg = conjugate_gradient(op.matvec, v, solver.max_iter, solver.tol)
+        p, cg = conjugate_gradient(op.matvec, v, solver.max_iter, solver.tol, sync=sync)
         info.update(solver="cg", **cg)
         if cg["negative_curvature"]:
             msg = (f"conjugate gradients met non-positive curvature ({cg.get('curvature')}) after "
@@ -227,8 +253,9 @@ def inverse_hvp(op, v, solver, state: EngineState | None = None, info: dict | No
     op.damping = solver.damping
     alpha = solver.alpha
     if alpha is None:
-        alpha = _auto_alpha(op, v, solver, state, info)
-    p, ninfo = neumann(op.matvec, v, solver.K, alpha, solver.growth_tol, keep_partial=solver.on_divergence == "truncate")
+        alpha = _auto_alpha(op, v, solver, state, info, sync)
+    p, ninfo = neumann(op.matvec, v, solver.K, alpha, solver.growth_tol, keep_partial=solver.on_divergence == "truncate",
+                       sync=sync)
     info.update(solver="neumann", alpha=alpha, damping=op.damping, **ninfo)
     if not ninfo["diverged"]:
         return p, info
@@ -239,18 +266,20 @@ def inverse_hvp(op, v, solver, state: EngineState | None = None, info: dict | No
         warnings.warn(msg + f"; keeping the first {ninfo['terms_used'] - 1} terms", HypergradientDivergenceWarning, stacklevel=3)
         return p, info
     # fallback: alpha from power iteration, then damping if indefinite
-    lam, vec, used = power_iteration(op.matvec, v, solver.power_iters)
+    lam, vec, used = power_iteration(op.matvec, v, solver.power_iters, sync=sync)
     state.lambda_max, state.eigvec, state.estimated_at = abs(lam), vec, state.calls
     info["power_iters"] = info.get("power_iters", 0) + used
     if not math.isfinite(lam) or lam == 0.0:
         raise HypergradientDivergenceError(msg + f"; power iteration gave lambda={lam}")
     lam_max = abs(lam)
     if lam < 0:  # dominant eigenvalue negative: find the top positive one by shifting
-        lam_top, _, used2 = power_iteration(lambda c: V.add(op.matvec(c), c, alpha=lam_max), v, solver.power_iters)
+        lam_top, _, used2 = power_iteration(lambda c: V.add(op.matvec(c), c, alpha=lam_max), v, solver.power_iters,
+                                            sync=sync)
         info["power_iters"] += used2
         lam_max = max(lam_top - lam_max, 1e-12)
     # smallest eigenvalue: power iteration on (lam_max I - H)
-    lam_shift, _, used3 = power_iteration(lambda c: V.sub(V.scale(c, lam_max), op.matvec(c)), v, solver.power_iters)
+    lam_shift, _, used3 = power_iteration(lambda c: V.sub(V.scale(c, lam_max), op.matvec(c)), v, solver.power_iters,
+                                          sync=sync)
     info["power_iters"] += used3
     lam_min = lam_max - lam_shift
     extra = 0.0
@@ -264,19 +293,19 @@ def inverse_hvp(op, v, solver, state: EngineState | None = None, info: dict | No
         HypergradientDivergenceWarning,
         stacklevel=3,
     )
-    p, ninfo = neumann(op.matvec, v, solver.K, alpha2, solver.growth_tol)
+    p, ninfo = neumann(op.matvec, v, solver.K, alpha2, solver.growth_tol, sync=sync)
     info.update(fallback=True, alpha=alpha2, damping=op.damping, lambda_max=lam_max, lambda_min=lam_min, **ninfo)
     if ninfo["diverged"]:
         raise HypergradientDivergenceError(f"Neumann series still diverges after the fallback: {ninfo['reason']}")
     return p, info
 
 
-def _auto_alpha(op, v, solver, state, info):
+def _auto_alpha(op, v, solver, state, info, sync=None):
     due = state.lambda_max is None or (state.calls - state.estimated_at) >= solver.reestimate_every
     if due:
         warm = state.eigvec is not None
         iters = solver.power_iters_warm if warm else solver.power_iters
-        lam, vec, used = power_iteration(op.matvec, v, iters, v0=state.eigvec)
+        lam, vec, used = power_iteration(op.matvec, v, iters, v0=state.eigvec, sync=sync)
         info["power_iters"] = used
         if not math.isfinite(lam) or lam == 0.0:
             raise HypergradientDivergenceError(f"power iteration failed (lambda={lam})")
@@ -299,6 +328,7 @@ def implicit_hypergradient(
     state: EngineState | None = None,
     v: list | None = None,
     linearize: bool = True,
+    reduce: Any = None,
 ) -> HypergradResult:
     """IFT hypergradient ``dL_V/dphi`` at the student parameters ``params``.
 
@@ -309,6 +339,15 @@ def implicit_hypergradient(
     ``linearize=False`` uses eager ``torch.func.jvp`` for ``forward_over_reverse``.  Returns a
     :class:`HypergradResult`; ``result.grads[name]`` has the shape of
     ``hparams[name]``.
+
+    Several processes (data parallel, each rank passing its shard of both batches):
+    ``reduce`` combines each rank's derivatives into those of the union of the
+    shards -- an object with ``val(tensors)`` (``v``, the direct term, the
+    validation loss), ``train(tensors)`` (every Hessian-vector product and the
+    mixed term) and ``sync(t)`` (the solvers' scalars), each returning the same
+    on every rank; :class:`commentaries_ext.distributed.ShardReducer` is the
+    ``torch.distributed`` one.  The result is then the same on every rank.  A
+    given ``v`` is taken as already combined.
     """
     solver = NeumannConfig() if solver is None else solver
     state = EngineState() if state is None else state
@@ -317,6 +356,9 @@ def implicit_hypergradient(
     info: dict = {"curvature": curvature}
     if v is None:
         Lv, v, direct = _val_grads(val_loss, params, hparams, val_batch)
+        if reduce is not None:  # one collective for v, the direct term and the loss
+            red = reduce.val(list(v) + list(direct) + [Lv.reshape(1)])
+            v, direct, Lv = red[:len(v)], red[len(v):len(v) + len(direct)], red[-1].reshape(())
     else:
         Lv, direct = torch.tensor(float("nan")), [torch.zeros_like(t) for t in hparams.values()]
     damping = solver.damping
@@ -324,7 +366,11 @@ def implicit_hypergradient(
     op = make_operator(train_loss, params, hparams, train_batch, curvature=curvature, hvp=hvp, damping=damping,
                        linearize=linearize, expected_products=expected)
     info["hvp"] = type(op).__name__
-    p, info = inverse_hvp(op, v, solver, state, info)
+    if reduce is not None:
+        from .hvp import ReducedOperator
+
+        op = ReducedOperator(op, reduce)
+    p, info = inverse_hvp(op, v, solver, state, info, reduce=reduce)
     state.calls += 1
     if curvature == "gauss_newton":
         from .hvp import DoubleBackwardHessian, ForwardOverReverseHessian  # noqa: F401
