@@ -57,12 +57,15 @@ def _supported(*lists) -> bool:
 def _fused_fn(name: str, *lists):
     """The fused op ``name`` when present, applicable to these lists and not slower
     than the ``torch._foreach`` path on them (timed once per op and shapes: a
-    kernel regression must not slow the solvers down), else None."""
+    kernel regression must not slow the solvers down), else None.  Under
+    ``torch.use_deterministic_algorithms(True)`` nothing is timed and the fused op is
+    used (a timing-based choice changes the summation order from run to run); the
+    choices made are saved with a checkpoint (``commentaries_ext.checkpoint``)."""
     mod = _solver_ops()
     if mod is None or not _supported(*lists):
         return None
     fn = getattr(mod, name, None)
-    if fn is None or not CALIBRATE:
+    if fn is None or not CALIBRATE or torch.are_deterministic_algorithms_enabled():
         return fn
     key = (name, lists[0][0].dtype, tuple(tuple(t.shape) for t in lists[0]))
     choice = _choice.get(key)
