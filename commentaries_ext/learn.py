@@ -36,6 +36,7 @@ from .commentary.base import (
     plain_ops,
     validation_loss,
 )
+from .checkpoint import data_fingerprint, make_checkpointer, optimizer_config, rng_state, set_rng_state, shapes
 from .wrapper import CommentaryOptimizer
 
 NAN_POLICIES = ("raise", "skip")
@@ -87,13 +88,37 @@ def _val_batches(xv, yv, val_batch_size, gen):
     return xv[idx], yv[idx]
 
 
+def _commentary_config(commentary, fixed=False):
+    """Class and shapes of a commentary for a checkpoint's run configuration (``fixed``:
+    also a hash of its values -- a commentary that is applied, not learned)."""
+    if commentary is None:
+        return None
+    out = {"class": type(commentary).__name__, "shapes": shapes(commentary)}
+    if fixed:
+        import hashlib
+
+        from .files import _hash_tensor
+
+        h = hashlib.sha256()
+        for k, v in commentary.state_dict().items():
+            h.update(k.encode())
+            _hash_tensor(h, v)
+        out["sha256"] = h.hexdigest()
+    return out
+
+
+def _engine_opt_config(opt):
+    return {"type": type(opt).__name__, **{k: v for k, v in vars(opt).items() if not k.startswith("_")}}
+
+
 def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module], train_data, val_data, *,
                inner_steps: int = 100, inner_optimizer: Any = "adam", inner_lr: float = 1e-4,
                outer_steps: int = 10, outer_lr: float = 1e-4, outer_optimizer: torch.optim.Optimizer | None = None,
                batch_size: int = 8, same_init: bool = True, truncate: int | None = None,
                checkpoint: int | None = None, val_batch_size: int | None = None, seed: int = 0,
                distributed: bool | None = None, process_group: Any = None,
-               nan_policy: str = "raise", callback: Callable | None = None, device=None) -> LearnResult:
+               nan_policy: str = "raise", callback: Callable | None = None, device=None,
+               checkpoint_path=None, checkpoint_every: int | None = None, resume: bool = True) -> LearnResult:
     """Algorithm 1 (backpropagation through training).
 
     ``student_factory()`` returns a fresh student ``nn.Module``; with
@@ -115,6 +140,13 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
     rank and the commentary's meta-gradient averaged over the ranks before the
     outer step -- it is then that of one process on the union.  Commentary,
     outer-optimizer state and student initialisation come from rank 0.
+
+    ``checkpoint`` is *activation* checkpointing of the unroll (recompute every
+    N inner steps; memory).  ``checkpoint_path`` is a resumable checkpoint of the
+    job (:mod:`commentaries_ext.checkpoint`), written every ``checkpoint_every``
+    outer steps (default 1) and at the end; with ``resume`` an existing one with
+    the same run configuration is continued (bit-exactly), one with another
+    configuration refused (``CheckpointError``).
     """
     from .engine import FunctionalModule, unroll
 
@@ -157,7 +189,30 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
         "algorithm": "bptt", "inner_steps": inner_steps, "inner_optimizer": type(opt).__name__, "inner_lr": inner_lr,
         "outer_steps": outer_steps, "outer_lr": outer_lr, "batch_size": batch_size, "same_init": same_init,
         "truncate": truncate, "checkpoint": checkpoint, "seed": seed})
-    for step in range(outer_steps):
+    ck = make_checkpointer(checkpoint_path, "learn_bptt", {
+        "inner_steps": inner_steps, "inner_optimizer": _engine_opt_config(opt), "outer_steps": outer_steps,
+        "outer_optimizer": optimizer_config(outer_optimizer), "batch_size": batch_size, "same_init": same_init,
+        "truncate": truncate, "activation_checkpoint": checkpoint, "val_batch_size": val_batch_size, "seed": seed,
+        "nan_policy": nan_policy, "commentary": _commentary_config(commentary), "student": shapes(base),
+        "train_data": data_fingerprint((x, y)), "val_data": data_fingerprint((xv, yv))},
+        every=checkpoint_every, total=outer_steps, resume=resume)
+    start = 0
+    st = ck.load() if ck is not None else None
+    if st is not None:
+        commentary.load_state_dict(st["commentary"])
+        outer_optimizer.load_state_dict(st["outer_optimizer"])
+        if base is not None:
+            base.load_state_dict(st["base"])
+        result.history, result.skipped_steps = list(st["history"]), int(st["skipped_steps"])
+        set_rng_state(st["rng"], {"gen": gen})
+        start = int(st["step"])
+
+    def ck_state():
+        return {"commentary": commentary.state_dict(), "outer_optimizer": outer_optimizer.state_dict(),
+                "base": None if base is None else base.state_dict(), "history": result.history,
+                "skipped_steps": result.skipped_steps, "rng": rng_state({"gen": gen})}
+
+    for step in range(start, outer_steps):
         student = copy.deepcopy(base) if same_init else student_factory()
         if device is not None:
             student = student.to(device)
@@ -210,6 +265,8 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
         result.history.append(rec)
         if callback is not None:
             callback(step, rec)
+        if ck is not None:
+            ck.step_done(step + 1, ck_state)
     return result
 
 
@@ -218,7 +275,9 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
               hyper_lr: float = 1e-2, hyper_every: int = 1, hyper_optimizer: torch.optim.Optimizer | None = None,
               solver: Any = None, curvature: str = "hessian", hvp: str = "auto", fresh_train_batch: bool = True,
               val_batch_size: int | None = None, seed: int = 0, nan_policy: str = "raise",
-              callback: Callable | None = None, log_every: int = 1, device=None) -> LearnResult:
+              distributed: bool | None = None, process_group: Any = None,
+              callback: Callable | None = None, log_every: int = 1, device=None,
+              checkpoint_path=None, checkpoint_every: int | None = None, resume: bool = True) -> LearnResult:
     """Algorithm 2 (implicit differentiation), student and hyper-steps alternating.
 
     Defaults follow the reference: Adam for the student (``student_lr=1e-3``),
@@ -226,26 +285,60 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
     Neumann ``K=1`` with ``alpha`` = the student's learning rate, ``g_T`` on a
     fresh training batch (``fresh_train_batch``) and ``v`` on a clean
     validation batch (``val_batch_size``; None: the whole split).
+
+    Several processes (``distributed``, ``process_group``: as in :func:`learn_bptt`):
+    ``batch_size`` and the validation batch are global, drawn alike on every rank
+    (rank 0's ``seed``); each rank takes its share (``batch_size`` must divide by
+    the world size; the validation batch is split as evenly as it goes) and the
+    wrapper computes the hypergradient of the union of the shards.  The student's
+    gradients are averaged over the ranks (by the student itself when it is a
+    ``DistributedDataParallel``, else here), its initial weights come from rank 0.
+
+    ``checkpoint_path``: a resumable checkpoint of the job (student, commentary,
+    both optimizers, engine state, RNGs, history), written every
+    ``checkpoint_every`` steps (default 50) and at the end; with ``resume`` an
+    existing one with the same run configuration is continued bit-exactly.
     """
     x, y = _check_data(train_data, "train_data", commentary.num_classes)
     xv, yv = _check_data(val_data, "val_data", commentary.num_classes)
+    from . import distributed as D
+
+    if distributed and not D.enabled():
+        raise ValueError("distributed=True needs an initialised torch.distributed process group")
+    dist_on = D.enabled() if distributed is None else bool(distributed)
+    world, rank = (D.world_size(process_group), D.rank(process_group)) if dist_on else (1, 0)
+    if dist_on:
+        if batch_size % world:
+            raise ValueError(f"batch_size={batch_size} is the global batch under torch.distributed: "
+                             f"it must be divisible by the world size {world}")
+        D.check_same({"steps": steps, "batch_size": batch_size, "hyper_every": hyper_every,
+                      "val_batch_size": val_batch_size, "fresh_train_batch": int(fresh_train_batch),
+                      "train examples": x.shape[0], "validation examples": xv.shape[0]}, process_group)
+        seed = D.broadcast_int(seed, group=process_group)
     gen = torch.Generator().manual_seed(seed)
     if device is not None:
         student = student.to(device)
+    ddp = isinstance(student, nn.parallel.DistributedDataParallel)
+    if dist_on and not ddp:  # (DDP broadcasts rank 0's weights itself)
+        D.broadcast_module_(student, group=process_group)
     if student_optimizer is None:
         student_optimizer = torch.optim.Adam(student.parameters(), lr=student_lr)
+    elif dist_on:
+        D.broadcast_optimizer_state_(student_optimizer, group=process_group)
     vb = val_batch_size if val_batch_size is not None else xv.shape[0]
 
     class _Val:
         def __iter__(self):
             while True:
                 xb, yb = _val_batches(xv, yv, vb, gen)
+                if dist_on:  # this rank's share of the global validation batch
+                    xb, yb = torch.tensor_split(xb, world)[rank], torch.tensor_split(yb, world)[rank]
                 yield (xb, yb) if device is None else (xb.to(device), yb.to(device))
 
     teacher = CommentaryOptimizer(student_optimizer, student, commentary, val_loader=_Val(), hyper_every=0,
                                   hyper_optimizer=hyper_optimizer, hyper_lr=hyper_lr, solver=solver,
                                   curvature=curvature, hvp=hvp, total_steps=steps, nan_policy=nan_policy,
-                                  generator=gen)
+                                  generator=gen, distributed=dist_on, process_group=process_group)
     result = LearnResult(commentary=commentary, student=student, info={
         "algorithm": "ift", "steps": steps, "batch_size": batch_size, "student_optimizer": type(student_optimizer).__name__,
         "student_lr": student_optimizer.param_groups[0]["lr"], "hyper_lr": hyper_lr, "hyper_every": hyper_every,
@@ -253,17 +346,44 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
 
     def draw():
         idx = _sample(x.shape[0], batch_size, gen)
+        if dist_on:  # this rank's share of the global batch
+            idx = idx[rank * (batch_size // world):(rank + 1) * (batch_size // world)]
         xb, yb = x[idx], y[idx]
         if device is not None:
             xb, yb, idx = xb.to(device), yb.to(device), idx.to(device)
         return xb, yb, idx
 
+    ck = make_checkpointer(checkpoint_path, "learn_ift", {
+        "steps": steps, "batch_size": batch_size, "student_optimizer": optimizer_config(student_optimizer),
+        "hyper_optimizer": optimizer_config(teacher.hyper_optimizer), "hyper_every": hyper_every,
+        "solver": result.info["solver"], "curvature": curvature, "hvp": hvp, "fresh_train_batch": fresh_train_batch,
+        "val_batch_size": val_batch_size, "seed": seed, "nan_policy": nan_policy, "log_every": log_every,
+        "commentary": _commentary_config(commentary), "student": shapes(student),
+        "train_data": data_fingerprint((x, y)), "val_data": data_fingerprint((xv, yv))},
+        every=checkpoint_every, total=steps, resume=resume)
+    start = 0
+    st = ck.load() if ck is not None else None
+    if st is not None:
+        student.load_state_dict(st["student"])
+        teacher.load_state_dict(st["teacher"])
+        result.history = list(st["history"])
+        set_rng_state(st["rng"], {"gen": gen})
+        start = int(st["step"])
+
+    def ck_state():
+        return {"student": student.state_dict(), "teacher": teacher.state_dict(), "history": result.history,
+                "rng": rng_state({"gen": gen})}
+
     student.train()
-    for step in range(steps):
+    for step in range(start, steps):
         xb, yb, idx = draw()
         teacher.zero_grad()
         loss = teacher.loss(xb, yb, index=idx)
         loss.backward()
+        if dist_on and not ddp:  # the student's gradient: the mean over the ranks (as DDP's)
+            ps = [p for p in student.parameters() if p.grad is not None]
+            for p, g in zip(ps, D.all_reduce_mean([p.grad for p in ps], group=process_group)):
+                p.grad.copy_(g)
         teacher.step()
         rec = {"step": step, "train_loss": float(loss.detach())}
         if hyper_every and (step + 1) % hyper_every == 0 and teacher.steps > 0:
@@ -277,6 +397,8 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
             callback(step, rec)
         if step % max(1, log_every) == 0 or step == steps - 1:
             result.history.append(rec)
+        if ck is not None:
+            ck.step_done(step + 1, ck_state)
     result.skipped_steps = teacher.skipped_steps + teacher.skipped_hyper_steps
     result.info["skipped_student_steps"] = teacher.skipped_steps
     result.info["skipped_hyper_steps"] = teacher.skipped_hyper_steps
@@ -285,8 +407,12 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
 
 def train_student(student: nn.Module, train_data, *, commentary: Commentary | None = None, steps: int = 100,
                   batch_size: int = 8, optimizer: torch.optim.Optimizer | None = None, lr: float = 1e-3,
-                  seed: int = 0, nan_policy: str = "raise", device=None) -> list[float]:
-    """Train ``student`` with a fixed commentary (or none); returns the training losses."""
+                  seed: int = 0, nan_policy: str = "raise", device=None, checkpoint_path=None,
+                  checkpoint_every: int | None = None, resume: bool = True) -> list[float]:
+    """Train ``student`` with a fixed commentary (or none); returns the training losses.
+
+    ``checkpoint_path``/``checkpoint_every`` (default 50 steps)/``resume``: as in
+    :func:`learn_ift` (the configuration includes a hash of the commentary's values)."""
     x, y = _check_data(train_data, "train_data", getattr(commentary, "num_classes", None))
     gen = torch.Generator().manual_seed(seed)
     if device is not None:
@@ -295,8 +421,26 @@ def train_student(student: nn.Module, train_data, *, commentary: Commentary | No
     teacher = CommentaryOptimizer(optimizer, student, commentary, hyper_every=0, total_steps=steps,
                                   nan_policy=nan_policy, generator=gen)
     losses = []
+    ck = make_checkpointer(checkpoint_path, "train_student", {
+        "steps": steps, "batch_size": batch_size, "optimizer": optimizer_config(optimizer), "seed": seed,
+        "nan_policy": nan_policy, "commentary": _commentary_config(commentary, fixed=True),
+        "student": shapes(student), "train_data": data_fingerprint((x, y))},
+        every=checkpoint_every, total=steps, resume=resume)
+    start = 0
+    st = ck.load() if ck is not None else None
+    if st is not None:
+        student.load_state_dict(st["student"])
+        teacher.load_state_dict(st["teacher"])
+        losses = list(st["losses"])
+        set_rng_state(st["rng"], {"gen": gen})
+        start = int(st["step"])
+
+    def ck_state():
+        return {"student": student.state_dict(), "teacher": teacher.state_dict(), "losses": losses,
+                "rng": rng_state({"gen": gen})}
+
     student.train()
-    for _ in range(steps):
+    for step in range(start, steps):
         idx = _sample(x.shape[0], batch_size, gen)
         xb, yb = x[idx], y[idx]
         if device is not None:
@@ -306,6 +450,8 @@ def train_student(student: nn.Module, train_data, *, commentary: Commentary | No
         loss.backward()
         teacher.step()
         losses.append(float(loss.detach()))
+        if ck is not None:
+            ck.step_done(step + 1, ck_state)
     return losses
 
 

@@ -285,7 +285,8 @@ class CommentaryOptimizer:
 
         if self._fm is None:  # built once: the engine caches its traced HVP per loss callable
             self._fm = FunctionalModule(self._module())
-            self._engine_state = EngineState()
+            if self._engine_state is None:  # load_state_dict may have restored one
+                self._engine_state = EngineState()
             self._losses = (train_loss_fn(self.commentary, self._fm), val_loss_fn(self._fm))
         fm = self._fm
         train_loss, val_loss = self._losses
@@ -344,6 +345,12 @@ class CommentaryOptimizer:
             sd["hyper_optimizer"] = self.hyper_optimizer.state_dict()
         if self._engine_state is not None and self._engine_state.lambda_max is not None:
             sd["lambda_max"] = self._engine_state.lambda_max
+        if self._engine_state is not None:  # the power-iteration schedule, for a bit-exact resume
+            es = self._engine_state
+            sd["engine_state"] = {"calls": es.calls, "lambda_max": es.lambda_max, "estimated_at": es.estimated_at,
+                                  "eigvec": None if es.eigvec is None else [t.detach().clone() for t in es.eigvec]}
+        if self.scaler is not None and hasattr(self.scaler, "state_dict"):
+            sd["scaler"] = self.scaler.state_dict()
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
@@ -354,6 +361,19 @@ class CommentaryOptimizer:
             self.commentary.load_state_dict(sd["commentary"])
         if "hyper_optimizer" in sd and self.hyper_optimizer is not None:
             self.hyper_optimizer.load_state_dict(sd["hyper_optimizer"])
+        if "scaler" in sd and self.scaler is not None and hasattr(self.scaler, "load_state_dict"):
+            self.scaler.load_state_dict(sd["scaler"])
+        if "engine_state" in sd or "lambda_max" in sd:
+            from .engine import EngineState
+
+            es = sd.get("engine_state") or {"lambda_max": sd["lambda_max"], "calls": 0, "estimated_at": 0}
+            dev = next(iter(self.model.parameters())).device
+            eig = es.get("eigvec")
+            self._engine_state = EngineState(
+                calls=int(es.get("calls", 0)),
+                lambda_max=None if es.get("lambda_max") is None else float(es["lambda_max"]),
+                eigvec=None if eig is None else [t.to(dev) for t in eig],
+                estimated_at=int(es.get("estimated_at", -(10**9))))
 
 
 def cycle(loader: Iterable):
