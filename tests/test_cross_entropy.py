@@ -113,6 +113,13 @@ def _check_backend(name, n, c, dtype, mixed, ignore_some, extreme, layout, seed)
     _close(grad, r_grad, "grad", **tol)
     _close(hvp, r_hvp, "hvp", **tol)
     _close(jvp, r_jvp, "jvp", **tol)
+    fused = backend._kernels[name].get("wce_forward_grad")  # the CPU backends' first-order fast path
+    if fused is not None:
+        f_loss, f_lse, f_grad = fused(d["z"], d["y"], d["yb"], d["lam"], d["gl"], IGNORE)
+        assert f_grad.shape == (n, c) and f_grad.dtype == dtype and f_loss.dtype == dtype
+        _close(f_lse, r_lse, "fused lse", **tol)
+        _close(f_loss, r_loss, "fused loss", **tol)
+        _close(f_grad, r_grad, "fused grad", **tol)  # row_scale = grad_loss: the same formula
     if not extreme:  # the reference itself agrees with torch's cross-entropy
         valid = d["y"] != IGNORE
         want = F.cross_entropy(d["z64"], d["y"], reduction="none", ignore_index=IGNORE)
@@ -164,6 +171,86 @@ def test_all_minus_inf_but_target_and_all_ignored(name):
         assert torch.equal(grad, torch.zeros(4, 7))
         jvp = backend.kernel("wce_jvp", "cpu")(z, lse, yi, None, None, torch.ones(4, 7), IGNORE)
         assert torch.equal(jvp, torch.zeros(4))
+
+
+FUSED_BACKENDS = [b for b in BACKENDS if "wce_forward_grad" in backend._kernels[b]]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("c", [3, 10, 32, 100])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_nan_logits_give_nan(name, c, layout):
+    """A NaN logit anywhere in a row (first column, a vector lane, the tail) makes that row's
+    lse and loss NaN: never a finite number computed past it."""
+    if name == "triton" and layout == "transposed":
+        pytest.skip("the interpreter is slow; contiguous suffices there")
+    z = torch.randn(5, c)
+    cols = [0, c // 2, c - 1, min(9, c - 1)]
+    for r, col in enumerate(cols):
+        z[r, col] = float("nan")
+    if layout == "transposed":
+        z = z.t().contiguous().t()
+    y = torch.zeros(5, dtype=torch.int64)
+    with backend.use(name):
+        loss, lse = backend.kernel("wce_forward", "cpu")(z, y, None, None, IGNORE)
+        outs = [(loss, lse)]
+        if name in FUSED_BACKENDS:
+            outs.append(backend._kernels[name]["wce_forward_grad"](z, y, None, None, None, IGNORE)[:2])
+    for loss, lse in outs:
+        assert torch.isnan(lse[:4]).all() and torch.isnan(loss[:4]).all(), (lse, loss)
+        assert torch.isfinite(lse[4]) and torch.isfinite(loss[4])
+
+
+@pytest.mark.parametrize("name", FUSED_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_reduced_path(name, reduction, weighted, monkeypatch):
+    """A reduced loss on a CPU backend computes its logits gradient in the forward pass; it
+    agrees with the two-pass path, accumulates into .grad, scales by the incoming gradient,
+    and gives the same values on a second backward through a retained graph."""
+    g = torch.Generator().manual_seed(11)
+    n, c = 33, 7
+    z0 = torch.randn(n, c, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, c, (n,), generator=g)
+    y[::5] = IGNORE
+    w0 = torch.rand(n, generator=g, dtype=torch.float64) if weighted else None
+
+    def run(fused: bool):
+        z = z0.clone().requires_grad_()
+        w = w0.clone().requires_grad_() if weighted else None
+        with backend.use(name):
+            if not fused:
+                monkeypatch.setattr(ce, "_fused_kernel", lambda device: None)
+            out = ce.weighted_cross_entropy(z, y, w, reduction=reduction)
+            monkeypatch.undo()
+        assert (type(out.grad_fn).__name__ == "_ReducedCEBackward") == fused, out.grad_fn
+        grads = torch.autograd.grad(out * 2.5, [z] + ([w] if weighted else []), retain_graph=True)
+        again = torch.autograd.grad(out * 2.5, [z] + ([w] if weighted else []), retain_graph=True)
+        for a, b in zip(grads, again):
+            assert torch.equal(a, b)
+        z.grad = torch.ones_like(z)
+        out.backward()
+        return out.detach(), grads, z.grad
+
+    out_f, grads_f, acc_f = run(True)
+    out_u, grads_u, acc_u = run(False)
+    torch.testing.assert_close(out_f, out_u, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads_f, grads_u):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(acc_f, acc_u, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(acc_f, torch.ones_like(acc_f))
+
+
+def test_fused_path_not_used_under_transforms_or_without_grad():
+    z = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    assert type(ce.weighted_cross_entropy(z, y).grad_fn).__name__ == "_ReducedCEBackward"
+    assert type(ce.weighted_cross_entropy(z.detach(), y, torch.rand(6, dtype=torch.float64,
+                                                                    requires_grad=True)).grad_fn).__name__ \
+        != "_ReducedCEBackward"  # only a logits gradient is worth computing ahead
+    gf = torch.func.grad(lambda z: ce.weighted_cross_entropy(z, y))(z.detach())
+    want = torch.autograd.grad(F.cross_entropy(z, y), z)[0]
+    torch.testing.assert_close(gf, want)
 
 
 # ----------------------------------------------------------------- public functions and autograd
@@ -319,6 +406,18 @@ def _opcheck_samples():
         "wce_hvp": [(z, lse, gl, u)],
         "wce_jvp": [(z, lse, y, yb, lam, u, IGNORE)],
     }
+
+
+def test_opcheck_fused_cpu_op():
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, IGNORE, 3, 4, 2])
+    yb = torch.tensor([1, 1, 0, 2, 0, 4])
+    lam = torch.rand(6, generator=g, dtype=torch.float64)
+    s = torch.rand(6, generator=g, dtype=torch.float64)
+    for args in [(z, y, None, None, None, IGNORE), (z, y, yb, lam, s, IGNORE), (z.t().contiguous().t(), y, None, None, s, IGNORE)]:
+        torch.library.opcheck(torch.ops.commentaries_ext.cpp_wce_forward_grad, args,
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("op", ["wce_forward", "wce_backward", "wce_hvp", "wce_jvp"])

@@ -91,7 +91,13 @@ def _fake_jvp(logits, lse, target, target_b, lam, t, ignore_index):
     return logits.new_empty(logits.shape[0], dtype=_row_dtype(logits.dtype))
 
 
-_FAKES = {"wce_forward": _fake_forward, "wce_backward": _fake_backward, "wce_hvp": _fake_hvp, "wce_jvp": _fake_jvp}
+def _fake_forward_grad(logits, target, target_b, lam, row_scale, ignore_index):
+    loss, lse = _fake_forward(logits, target, target_b, lam, ignore_index)
+    return loss, lse, logits.new_empty(logits.shape)
+
+
+_FAKES = {"wce_forward": _fake_forward, "wce_backward": _fake_backward, "wce_hvp": _fake_hvp, "wce_jvp": _fake_jvp,
+          "wce_forward_grad": _fake_forward_grad}
 
 if _compiled.loaded():
     for _prefix in ("cpp_", "cuda_"):
@@ -490,6 +496,93 @@ def _kernels() -> _Kernels:
     return OPS if torch.compiler.is_compiling() else EAGER
 
 
+# ----------------------------------------------------------------- first-order fast path of reduced losses
+
+# ``wce_forward_grad(logits, target, target_b, lam, row_scale, ignore_index) -> (loss, lse, grad)``:
+# wce_forward's outputs plus ``grad_i = row_scale_i (p_i - mix_i)`` (row_scale None: 1; zero rows
+# where ignored) from the same pass over the logits. A reduced loss ``sum_i s_i l_i`` then needs
+# no backward kernel: its gradient w.r.t. the logits is ``grad`` times the incoming scalar. CPU
+# backends only (on a GPU the two passes are memory-bound and exp is cheap).
+FUSED_OPS = ("wce_forward_grad",)
+_compiled.register_kernel_ops(FUSED_OPS)
+_FUSED_CACHE: dict = {}
+
+
+def _fused_kernel(device):
+    """``wce_forward_grad`` of the backend that runs ``wce_forward`` on ``device``, or None."""
+    key = (device.type, backend.forced(), sum(len(t) for t in backend._kernels.values()))
+    if key not in _FUSED_CACHE:
+        name, _ = backend.select("wce_forward", device)
+        _FUSED_CACHE[key] = backend._kernels[name].get("wce_forward_grad")
+    return _FUSED_CACHE[key]
+
+
+class _ReducedCE(torch.autograd.Function):
+    """``sum_i w_i l_i [/ denom]`` with its logits gradient computed in the forward pass.
+
+    First-order backward: the saved gradient times the incoming scalar (no kernel). With
+    ``create_graph`` the backward is the differentiable composition of the kernel ops (as
+    the unfused path), so higher derivatives stay exact."""
+
+    @staticmethod
+    def forward(ctx, z, weight, lam, target, target_b, denom, ignore_index, kern):
+        n = z.shape[0]
+        scale = weight
+        if denom is not None:
+            ones = torch.ones(n, dtype=_row_dtype(z.dtype), device=z.device)
+            scale = (ones if weight is None else weight) / denom
+        loss, lse, grad = kern(z, target, target_b, lam, scale, ignore_index)
+        ctx.save_for_backward(z, weight, lam)
+        ctx.target, ctx.target_b, ctx.denom, ctx.ignore_index = target, target_b, denom, ignore_index
+        ctx.lse, ctx.loss, ctx.scale, ctx.grad, ctx.kern = lse, loss, scale, grad, kern
+        total = loss.sum() if weight is None else torch.dot(loss, weight)
+        return total if denom is None else total / denom
+
+    @staticmethod
+    def backward(ctx, g):
+        z, weight, lam = ctx.saved_tensors
+        need_z, need_w, need_lam = ctx.needs_input_grad[:3]
+        target, target_b, denom, ii = ctx.target, ctx.target_b, ctx.denom, ctx.ignore_index
+        gz = gw = glam = None
+        if torch.is_grad_enabled():  # create_graph: differentiable in g, z, weight and lam
+            row = weight if weight is not None else torch.ones_like(ctx.loss)
+            g_loss = g * (row if denom is None else row / denom)
+            gz, glam = _forward_grads(EAGER, (z, target, target_b, lam, ctx.lse), ii,
+                                      (need_z, False, False, need_lam), g_loss)
+            if need_w:
+                loss = EAGER.forward(z, target, target_b, lam, ii)[0]
+                gw = g * (loss if denom is None else loss / denom)
+            return gz, gw, glam, None, None, None, None, None
+        scale = ctx.scale if ctx.scale is not None else torch.ones_like(ctx.loss)
+        if need_z:
+            grad, ctx.grad = ctx.grad, None  # handed over: autograd may keep it as .grad without a copy
+            if grad is None:  # a second backward through a retained graph: the same values again
+                grad = ctx.kern(z, target, target_b, lam, ctx.scale, ii)[2]
+            if not (g.device.type == "cpu" and float(g) == 1.0):
+                grad.mul_(g)
+            gz = grad
+        if need_lam and lam is not None:
+            glam = (g * scale) * _gather_diff(z, target, target_b, _valid(target, ii))
+        if need_w:
+            gw = g * (ctx.loss if denom is None else ctx.loss / denom)
+        return gz, gw, glam, None, None, None, None, None
+
+
+def _reduced_fast(logits: Tensor, target: Tensor, target_b, lam, weight, reduction: str, ignore_index: int,
+                  maybe_ignored: bool):
+    """The fused reduced loss when it applies (eager autograd on a backend with the kernel), else None."""
+    if not (torch.is_grad_enabled() and logits.requires_grad) or torch.compiler.is_compiling() \
+            or _functorch_active() or _dual_level_active():
+        return None
+    kern = _fused_kernel(logits.device)
+    if kern is None:
+        return None
+    denom = None
+    if reduction == "mean":
+        denom = (target != ignore_index).sum() if maybe_ignored else logits.shape[0]
+    return _ReducedCE.apply(logits, weight, lam, target, target_b, denom, ignore_index, kern)
+
+
 # ----------------------------------------------------------------- validation
 
 
@@ -502,6 +595,8 @@ def _check_logits(fn: str, logits, check_finite: bool) -> None:
     if logits.dtype not in allowed:
         raise TypeError(f"{fn}: logits has dtype {logits.dtype}; on {logits.device.type} expected one of "
                         f"{[str(d).replace('torch.', '') for d in allowed]}")
+    if logits.device.type == "meta" and not torch.compiler.is_compiling():
+        raise ValueError(f"{fn}: logits is on the meta device (no data to compute on)")
     if logits.shape[1] == 0 and logits.shape[0] > 0:
         raise ValueError(f"{fn}: logits has no classes (shape {tuple(logits.shape)})")
     if check_finite and logits.numel() > 0 and not torch.compiler.is_compiling():
@@ -511,8 +606,13 @@ def _check_logits(fn: str, logits, check_finite: bool) -> None:
             raise ValueError(f"{fn}: logits contains {what} (check_finite=True; -inf is allowed)")
 
 
-def _check_target(fn: str, name: str, target, logits: Tensor, ignore_index: int) -> tuple[Tensor, bool]:
-    """int64 target; also whether some row may be ignored."""
+def _check_target(fn: str, name: str, target, logits: Tensor, ignore_index: int,
+                  rows_of: Tensor | None = None) -> tuple[Tensor, bool]:
+    """int64 target; also whether some row may be ignored.
+
+    ``rows_of``: the (checked) first target when ``target`` is the second one (``target_b``):
+    a row is ignored by its first target only, so ``target_b`` must be a class index on
+    every row whose first target is not ``ignore_index`` (the kernels read ``z[i, yb_i]``)."""
     if not isinstance(target, Tensor):
         raise TypeError(f"{fn}: {name} must be a Tensor, got {type(target).__name__}")
     if target.device != logits.device:
@@ -528,15 +628,23 @@ def _check_target(fn: str, name: str, target, logits: Tensor, ignore_index: int)
     if n == 0:
         return target, False
     if torch.compiler.is_compiling():
-        torch._assert_async((((target >= 0) & (target < c)) | (target == ignore_index)).all(),
+        skip = (target if rows_of is None else rows_of) == ignore_index
+        torch._assert_async((((target >= 0) & (target < c)) | skip).all(),
                             f"{fn}: {name} holds a class index out of range")
         return target, True
     lo, hi = (int(v) for v in torch.aminmax(target))
     if lo < 0 or hi >= c:
-        bad = target[((target < 0) | (target >= c)) & (target != ignore_index)]
-        if bad.numel():
-            raise IndexError(f"{fn}: {name} holds {int(bad[0])}, out of range for {c} classes "
-                             f"(valid: 0..{c - 1}, or ignore_index={ignore_index})")
+        if rows_of is None:
+            bad = target[((target < 0) | (target >= c)) & (target != ignore_index)]
+            if bad.numel():
+                raise IndexError(f"{fn}: {name} holds {int(bad[0])}, out of range for {c} classes "
+                                 f"(valid: 0..{c - 1}, or ignore_index={ignore_index})")
+        else:
+            bad = target[((target < 0) | (target >= c)) & (rows_of != ignore_index)]
+            if bad.numel():
+                raise IndexError(f"{fn}: {name} holds {int(bad[0])}, out of range for {c} classes on a row "
+                                 f"that is not ignored (valid: 0..{c - 1}; a row is ignored by its first "
+                                 f"target == ignore_index={ignore_index})")
     return target, lo <= ignore_index <= hi
 
 
@@ -583,6 +691,19 @@ def _reduce(fn: str, loss: Tensor, weight: Tensor | None, reduction: str, target
     return s / loss.shape[0]
 
 
+def _check_ignore_index(fn: str, ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        try:
+            import operator
+
+            ignore_index = operator.index(ignore_index)  # numpy / 0-dim integer tensors
+        except TypeError:
+            raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}") from None
+    if not -(1 << 63) <= ignore_index < (1 << 63):
+        raise ValueError(f"{fn}: ignore_index={ignore_index} does not fit in int64")
+    return int(ignore_index)
+
+
 def _check_reduction(fn: str, reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -596,12 +717,13 @@ def per_example_cross_entropy(logits: Tensor, target: Tensor, target_b: Tensor |
                               check_finite: bool = False) -> Tensor:
     """Unweighted per-example (blended) cross-entropy ``[N]`` (0 on ignored rows)."""
     fn = "per_example_cross_entropy"
+    ignore_index = _check_ignore_index(fn, ignore_index)
     _check_logits(fn, logits, check_finite)
     target, _ = _check_target(fn, "target", target, logits, ignore_index)
     if (target_b is None) != (lam is None):
         raise ValueError(f"{fn}: target_b and lam must be given together")
     if target_b is not None:
-        target_b, _ = _check_target(fn, "target_b", target_b, logits, ignore_index)
+        target_b, _ = _check_target(fn, "target_b", target_b, logits, ignore_index, rows_of=target)
         lam = _check_row(fn, "lam", lam, logits)
     return _kernels().forward(logits, target, target_b, lam, int(ignore_index))[0]
 
@@ -614,11 +736,16 @@ def weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None
     integer; ``weight [N]`` (per example, the per-row loss dtype) or None.
     ``"mean"`` divides by the number of non-ignored rows."""
     fn = "weighted_cross_entropy"
+    ignore_index = _check_ignore_index(fn, ignore_index)
     _check_reduction(fn, reduction)
     _check_logits(fn, logits, check_finite)
     target, maybe_ignored = _check_target(fn, "target", target, logits, ignore_index)
     if weight is not None:
         weight = _check_row(fn, "weight", weight, logits)
+    if reduction != "none":
+        out = _reduced_fast(logits, target, None, None, weight, reduction, int(ignore_index), maybe_ignored)
+        if out is not None:
+            return out
     loss = _kernels().forward(logits, target, None, None, int(ignore_index))[0]
     return _reduce(fn, loss, weight, reduction, target, ignore_index, maybe_ignored)
 
@@ -630,13 +757,18 @@ def blended_cross_entropy(logits: Tensor, target_a: Tensor, target_b: Tensor, la
     :func:`weighted_cross_entropy` (a row is ignored when ``target_a`` is ``ignore_index``).
     Differentiable w.r.t. ``logits``, ``lam`` and ``weight``."""
     fn = "blended_cross_entropy"
+    ignore_index = _check_ignore_index(fn, ignore_index)
     _check_reduction(fn, reduction)
     _check_logits(fn, logits, check_finite)
     target_a, maybe_ignored = _check_target(fn, "target_a", target_a, logits, ignore_index)
-    target_b, _ = _check_target(fn, "target_b", target_b, logits, ignore_index)
+    target_b, _ = _check_target(fn, "target_b", target_b, logits, ignore_index, rows_of=target_a)
     lam = _check_row(fn, "lam", lam, logits)
     if weight is not None:
         weight = _check_row(fn, "weight", weight, logits)
+    if reduction != "none":
+        out = _reduced_fast(logits, target_a, target_b, lam, weight, reduction, int(ignore_index), maybe_ignored)
+        if out is not None:
+            return out
     loss = _kernels().forward(logits, target_a, target_b, lam, int(ignore_index))[0]
     return _reduce(fn, loss, weight, reduction, target_a, ignore_index, maybe_ignored)
 
@@ -668,13 +800,14 @@ def cross_entropy_jvp(logits: Tensor, target: Tensor, t: Tensor, target_b: Tenso
     """Per-row directional derivative of the (blended) loss: ``(p_i - mix_i) . t_i``, ``[N]``
     (0 on ignored rows). Differentiable w.r.t. ``logits``, ``t`` and ``lam``."""
     fn = "cross_entropy_jvp"
+    ignore_index = _check_ignore_index(fn, ignore_index)
     _check_logits(fn, logits, False)
     target, _ = _check_target(fn, "target", target, logits, ignore_index)
     t = _check_matrix(fn, "t", t, logits)
     if (target_b is None) != (lam is None):
         raise ValueError(f"{fn}: target_b and lam must be given together")
     if target_b is not None:
-        target_b, _ = _check_target(fn, "target_b", target_b, logits, ignore_index)
+        target_b, _ = _check_target(fn, "target_b", target_b, logits, ignore_index, rows_of=target)
         lam = _check_row(fn, "lam", lam, logits)
     return _kernels().jvp(logits, _lse(logits, target), target, target_b, lam, t, int(ignore_index))
 

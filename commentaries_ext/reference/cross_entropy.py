@@ -113,6 +113,15 @@ def wce_jvp(logits: Tensor, lse: Tensor, target: Tensor, target_b: Tensor | None
     return out
 
 
-KERNELS = {"wce_forward": wce_forward, "wce_backward": wce_backward, "wce_hvp": wce_hvp, "wce_jvp": wce_jvp}
+def wce_forward_grad(logits: Tensor, target: Tensor, target_b: Tensor | None, lam: Tensor | None,
+                     row_scale: Tensor | None, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """wce_forward's ``(loss, lse)`` and ``row_scale_i (p_i - mix_i)`` (row_scale None: 1)."""
+    loss, lse = wce_forward(logits, target, target_b, lam, ignore_index)
+    scale = torch.ones_like(loss) if row_scale is None else row_scale
+    return loss, lse, wce_backward(scale, logits, lse, target, target_b, lam, ignore_index)
+
+
+KERNELS = {"wce_forward": wce_forward, "wce_backward": wce_backward, "wce_hvp": wce_hvp, "wce_jvp": wce_jvp,
+           "wce_forward_grad": wce_forward_grad}
 for _name, _fn in KERNELS.items():
     backend.register("reference", _name, _fn)

@@ -67,6 +67,7 @@ def _wce_forward_kernel(Z, Y, YB, LAM, LOSS, LSE, N, C, szn, szc, sy, syb, slam,
         m = m_new
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     lse = tl.where(s > 0.0, m_safe + tl.log(tl.where(s > 0.0, s, 1.0)), float("-inf"))
+    lse = tl.where(s != s, s, lse)  # a NaN logit: NaN, not -inf
     y, yb, lam, valid = _mix_terms(Y, YB, LAM, rows64, rmask, sy, syb, slam, ignore_index, HAS_MIX, ACC)
     zy = tl.load(zrow + y * szc, mask=valid, other=0.0).to(ACC)
     tgt = tl.where(lam == 0.0, 0.0, lam * zy)

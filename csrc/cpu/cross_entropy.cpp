@@ -51,7 +51,7 @@ inline T hmax(const Vec<T>& v) {
   alignas(64) T buf[Vec<T>::size()];
   v.store(buf);
   T s = buf[0];
-  for (int k = 1; k < Vec<T>::size(); ++k) s = std::max(s, buf[k]);
+  for (int k = 1; k < Vec<T>::size(); ++k) s = (buf[k] > s || std::isnan(buf[k])) ? buf[k] : s;  // NaN propagates
   return s;
 }
 
@@ -67,7 +67,7 @@ inline T row_max(const T* z, int64_t C) {
   }
   for (; c + W <= C; c += W) m0 = at::vec::maximum(m0, Vec<T>::loadu(z + c));
   T m = hmax(at::vec::maximum(m0, m1));
-  for (; c < C; ++c) m = std::max(m, z[c]);  // std::max keeps m on NaN; NaN input is rejected upstream
+  for (; c < C; ++c) m = (z[c] > m || std::isnan(z[c])) ? z[c] : m;  // NaN propagates, as in the vector part
   return m;
 }
 
@@ -152,7 +152,7 @@ void lse_small_block(const T* z, int64_t s0, int64_t C, int64_t i0, int64_t rb, 
   for (int64_t r = 0; r < rb; ++r) {
     const T* row = z + (i0 + r) * s0;
     T m = row[0];
-    for (int64_t c = 1; c < C; ++c) m = std::max(m, row[c]);
+    for (int64_t c = 1; c < C; ++c) m = (row[c] > m || std::isnan(row[c])) ? row[c] : m;  // NaN propagates
     const T mm = (m == ninf) ? T(0) : m;
     ms[r] = mm;
     T* o = sh + r * C;
@@ -279,6 +279,146 @@ at::Tensor cpp_wce_backward(const at::Tensor& grad_loss, const at::Tensor& logit
   return out;
 }
 
+// -------------------------------------------------------------- forward with the gradient
+
+// The first-order fast path of a reduced loss: in one pass over the logits, the
+// per-row loss and lse of cpp_wce_forward and grad_i = s_i (p_i - mix_i) (s = row_scale,
+// None: 1; zero rows where ignored), so that a backward needs no second exp pass.
+// p = exp(z - m) / sum exp(z - m) from the same exponentials as the lse; rows whose lse
+// is not finite (an infinite max, NaN) take p = exp(z - lse) as wce_backward does.
+template <typename T>
+inline T target_logit(const T* row, const Mix& mix, const T* lm, int64_t slm, int64_t i, int64_t y) {
+  if (!lm) return row[y];
+  const T a = lm[i * slm];
+  const int64_t yb = mix.yb[i * mix.syb];
+  return (a == T(0) ? T(0) : a * row[y]) + (a == T(1) ? T(0) : (T(1) - a) * row[yb]);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& target_b,
+    const std::optional<at::Tensor>& lam, const std::optional<at::Tensor>& row_scale, int64_t ignore_index) {
+  check_logits(logits, "wce_forward_grad");
+  const int64_t N = logits.size(0), C = logits.size(1);
+  at::Tensor loss = new_output({N}, logits.options());
+  at::Tensor lse = new_output({N}, logits.options());
+  at::Tensor grad = new_output({N, C}, logits.options());
+  if (N == 0) return {loss, lse, grad};
+  const Mix mix = make_mix(target, target_b, lam, ignore_index);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_wce_forward_grad", [&] {
+    using T = scalar_t;
+    constexpr int64_t W = Vec<T>::size();
+    const T ninf = -std::numeric_limits<T>::infinity();
+    const T* z = logits.const_data_ptr<T>();
+    const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
+    const T* lm = mix.yb ? lam->const_data_ptr<T>() : nullptr;
+    const int64_t slm = mix.yb ? lam->stride(0) : 0;
+    const T* rs = row_scale.has_value() ? row_scale->const_data_ptr<T>() : nullptr;
+    const int64_t srs = row_scale.has_value() ? row_scale->stride(0) : 0;
+    T* lo = loss.mutable_data_ptr<T>();
+    T* ls = lse.mutable_data_ptr<T>();
+    T* go = grad.mutable_data_ptr<T>();
+    // Row i from its max m and, in grow, its exponentials exp(z - m) with sum s.
+    auto finish_row = [&](int64_t i, const T* row, T* grow, T m, T s) {
+      T l;
+      if (std::isnan(m) || std::isnan(s)) l = std::numeric_limits<T>::quiet_NaN();
+      else if (std::isinf(m)) l = m;  // a +inf logit: +inf; every logit -inf: -inf
+      else l = m + std::log(s);       // s >= 1: the max contributes exp(0)
+      ls[i] = l;
+      const int64_t y = mix.y[i * mix.sy];
+      if (y == mix.ignore_index) {
+        lo[i] = 0;
+        std::fill(grow, grow + C, T(0));
+        return;
+      }
+      lo[i] = l - target_logit(row, mix, lm, slm, i, y);
+      const T r = rs ? rs[i * srs] : T(1);
+      int64_t c = 0;
+      if (!std::isfinite(l)) {  // rare rows: std::exp for IEEE NaN/inf (exp_u20 is not exact there)
+        for (; c < C; ++c) grow[c] = r * std::exp(row[c] - l);
+      } else {
+        const T q = r / s;
+        const Vec<T> vq(q);
+        for (; c + W <= C; c += W) (vq * Vec<T>::loadu(grow + c)).store(grow + c);
+        for (; c < C; ++c) grow[c] *= q;
+      }
+      if (lm) {
+        const T a = lm[i * slm];
+        grow[y] -= r * a;
+        grow[mix.yb[i * mix.syb]] -= r * (T(1) - a);
+      } else {
+        grow[y] -= r;
+      }
+    };
+    const bool small = C > 0 && C <= kSmallC && (s1 == 1 || C == 1);
+    at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t e) {
+      if (small) {
+        // a block of rows of the contiguous gradient is one flat run: exp on full vectors
+        T ms[kRowBlock], sums[kRowBlock];
+        for (int64_t i0 = b; i0 < e; i0 += kRowBlock) {
+          const int64_t rb = std::min(kRowBlock, e - i0);
+          T* gb = go + i0 * C;
+          for (int64_t r = 0; r < rb; ++r) {
+            const T* row = z + (i0 + r) * s0;
+            T m = row[0];
+            for (int64_t c = 1; c < C; ++c) m = (row[c] > m || std::isnan(row[c])) ? row[c] : m;
+            ms[r] = m;
+            const T mm = std::isfinite(m) ? m : T(0);
+            for (int64_t c = 0; c < C; ++c) gb[r * C + c] = row[c] - mm;
+          }
+          const int64_t L = rb * C;
+          int64_t k = 0;
+          for (; k + W <= L; k += W) Vec<T>::loadu(gb + k).exp_u20().store(gb + k);
+          if (k < L) Vec<T>::loadu(gb + k, L - k).exp_u20().store(gb + k, L - k);
+          for (int64_t r = 0; r < rb; ++r) {
+            T sacc = 0;
+            for (int64_t c = 0; c < C; ++c) sacc += gb[r * C + c];
+            sums[r] = sacc;
+          }
+          for (int64_t r = 0; r < rb; ++r) finish_row(i0 + r, z + (i0 + r) * s0, gb + r * C, ms[r], sums[r]);
+        }
+        return;
+      }
+      std::vector<T> buf;
+      for (int64_t i = b; i < e; ++i) {
+        T* grow = go + i * C;
+        if (C == 0) {
+          ls[i] = ninf;
+          lo[i] = 0;
+          continue;
+        }
+        const T* row = row_ptr(z, i, s0, s1, C, buf);
+        const T m = row_max(row, C);
+        // exponentials into the gradient row (it stays in L1 for the scaling in finish_row)
+        const Vec<T> vm(std::isfinite(m) ? m : T(0));
+        Vec<T> a0(0), a1(0);
+        int64_t c = 0;
+        for (; c + 2 * W <= C; c += 2 * W) {
+          const Vec<T> e0 = (Vec<T>::loadu(row + c) - vm).exp_u20();
+          const Vec<T> e1 = (Vec<T>::loadu(row + c + W) - vm).exp_u20();
+          e0.store(grow + c);
+          e1.store(grow + c + W);
+          a0 = a0 + e0;
+          a1 = a1 + e1;
+        }
+        for (; c + W <= C; c += W) {
+          const Vec<T> e0 = (Vec<T>::loadu(row + c) - vm).exp_u20();
+          e0.store(grow + c);
+          a0 = a0 + e0;
+        }
+        if (c < C) {  // pad with -inf: exp gives 0
+          const int64_t r = C - c;
+          const Vec<T> x = Vec<T>::set(Vec<T>(ninf), Vec<T>::loadu(row + c, r), r);
+          const Vec<T> e0 = (x - vm).exp_u20();
+          e0.store(grow + c, r);
+          a1 = a1 + e0;
+        }
+        finish_row(i, row, grow, m, hsum(a0 + a1));
+      }
+    });
+  });
+  return {loss, lse, grad};
+}
+
 // -------------------------------------------------------------- hvp
 
 at::Tensor cpp_wce_hvp(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& scale, const at::Tensor& u) {
@@ -394,6 +534,7 @@ at::Tensor cpp_wce_jvp(const at::Tensor& logits, const at::Tensor& lse, const at
 TORCH_LIBRARY_FRAGMENT(commentaries_ext, m) {
   m.def("cpp_wce_forward(Tensor logits, Tensor target, Tensor? target_b, Tensor? lam, int ignore_index) -> (Tensor, Tensor)");
   m.def("cpp_wce_backward(Tensor grad_loss, Tensor logits, Tensor lse, Tensor target, Tensor? target_b, Tensor? lam, int ignore_index) -> Tensor");
+  m.def("cpp_wce_forward_grad(Tensor logits, Tensor target, Tensor? target_b, Tensor? lam, Tensor? row_scale, int ignore_index) -> (Tensor, Tensor, Tensor)");
   m.def("cpp_wce_hvp(Tensor logits, Tensor lse, Tensor scale, Tensor u) -> Tensor");
   m.def("cpp_wce_jvp(Tensor logits, Tensor lse, Tensor target, Tensor? target_b, Tensor? lam, Tensor t, int ignore_index) -> Tensor");
 }
@@ -401,6 +542,7 @@ TORCH_LIBRARY_FRAGMENT(commentaries_ext, m) {
 TORCH_LIBRARY_IMPL(commentaries_ext, CPU, m) {
   m.impl("cpp_wce_forward", &cpp_wce_forward);
   m.impl("cpp_wce_backward", &cpp_wce_backward);
+  m.impl("cpp_wce_forward_grad", &cpp_wce_forward_grad);
   m.impl("cpp_wce_hvp", &cpp_wce_hvp);
   m.impl("cpp_wce_jvp", &cpp_wce_jvp);
 }

@@ -107,9 +107,10 @@ __global__ void __launch_bounds__(kBlock) wce_forward_kernel(const T* z, int64_t
   A mx = neg_inf<A>(), s = A(0);
   scan1<T, GROUP>(zr, c, szc, vec, [&](int64_t, A x) { online(mx, s, x); });
   const A mall = group_max<GROUP>(mx, smem);
-  const A part = mx == neg_inf<A>() ? A(0) : s * xexp(mx - mall);
+  // a NaN logit makes s NaN (online() adds exp(NaN)); keep it NaN through to lse
+  const A part = (mx == neg_inf<A>() && s == s) ? A(0) : s * xexp(mx - mall);
   const A sall = group_sum<GROUP>(part, smem);
-  const A lse = sall > A(0) ? mall + xlog(sall) : neg_inf<A>();
+  const A lse = sall > A(0) ? mall + xlog(sall) : (sall == sall ? neg_inf<A>() : sall);
   if (threadIdx.x == 0) {
     const Mix<A> m = load_mix<A>(tg, row);
     A out = A(0);
