@@ -23,7 +23,9 @@ old one, so a crash mid-write leaves the old file intact.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import math
 import os
 import tempfile
 import time
@@ -35,6 +37,26 @@ from torch import nn
 
 FORMAT = "commentaries_ext.commentary/1"
 META_KEY = "commentaries_ext"
+
+# Limits checked on the file's header before anything is allocated (a hand-edited or
+# malicious file must not make the loader allocate or run for long).
+MAX_FILE_BYTES = 8 << 30  # the whole file
+MAX_HEADER_BYTES = 16 << 20  # the safetensors JSON header (metadata included)
+MAX_TENSORS = 10_000
+MAX_NDIM = 8
+MAX_ELEMENTS = 1 << 30  # elements of all tensors together
+MAX_INPUT_ELEMENTS = 1 << 24  # the input the student model is probed with (input_shape)
+MAX_JSON_DEPTH = 32
+
+# safetensors dtype names this loader accepts (what commentary state_dicts hold)
+_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+}
+# the JSON metadata of a commentary file (what save_commentary writes); other keys are refused
+META_KEYS = frozenset({"format", "kind", "class", "config", "tensors", "num_classes", "num_examples", "input_shape",
+                       "data", "library_version", "torch_version", "learned_with", "extra", "created"})
 
 
 class CommentaryFileError(ValueError):
@@ -174,27 +196,229 @@ def _atomic_write(path: Path, blob: bytes) -> None:
 # --------------------------------------------------------------------------- load
 
 
-def read_metadata(path) -> dict:
-    """The JSON metadata of a commentary file (nothing else is read)."""
-    from safetensors import safe_open
+def _refuse(path, msg: str):
+    return CommentaryFileError(f"{path}: {msg}")
 
+
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {k!r}")
+        d[k] = v
+    return d
+
+
+def _json_depth(x, limit: int, depth: int = 0) -> None:
+    if depth > limit:
+        raise ValueError(f"nested deeper than {limit} levels")
+    if isinstance(x, dict):
+        for v in x.values():
+            _json_depth(v, limit, depth + 1)
+    elif isinstance(x, list):
+        for v in x:
+            _json_depth(v, limit, depth + 1)
+
+
+def _loads(path, raw: str | bytes, what: str):
+    """``json.loads`` that refuses duplicate keys, NaN/Infinity, deep nesting and huge numbers."""
+    def bad_constant(c):
+        raise ValueError(f"non-finite number {c}")
+
+    try:
+        out = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=bad_constant)
+        _json_depth(out, MAX_JSON_DEPTH)
+    except (ValueError, RecursionError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise _refuse(path, f"corrupt {what} ({type(e).__name__}: {e})") from None
+    return out
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _read_header(path) -> tuple[dict, dict, int]:
+    """The safetensors header of ``path``, validated without reading any tensor data.
+
+    Returns ``(tensors, metadata, data_start)``: ``tensors[name] = (torch dtype, shape,
+    (begin, end))`` with every size, dtype and offset checked (offsets tile the data
+    section exactly, sizes match shape x dtype, limits ``MAX_*``), ``metadata`` the
+    string-to-string ``__metadata__`` map."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no commentary file at {path}")
+    if not path.is_file():
+        raise _refuse(path, "not a regular file")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise _refuse(path, f"file of {size} bytes is larger than the limit files.MAX_FILE_BYTES={MAX_FILE_BYTES}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _refuse(path, f"not a safetensors file (only {size} bytes)")
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise _refuse(path, f"not a safetensors file (header length {n} for a file of {size} bytes, "
+                                f"limit {MAX_HEADER_BYTES})")
+        raw = f.read(n)
+    if len(raw) != n:
+        raise _refuse(path, "truncated header")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
-    except Exception as e:  # safetensors raises its own error types
-        raise CommentaryFileError(f"{path} is not a safetensors file: {e}") from e
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _refuse(path, "not a safetensors file (header is not UTF-8 JSON)") from None
+    header = _loads(path, text, "safetensors header")
+    if not isinstance(header, dict):
+        raise _refuse(path, f"not a safetensors file (header is a JSON {type(header).__name__}, not an object)")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise _refuse(path, "safetensors __metadata__ must map strings to strings")
+    if len(header) > MAX_TENSORS:
+        raise _refuse(path, f"{len(header)} tensors (limit files.MAX_TENSORS={MAX_TENSORS})")
+    data_len = size - 8 - n
+    tensors: dict[str, tuple] = {}
+    total = 0
+    for name, spec in header.items():
+        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
+            raise _refuse(path, f"tensor {name!r}: header entry must have exactly dtype, shape and data_offsets")
+        dt, shape, offs = spec["dtype"], spec["shape"], spec["data_offsets"]
+        if not isinstance(dt, str) or dt not in _DTYPES:
+            raise _refuse(path, f"tensor {name!r}: unsupported dtype {dt!r} (accepted: {sorted(_DTYPES)})")
+        if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+                or not all(_is_int(d) and d >= 0 for d in shape)):
+            raise _refuse(path, f"tensor {name!r}: shape {shape!r} must be a list of at most {MAX_NDIM} "
+                                "non-negative integers")
+        if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs):
+            raise _refuse(path, f"tensor {name!r}: data_offsets {offs!r} must be two integers")
+        numel = 1
+        for d in shape:
+            numel *= d
+        total += numel
+        if total > MAX_ELEMENTS:
+            raise _refuse(path, f"tensor {name!r}: the tensors hold more than files.MAX_ELEMENTS={MAX_ELEMENTS} "
+                                "elements")
+        b, e = offs
+        dtype, itemsize = _DTYPES[dt]
+        if not (0 <= b <= e <= data_len) or e - b != numel * itemsize:
+            raise _refuse(path, f"tensor {name!r}: data_offsets {offs} do not hold shape {shape} of {dt} "
+                                f"({numel * itemsize} bytes) inside the {data_len}-byte data section")
+        tensors[name] = (dtype, tuple(shape), (b, e))
+    pos = 0
+    for name, (_, _, (b, e)) in sorted(tensors.items(), key=lambda kv: kv[1][2]):
+        if b != pos:
+            raise _refuse(path, f"tensor {name!r}: data_offsets overlap or leave a gap (starts at {b}, "
+                                f"expected {pos})")
+        pos = e
+    if pos != data_len:
+        raise _refuse(path, f"{data_len - pos} bytes after the last tensor (truncated or appended data)")
+    return tensors, metadata, 8 + n
+
+
+def _check_meta(path, meta) -> dict:
+    """Structure and types of the JSON metadata (every field is optional)."""
+    if not isinstance(meta, dict):
+        raise _refuse(path, f"corrupt metadata (a JSON {type(meta).__name__}, not an object)")
+    if meta.get("format") != FORMAT:
+        raise _refuse(path, f"unsupported format {meta.get('format')!r} (this library reads {FORMAT!r})")
+    unknown = sorted(set(meta) - META_KEYS)
+    if unknown:
+        raise _refuse(path, f"unknown metadata keys {unknown} (not written by this library)")
+
+    def bad(key, want):
+        return _refuse(path, f"metadata {key!r} must be {want}, got {meta[key]!r:.200}")
+
+    for key in ("kind", "class", "library_version", "torch_version", "created"):
+        if key in meta and not isinstance(meta[key], str):
+            raise bad(key, "a string")
+    for key in ("config", "learned_with", "extra"):
+        if key in meta and not (isinstance(meta[key], dict) or (key != "config" and meta[key] is None)):
+            raise bad(key, "an object")
+    for key in ("num_classes", "num_examples"):
+        if meta.get(key) is not None and not (_is_int(meta[key]) and 1 <= meta[key] <= 1 << 40):
+            raise bad(key, "a positive integer or null")
+    shape = meta.get("input_shape")
+    if shape is not None:
+        if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
+            raise bad("input_shape", f"a list of at most {MAX_NDIM} non-negative integers or null")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel > MAX_INPUT_ELEMENTS:
+            raise bad("input_shape", f"an example of at most files.MAX_INPUT_ELEMENTS={MAX_INPUT_ELEMENTS} elements")
+    if "tensors" in meta:
+        ts = meta["tensors"]
+        if not isinstance(ts, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
+                and all(_is_int(d) and d >= 0 for d in v["shape"]) for v in ts.values()):
+            raise bad("tensors", "an object of {shape: [int, ...], dtype: str}")
+    fp = meta.get("data")
+    if fp is not None:
+        if (not isinstance(fp, dict) or not isinstance(fp.get("sha256"), str) or not _is_int(fp.get("size"))
+                or not isinstance(fp.get("shapes"), list)
+                or not all(isinstance(s, list) and all(_is_int(d) for d in s) for s in fp["shapes"])):
+            raise bad("data", "a fingerprint {sha256: str, size: int, shapes: [[int, ...], ...]} or null")
+    return meta
+
+
+def read_metadata(path) -> dict:
+    """The JSON metadata of a commentary file (only the header is read, and validated)."""
+    path = Path(path)
+    _, metadata, _ = _read_header(path)
+    raw = metadata.get(META_KEY)
     if raw is None:
         raise CommentaryFileError(f"{path} has no '{META_KEY}' metadata: not a commentary file")
+    unknown = sorted(set(metadata) - {META_KEY})
+    if unknown:
+        raise _refuse(path, f"unknown safetensors metadata keys {unknown} (not written by this library)")
+    return _check_meta(path, _loads(path, raw, "metadata"))
+
+
+def _config_keys(cls) -> set:
+    """Constructor arguments a commentary class accepts in a file's ``config``."""
+    keys: set = set()
+    for fn in (cls.__init__, getattr(cls, "reference", None)):
+        if fn is None:
+            continue
+        for name, prm in inspect.signature(fn).parameters.items():
+            if prm.kind in (prm.POSITIONAL_OR_KEYWORD, prm.KEYWORD_ONLY) and name not in ("self", "cls", "_config"):
+                keys.add(name)
+    return keys
+
+
+def _check_config(path, cls, cfg) -> dict:
+    if not isinstance(cfg, dict):
+        raise _refuse(path, f"config must be an object, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - _config_keys(cls))
+    if unknown:
+        raise _refuse(path, f"config has unknown keys {unknown} for {cls.__name__}")
+
+    def scalar(v):
+        if v is None or isinstance(v, bool) or _is_int(v):
+            return not _is_int(v) or abs(v) <= 1 << 62
+        if isinstance(v, float):
+            return math.isfinite(v)
+        return isinstance(v, str) and len(v) <= 256
+
+    for k, v in cfg.items():
+        ok = scalar(v) or (isinstance(v, list) and len(v) <= MAX_NDIM and all(scalar(e) for e in v))
+        if not ok:
+            raise _refuse(path, f"config {k!r}: {v!r:.200} is not a number, string, bool, null or short list")
+    return cfg
+
+
+def _build(path, cls, cfg: dict, *, meta_device: bool) -> nn.Module:
+    """``cls.from_config(cfg)``, on the meta device (no memory) when ``meta_device``."""
     try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CommentaryFileError(f"{path}: corrupt metadata ({e})") from e
-    if meta.get("format") != FORMAT:
-        raise CommentaryFileError(f"{path}: unsupported format {meta.get('format')!r} (this library reads {FORMAT!r})")
-    return meta
+        if meta_device:
+            with torch.device("meta"):
+                return cls.from_config(cfg)
+        return cls.from_config(cfg)
+    except (TypeError, ValueError, KeyError, OverflowError, RuntimeError, IndexError) as e:
+        raise _refuse(path, f"cannot build {cls.__name__} from the file's config {cfg!r:.300}: "
+                            f"{type(e).__name__}: {e}") from None
 
 
 def _model_classes(model: nn.Module, input_shape) -> int | None:
@@ -228,37 +452,48 @@ def load_commentary(path, *, commentary: nn.Module | None = None, data: Any = No
     from safetensors.torch import load_file
 
     path = Path(path)
+    header, _, _ = _read_header(path)  # sizes, dtypes, offsets: validated before anything is allocated
     meta = read_metadata(path)
     problems: list[str] = []
     cls_name = meta.get("class")
     registry = _registry()
+    built = commentary is None
     if commentary is None:
         cls = registry.get(cls_name)
         if cls is None:
             raise CommentaryFileError(f"{path}: unknown commentary class {cls_name!r} (known: {sorted(registry)}); "
                                       "pass commentary= to load into your own module")
-        commentary = cls.from_config(meta.get("config", {}))
+        cfg = _check_config(path, cls, meta.get("config", {}))
+        # first on the meta device: the shapes the config implies, with no memory allocated
+        commentary = _build(path, cls, cfg, meta_device=True)
     else:
         if type(commentary).__name__ != cls_name:
             problems.append(f"class: file has {cls_name}, the given module is {type(commentary).__name__}")
         if getattr(commentary, "kind", "") != meta.get("kind"):
             problems.append(f"kind: file has {meta.get('kind')!r}, the given module is {getattr(commentary, 'kind', '')!r}")
 
-    # tensors
-    tensors = load_file(str(path), device=str(map_location))
+    # tensors: the header against the metadata and the module, before loading any
+    specs = meta.get("tensors")
+    if specs is not None:
+        for k in sorted(set(specs) ^ set(header)):
+            where = "metadata" if k in specs else "data"
+            raise _refuse(path, f"tensor {k!r} is listed in the {where} only (the file was edited or is corrupt)")
+        for k, spec in specs.items():
+            dt, shape, _ = header[k]
+            if list(shape) != spec["shape"] or str(dt).replace("torch.", "") != spec["dtype"]:
+                raise _refuse(path, f"tensor {k!r}: metadata says {spec['dtype']} {spec['shape']}, stored "
+                                    f"{str(dt).replace('torch.', '')} {list(shape)} (the file was edited or is corrupt)")
     own = commentary.state_dict()
-    for k in sorted(set(tensors) - set(own)):
+    for k in sorted(set(header) - set(own)):
         problems.append(f"tensor {k!r} is in the file but not in the module")
-    for k in sorted(set(own) - set(tensors)):
+    for k in sorted(set(own) - set(header)):
         problems.append(f"tensor {k!r} of the module is missing from the file")
-    for k in sorted(set(own) & set(tensors)):
-        if tuple(own[k].shape) != tuple(tensors[k].shape):
-            problems.append(f"tensor {k!r}: shape {list(tensors[k].shape)} in the file, {list(own[k].shape)} in the module")
-        elif own[k].dtype != tensors[k].dtype and not (own[k].is_floating_point() and tensors[k].is_floating_point()):
-            problems.append(f"tensor {k!r}: dtype {tensors[k].dtype} in the file, {own[k].dtype} in the module")
-    for k, spec in meta.get("tensors", {}).items():
-        if k in tensors and list(tensors[k].shape) != spec.get("shape"):
-            problems.append(f"tensor {k!r}: metadata says shape {spec.get('shape')}, stored {list(tensors[k].shape)}")
+    for k in sorted(set(own) & set(header)):
+        dt, shape, _ = header[k]
+        if tuple(own[k].shape) != shape:
+            problems.append(f"tensor {k!r}: shape {list(shape)} in the file, {list(own[k].shape)} in the module")
+        elif own[k].dtype != dt and not (own[k].is_floating_point() and dt.is_floating_point):
+            problems.append(f"tensor {k!r}: dtype {dt} in the file, {own[k].dtype} in the module")
 
     # class count
     C = meta.get("num_classes")
@@ -301,6 +536,20 @@ def load_commentary(path, *, commentary: nn.Module | None = None, data: Any = No
 
     if problems:
         raise CommentaryMismatchError(path, problems)
+    if built:  # the header matches the module the config describes: now allocate it
+        commentary = _build(path, cls, cfg, meta_device=False)
+        own = commentary.state_dict()
+    try:
+        tensors = load_file(str(path), device=str(map_location))
+    except Exception as e:  # safetensors raises its own error types
+        raise _refuse(path, f"cannot read the tensors: {e}") from e
+    for k, t in tensors.items():  # what safetensors read is what the header check saw
+        if k not in header or (t.dtype, tuple(t.shape)) != header[k][:2]:
+            raise _refuse(path, f"tensor {k!r} read back differently from its header")
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise _refuse(path, f"tensor {k!r} holds NaN or Inf")
+    if set(tensors) != set(header):
+        raise _refuse(path, "the tensors read back differ from the header")
     with torch.no_grad():
         commentary.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()}, strict=True)
     commentary.file_metadata = meta

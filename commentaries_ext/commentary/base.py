@@ -114,24 +114,45 @@ def check_batch(x: Any, y: Any, num_classes: int | None = None, *, name: str = "
     n = x.shape[0]
     if n == 0:
         raise BatchError(f"{name}: empty batch (x has shape {tuple(x.shape)})")
+    if x.numel() == 0:
+        raise BatchError(f"{name}: x has no features (shape {tuple(x.shape)})")
+    if x.device.type == "meta":
+        raise BatchError(f"{name}: x is on the meta device (no data)")
+    if y.device != x.device:
+        raise BatchError(f"{name}: y is on {y.device} but x is on {x.device}")
     if y.dim() != 1 or y.shape[0] != n:
         raise BatchError(f"{name}: y must have shape [{n}] to match x {tuple(x.shape)}, got {tuple(y.shape)}")
-    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+    if y.dtype not in _INDEX_DTYPES:
         raise BatchError(f"{name}: y must hold integer class indices, got {y.dtype}")
     if num_classes is not None:
-        lo, hi = int(y.min()), int(y.max())
+        lo, hi = (int(v) for v in torch.aminmax(y))
         if lo < 0 or hi >= num_classes:
             bad = lo if lo < 0 else hi
             raise BatchError(f"{name}: label {bad} out of range [0, {num_classes}) (num_classes={num_classes})")
     if index is not None:
         if not torch.is_tensor(index) or index.dim() != 1 or index.shape[0] != n:
             raise BatchError(f"{name}: index must be an integer tensor of shape [{n}]")
-        if index.is_floating_point():
-            raise BatchError(f"{name}: index must be integer, got {index.dtype}")
-        if num_examples is not None and (int(index.min()) < 0 or int(index.max()) >= num_examples):
-            raise BatchError(f"{name}: example index out of range [0, {num_examples})")
+        if index.dtype not in _INDEX_DTYPES:
+            raise BatchError(f"{name}: index must hold integer example indices, got {index.dtype}")
+        if index.device != x.device:
+            raise BatchError(f"{name}: index is on {index.device} but x is on {x.device}")
+        if num_examples is not None:
+            lo, hi = (int(v) for v in torch.aminmax(index))
+            if lo < 0 or hi >= num_examples:
+                bad = lo if lo < 0 else hi
+                raise BatchError(f"{name}: example index out of range [0, {num_examples}) (index holds {bad})")
     if check_finite and not bool(torch.isfinite(x).all()):
         raise NonFiniteError(f"{name}: x contains NaN or Inf")
+
+
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_param_dtype(who: str, x: torch.Tensor, param: torch.Tensor) -> None:
+    """A network commentary's input must have its parameters' dtype (outside autocast)."""
+    if x.dtype != param.dtype and param.is_floating_point() and not torch.is_autocast_enabled(x.device.type):
+        raise BatchError(f"{who}: x has dtype {x.dtype} but the network's parameters are {param.dtype}; cast the "
+                         "batch (or the commentary) first")
 
 
 def is_finite_batch(x: torch.Tensor) -> bool:
@@ -207,8 +228,12 @@ def _plain_ce(logits, target, target_b=None, lam=None):
 
 
 def _float_logits(logits: torch.Tensor) -> torch.Tensor:
+    if not torch.is_tensor(logits):
+        raise BatchError(f"the student must return a logits tensor [N, C], got {type(logits).__name__}")
     if logits.dim() != 2:
         raise BatchError(f"the student must return logits [N, C], got shape {tuple(logits.shape)}")
+    if not (logits.is_floating_point()):
+        raise BatchError(f"the student must return floating-point logits, got {logits.dtype}")
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()  # AMP: the loss in float32
     return logits
@@ -234,6 +259,17 @@ def commentary_loss(logits: torch.Tensor, prep: Prepared) -> torch.Tensor:
     Runs the fused weighted / blended cross-entropy kernels when they are
     available (outside :func:`plain_ops`), else plain PyTorch."""
     logits = _float_logits(logits)
+    n, c = logits.shape
+    if prep.target.shape != (n,):
+        raise BatchError(f"commentary_loss: logits has {n} rows but the batch has targets of shape "
+                         f"{tuple(prep.target.shape)}")
+    if _FUSED_CE.get() and n and not torch.compiler.is_compiling():  # eager student step (not the engine's traces)
+        for what, t in (("label", prep.target), ("partner label", prep.target_b)):
+            if t is not None:
+                lo, hi = (int(v) for v in torch.aminmax(t))
+                if lo < 0 or hi >= c:
+                    raise BatchError(f"commentary_loss: {what} {lo if lo < 0 else hi} out of range for logits "
+                                     f"with {c} classes (does the student output num_classes logits?)")
     ce = _ops() if (prep.weight is not None or prep.target_b is not None) else None
     if ce is not None:
         target = prep.target.long()
@@ -311,7 +347,21 @@ def _progress(progress, x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
     if progress is None:
         return torch.zeros(n, dtype=x.dtype, device=x.device)
-    t = torch.as_tensor(progress, dtype=x.dtype, device=x.device)
+    if torch.is_tensor(progress):
+        if progress.is_complex() or progress.dtype == torch.bool:
+            raise BatchError(f"progress must be a real number or tensor, got dtype {progress.dtype}")
+        if progress.device != x.device and progress.numel() != 1:
+            raise BatchError(f"progress is on {progress.device} but x is on {x.device}")
+    elif isinstance(progress, (str, bytes, complex, dict)):
+        raise BatchError(f"progress must be a number or a tensor of shape [{n}], got {type(progress).__name__}")
+    try:
+        t = torch.as_tensor(progress)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise BatchError(f"progress must be a number or a tensor of shape [{n}], got {type(progress).__name__} "
+                         f"({e})") from None
+    if t.is_complex():
+        raise BatchError(f"progress must be real, got dtype {t.dtype}")
+    t = t.to(dtype=x.dtype, device=x.device)
     if t.dim() == 0:
         t = t.expand(n)
     if t.shape != (n,):

@@ -33,6 +33,8 @@ def blend(x_a: torch.Tensor, m: torch.Tensor, perm: torch.Tensor | None = None,
     if x_b is None and perm is None:  # zeros background (the fused op would blend x_a with itself)
         return m * x_a
     fused = _masked_blend()
+    if fused is not None and not _fused_dtype_ok(x_a):
+        fused = None  # e.g. float16 on the CPU: plain PyTorch
     if fused is not None:
         return fused(x_a, m.expand(x_a.shape[0], *m.shape[1:]), x_b=x_b, perm=perm)
     if perm is not None:
@@ -40,6 +42,12 @@ def blend(x_a: torch.Tensor, m: torch.Tensor, perm: torch.Tensor | None = None,
     if x_b is None:
         return m * x_a
     return m * x_a + (1 - m) * x_b
+
+
+def _fused_dtype_ok(x: torch.Tensor) -> bool:
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.float64)
+    return x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _masked_blend():

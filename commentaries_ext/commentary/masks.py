@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import BatchError, Commentary, Prepared
+from .base import BatchError, Commentary, Prepared, check_param_dtype
 from .blending import blend
 
 BACKGROUNDS = ("zeros", "mean", "blur", "other")
@@ -89,6 +89,7 @@ class AttentionMask(Commentary):
         x = batch["x"]
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise BatchError(f"AttentionMask expects images [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        check_param_dtype("AttentionMask", x, next(self.net.parameters()))
         if self.background == "other":
             n = x.shape[0]
             # a derangement when possible: nobody is its own background

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import REDUCTIONS, BatchError, Commentary, Prepared
+from .base import REDUCTIONS, BatchError, Commentary, Prepared, check_param_dtype
 
 
 def _check_reduction(reduction: str) -> str:
@@ -66,6 +66,7 @@ class TeacherNet(nn.Module):
     def forward(self, x: torch.Tensor, progress: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.in_shape:
             raise BatchError(f"TeacherNet expects images of shape {self.in_shape}, got {tuple(x.shape[1:])}")
+        check_param_dtype("TeacherNet", x, self.head.weight)
         if self.progress_channel:
             t = progress.to(x.dtype).view(-1, 1, 1, 1).expand(x.shape[0], 1, *x.shape[2:])
             x = torch.cat([x, t], dim=1)

@@ -237,6 +237,8 @@ def masked_blend(x_a: Tensor, m: Tensor, x_b: Tensor | None = None, perm: Tensor
         raise ValueError(f"masked_blend: x_a must have a batch dimension, got shape {tuple(x_a.shape)}")
     dev = x_a.device
     _check_float("x_a", x_a, dev.type)
+    if dev.type == "meta" and not torch.compiler.is_compiling():
+        raise ValueError("masked_blend: x_a is on the meta device (no data to compute on)")
     n = x_a.shape[0]
     if m.device != dev:
         raise ValueError(f"masked_blend: m is on {m.device} but x_a is on {dev}")

@@ -163,34 +163,47 @@ def _validate(fn: str, mutated: dict[str, VecLike], read: dict[str, VecLike]) ->
                                  f"{tuple(first[i].shape)}")
     if dtype not in allowed:
         where = "on the GPU" if dev.type != "cpu" else "on the CPU"
-        raise TypeError(f"{fn}: dtype {dtype} is not supported {where}; expected one of "
+        raise TypeError(f"{fn}: {names[0]}[0] (and the others) has dtype {dtype}, which is not supported {where}; expected one of "
                         f"{[str(d).replace('torch.', '') for d in allowed]}")
+    if dev.type == "meta" and not torch.compiler.is_compiling():
+        raise ValueError(f"{fn}: {names[0]}[0] (and the others) is on the meta device (no data to compute on)")
     mut = [(k, i, t) for k in mutated for i, t in enumerate(lists[k])]
-    ptrs = [t.data_ptr() for _, _, t in mut if t.numel()]
-    fast = all(t.is_contiguous() for _, _, t in mut) and len(set(ptrs)) == len(ptrs)
-    mutated_ptrs = set(ptrs)
-    if fast:
-        fast = all(not (t.numel() and t.data_ptr() in mutated_ptrs) or k == "z" for k in read for t in lists[k])
-    if not fast:  # find the culprit and name it
-        seen: dict[int, str] = {}
-        for k, i, t in mut:
-            if not t.is_contiguous():
-                raise ValueError(f"{fn}: {k}[{i}] is updated in place and must be contiguous")
-            ptr = t.data_ptr()
-            if t.numel() and ptr in seen:
-                raise ValueError(f"{fn}: {k}[{i}] is the same memory as {seen[ptr]}; the updated vectors "
-                                 "must not alias")
-            seen[ptr] = f"{k}[{i}]"
-        for k in read:
-            for i, t in enumerate(lists[k]):
-                if t.numel() and t.data_ptr() in seen and k != "z":
-                    raise ValueError(f"{fn}: {k}[{i}] is the same memory as {seen[t.data_ptr()]}, which is "
-                                     "updated in place")
+    for k, i, t in mut:
+        if not t.is_contiguous():
+            raise ValueError(f"{fn}: {k}[{i}] is updated in place and must be contiguous")
     for k in read:
         ts = lists[k]
         if not all(t.is_contiguous() for t in ts):
             lists[k] = [t.contiguous() for t in ts]
+    if mut and not torch.compiler.is_compiling():
+        _check_overlap(fn, mut, [(k, i, t) for k in read for i, t in enumerate(lists[k])])
     return lists, dev, dtype
+
+
+def _check_overlap(fn: str, mut: list, read: list) -> None:
+    """No tensor updated in place may share memory with another updated tensor or with one
+    that is read (the kernels read and write them in one pass, in parallel): exact aliases
+    and partly overlapping views alike.  Every tensor is contiguous here (read tensors that
+    were not are copies), so each spans ``[data_ptr, data_ptr + nbytes)``; one sort and sweep."""
+    items = [(t.data_ptr(), t.numel() * t.element_size(), True, k, i) for k, i, t in mut]
+    items += [(t.data_ptr(), t.numel() * t.element_size(), False, k, i) for k, i, t in read]
+    items.sort()
+    end_mut = end_any = -1
+    last_mut = last_any = None
+    for start, nbytes, is_mut, k, i in items:
+        if not nbytes:
+            continue
+        other = last_any if (is_mut and start < end_any) else last_mut if (not is_mut and start < end_mut) else None
+        if other is not None:
+            a, b = (f"{other[1]}[{other[2]}]", f"{k}[{i}]") if (is_mut and not other[0]) else \
+                (f"{k}[{i}]", f"{other[1]}[{other[2]}]")
+            raise ValueError(f"{fn}: {a} shares memory with {b}, which is updated in place; the updated "
+                             "vectors must not alias or overlap any other argument")
+        end = start + nbytes
+        if end > end_any:
+            end_any, last_any = end, (is_mut, k, i)
+        if is_mut and end > end_mut:
+            end_mut, last_mut = end, (is_mut, k, i)
 
 
 def _run(op, name: str, device: torch.device, mutated: list[list[Tensor]], *args):
@@ -208,11 +221,15 @@ def _run(op, name: str, device: torch.device, mutated: list[list[Tensor]], *args
 def _scalar(fn: str, name: str, a, device: torch.device, dtype: torch.dtype) -> Tensor:
     acc = _acc_dtype(dtype)
     if isinstance(a, Tensor):
+        if a.is_complex():
+            raise TypeError(f"{fn}: {name} must be real, got dtype {a.dtype}")
         if a.numel() != 1:
             raise ValueError(f"{fn}: {name} must be a number or a 0-dim tensor, got shape {tuple(a.shape)}")
         if a.device != device and a.device.type != "cpu":
             raise ValueError(f"{fn}: {name} is on {a.device} but the vectors are on {device}")
         return a.detach().reshape(()).to(device=device, dtype=acc)
+    if isinstance(a, (str, bytes)):
+        raise TypeError(f"{fn}: {name} must be a number or a 0-dim tensor, got {type(a).__name__}")
     try:
         value = float(a)
     except (TypeError, ValueError):
