@@ -11,7 +11,9 @@ one process on the union of their shards, in float64.
 * wrapper: several hyper-steps with a DDP-wrapped student keep the commentary
   bit-identical across ranks and equal to the single-process run;
 * learn_bptt: the meta-gradient of every outer step equals the single-process
-  one on the union of the shards (each rank takes half of each global batch).
+  one on the union of the shards (each rank takes half of each global batch);
+* learn_ift (a plain student, gradients averaged by learn_ift): the commentary
+  and the student equal the single-process run on the global batches.
 
 The students have no BatchNorm: in training mode each rank would normalise with
 its shard's statistics, which is not the union's (see commentaries_ext.distributed).
@@ -43,7 +45,7 @@ from commentaries_ext.engine import (
     power_iteration,
 )
 from commentaries_ext.engine import vector as V
-from commentaries_ext.learn import learn_bptt
+from commentaries_ext.learn import learn_bptt, learn_ift
 from commentaries_ext.wrapper import CommentaryOptimizer
 
 WORLD = 2
@@ -242,6 +244,20 @@ def _solver_decisions(r, sync):
     return (lam, used, cg["iterations"], cg["residual"], ni["diverged"], ni["terms_used"])
 
 
+def _ift_run(r, distributed):
+    com = _weighting(80 + r, "mean")  # rank 1 starts elsewhere: the wrapper broadcasts rank 0's
+    student = _student(90 + r)  # likewise (learn_ift broadcasts a non-DDP student)
+    hopt = torch.optim.SGD([p for p in com.parameters() if p.requires_grad], lr=0.5)
+    x, y = _data(24, 81)
+    xv, yv = _data(10, 82)  # the whole split: 5 validation examples per rank
+    res = learn_ift(com, student, (x, y), (xv, yv), steps=3, batch_size=8,
+                    student_optimizer=torch.optim.SGD(student.parameters(), lr=0.1), hyper_optimizer=hopt,
+                    solver=CGConfig(max_iter=4, damping=0.5), seed=9 + 10 * r, distributed=distributed)
+    return {"commentary": {k: v.clone() for k, v in com.state_dict().items()},
+            "student": {k: v.detach().clone() for k, v in student.state_dict().items()},
+            "val_losses": [h["val_loss"] for h in res.history]}
+
+
 # --------------------------------------------------------------------------- the ranks
 
 
@@ -272,6 +288,7 @@ def _worker(r, world, tmp):
         # learn_bptt
         for name in BPTT_CASES:
             out[f"bptt/{name}"] = _bptt_run(name, r, True)
+        out["ift"] = _ift_run(r, True)
         # settings that differ between the ranks are refused on every rank
         for what, fn in (
             ("check_same", lambda: D.check_same({"steps": 3 + r})),
@@ -378,6 +395,18 @@ def test_learn_bptt_meta_gradient_equals_union(ranks, name):
         for a, b in zip(g, got[1]["meta_grads"][step]):
             assert torch.equal(a, b)
     _assert_close_dict(got[0]["commentary"], ref["commentary"], name)
+    for a, b in zip(got[0]["val_losses"], ref["val_losses"]):
+        assert abs(a - b) <= RTOL * abs(b)
+
+
+def test_learn_ift_matches_single_process(ranks):
+    got = [ranks[r]["ift"] for r in range(WORLD)]
+    _assert_identical(got[0]["commentary"], got[1]["commentary"], "commentary")
+    _assert_identical(got[0]["student"], got[1]["student"], "student")
+    ref = _ift_run(0, False)
+    _assert_close_dict(got[0]["commentary"], ref["commentary"], "commentary")
+    _assert_close_dict(got[0]["student"], ref["student"], "student")
+    assert len(got[0]["val_losses"]) == 3
     for a, b in zip(got[0]["val_losses"], ref["val_losses"]):
         assert abs(a - b) <= RTOL * abs(b)
 
