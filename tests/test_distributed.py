@@ -289,6 +289,8 @@ def _worker(r, world, tmp):
         for name in BPTT_CASES:
             out[f"bptt/{name}"] = _bptt_run(name, r, True)
         out["ift"] = _ift_run(r, True)
+        t = torch.full((3,), float(r + 1), dtype=torch.float64)  # 1 on rank 0 (weight 1), 2 on rank 1 (weight 3)
+        out["weighted_mean"] = D.all_reduce_mean([t, t[:1].float()], weight=1 + 2 * r)
         # settings that differ between the ranks are refused on every rank
         for what, fn in (
             ("check_same", lambda: D.check_same({"steps": 3 + r})),
@@ -409,6 +411,13 @@ def test_learn_ift_matches_single_process(ranks):
     assert len(got[0]["val_losses"]) == 3
     for a, b in zip(got[0]["val_losses"], ref["val_losses"]):
         assert abs(a - b) <= RTOL * abs(b)
+
+
+def test_weighted_all_reduce_mean(ranks):
+    for r in range(WORLD):
+        a, b = ranks[r]["weighted_mean"]
+        assert a.dtype == torch.float64 and b.dtype == torch.float32
+        assert torch.allclose(a, torch.full((3,), 1.75, dtype=torch.float64)) and float(b) == 1.75
 
 
 def test_differing_settings_are_refused_on_every_rank(ranks):
