@@ -1,0 +1,371 @@
+"""Checkpoint and resume (commentaries_ext.checkpoint and the loops' checkpoint_path=).
+
+The kill/resume tests run tests/_checkpoint_job.py in subprocesses: an
+uninterrupted run, a run SIGKILLed between two checkpoints (or in the middle of
+writing one), and a resumed run, whose final commentary (and student, history)
+must be bit-identical to the uninterrupted run's.
+"""
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from commentaries_ext import checkpoint as C
+from commentaries_ext.checkpoint import (
+    CheckpointError,
+    CheckpointWarning,
+    load_checkpoint,
+    previous_path,
+    read_checkpoint,
+    save_checkpoint,
+)
+
+JOB = Path(__file__).with_name("_checkpoint_job.py")
+ROOT = JOB.parent.parent
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _start(job, ckpt, out, *extra):
+    return subprocess.Popen([sys.executable, str(JOB), job, str(ckpt), str(out), *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=str(ROOT))
+
+
+def _finish(p, timeout=120):
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, f"job failed ({p.returncode}):\n{out}\n{err[-3000:]}"
+    return out
+
+
+def _kill_at(p, marker, timeout=120):
+    """Read the job's stdout until ``marker``, then SIGKILL it; returns the lines read."""
+    lines, found = [], threading.Event()
+
+    def reader():
+        for line in p.stdout:
+            lines.append(line)
+            if line.startswith(marker):
+                found.set()
+                return
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    ok = found.wait(timeout)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    err = p.stderr.read()
+    assert ok, f"the job never printed {marker!r}: {''.join(lines)}\n{err[-3000:]}"
+    assert p.returncode == -signal.SIGKILL
+    return lines
+
+
+def _assert_same(ref, got):
+    a, b = torch.load(ref, weights_only=True), torch.load(got, weights_only=True)
+    assert a["commentary"].keys() == b["commentary"].keys()
+    for k, v in a["commentary"].items():
+        assert torch.equal(v, b["commentary"][k]), f"commentary {k} differs after resume"
+    for k, v in a.get("student", {}).items():
+        assert torch.equal(v, b["student"][k]), f"student {k} differs after resume"
+    for k in ("history", "losses", "skipped"):
+        assert a.get(k) == b.get(k), f"{k} differs after resume"
+    return a
+
+
+def _resumed_step(stdout):
+    lines = [ln.split() for ln in stdout.splitlines() if ln.startswith("RESUMED")]
+    assert len(lines) == 1, f"the run did not resume: {stdout}"
+    return int(lines[0][1]), lines[0][2]
+
+
+@pytest.mark.parametrize("job, every, total", [("bptt", 2, 8), ("ift_blend", 3, 14), ("train", 3, 14)])
+def test_sigkill_between_checkpoints_then_resume_is_bit_exact(tmp_path, job, every, total):
+    ckpt = tmp_path / "job.ckpt"
+    ref = _start(job, "-", tmp_path / "ref.pt")  # uninterrupted, no checkpointing at all
+    killed = _start(job, ckpt, tmp_path / "killed.pt", "--every", str(every), "--pause-after", "2", "1")
+    _kill_at(killed, "PAUSED")  # after the 2nd checkpoint and one more step
+    _finish(ref)
+    assert not (tmp_path / "killed.pt").exists()
+    st = read_checkpoint(ckpt)
+    assert st["step"] == 2 * every and read_checkpoint(previous_path(ckpt))["step"] == every
+    out = _finish(_start(job, ckpt, tmp_path / "resumed.pt", "--every", str(every)))
+    assert _resumed_step(out) == (2 * every, str(ckpt))
+    res = _assert_same(tmp_path / "ref.pt", tmp_path / "resumed.pt")
+    assert len(res["history"] if "history" in res else res["losses"]) == total
+    assert read_checkpoint(ckpt)["step"] == total  # the final state is saved too
+
+
+def test_sigkill_mid_write_keeps_the_old_checkpoint_and_ift_weighting_resumes_bit_exact(tmp_path):
+    """IFT with a weighting network and power-iteration alpha (re-estimated every 3
+    hyper-steps): killed while writing its 3rd checkpoint, resumed from the 2nd."""
+    ckpt, every = tmp_path / "w.ckpt", 2
+    ref = _start("ift_weight", "-", tmp_path / "ref.pt")
+    killed = _start("ift_weight", ckpt, tmp_path / "killed.pt", "--every", str(every), "--pause-mid-write", "3")
+    _kill_at(killed, "MIDWRITE")
+    _finish(ref)
+    tmp = ckpt.with_name(f".{ckpt.name}.tmp")
+    assert tmp.exists() and tmp.stat().st_size > 0  # the interrupted write
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_checkpoint(tmp)
+    st = read_checkpoint(ckpt)  # untouched by the interrupted write
+    assert st["step"] == 2 * every
+    es = st["teacher"]["engine_state"]
+    assert es["lambda_max"] is not None and es["eigvec"] is not None and es["calls"] == 2 * every
+    out = _finish(_start("ift_weight", ckpt, tmp_path / "resumed.pt", "--every", str(every)))
+    assert _resumed_step(out) == (2 * every, str(ckpt))
+    _assert_same(tmp_path / "ref.pt", tmp_path / "resumed.pt")
+    assert not tmp.exists()
+
+
+# --------------------------------------------------------------------------- the file format
+
+
+def _two_checkpoints(tmp_path):
+    path = tmp_path / "c.ckpt"
+    save_checkpoint(path, {"step": 1, "w": torch.arange(1000.0)})
+    save_checkpoint(path, {"step": 2, "w": torch.arange(1000.0) * 2})
+    return path
+
+
+def test_save_rotates_and_reads_back(tmp_path):
+    path = _two_checkpoints(tmp_path)
+    assert read_checkpoint(path)["step"] == 2 and read_checkpoint(previous_path(path))["step"] == 1
+    assert torch.equal(read_checkpoint(path)["w"], torch.arange(1000.0) * 2)
+    assert path.read_bytes()[:8] == C.MAGIC
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda b: b[: len(b) // 2], "truncated: the payload has"),
+    (lambda b: b[:20], "truncated: 20 bytes"),
+    (lambda b: b[:-200] + bytes([b[-200] ^ 0x10]) + b[-199:], "corrupted: payload sha256"),
+    (lambda b: b"XXXXXXXX" + b[8:], "not a commentaries_ext checkpoint"),
+    (lambda b: b + b"junk", "unexpected trailing bytes"),
+])
+def test_a_damaged_newest_checkpoint_is_refused_and_the_previous_one_used(tmp_path, damage, problem):
+    path = _two_checkpoints(tmp_path)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CheckpointError, match=problem) as e:
+        read_checkpoint(path)
+    assert str(path) in str(e.value)
+    with pytest.warns(CheckpointWarning, match=problem) as w:
+        state, used = load_checkpoint(path)
+    assert used == previous_path(path) and state["step"] == 1
+    assert str(path) in str(w[0].message)
+    with pytest.raises(CheckpointError, match=problem):
+        load_checkpoint(path, fallback=False)
+    # the next save keeps the good previous checkpoint instead of rotating the bad one into its place
+    with pytest.warns(CheckpointWarning, match="not kept as the previous"):
+        save_checkpoint(path, {"step": 3})
+    assert read_checkpoint(path)["step"] == 3 and read_checkpoint(previous_path(path))["step"] == 1
+
+
+def test_both_damaged_is_an_error_naming_both(tmp_path):
+    path = _two_checkpoints(tmp_path)
+    for p in (path, previous_path(path)):
+        p.write_bytes(p.read_bytes()[:-1])
+    with pytest.raises(CheckpointError, match="previous checkpoint is unusable too") as e:
+        load_checkpoint(path)
+    assert str(path) in str(e.value) and str(previous_path(path)) in str(e.value)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "none.ckpt")
+
+
+def test_a_crash_mid_write_leaves_the_old_checkpoints_intact(tmp_path, monkeypatch):
+    path = _two_checkpoints(tmp_path)
+    before, prev_before = path.read_bytes(), previous_path(path).read_bytes()
+    real = C._write_all
+
+    def crash(f, data):
+        if len(data) > C.HEADER_SIZE:  # the payload: half of it, then the "crash"
+            real(f, data[: len(data) // 2])
+            raise OSError("disk full (simulated)")
+        real(f, data)
+
+    monkeypatch.setattr(C, "_write_all", crash)
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(path, {"step": 3, "w": torch.zeros(1000)})
+    assert path.read_bytes() == before and previous_path(path).read_bytes() == prev_before
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert load_checkpoint(path)[0]["step"] == 2
+
+
+def test_payload_loads_weights_only_and_unsafe_state_is_refused_at_save(tmp_path):
+    path = _two_checkpoints(tmp_path)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        save_checkpoint(path, {"step": 3, "obj": nn.Linear(2, 2)})  # a module, not a state dict
+    assert read_checkpoint(path)["step"] == 2
+    # a well-formed file whose (hash-correct) payload would run code is refused by torch.load(weights_only=True)
+    import hashlib
+    import io
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    buf = io.BytesIO()
+    torch.save({"x": Evil()}, buf)
+    payload = buf.getvalue()
+    bad = tmp_path / "evil.ckpt"
+    bad.write_bytes(C._HEADER.pack(C.MAGIC, C.FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest()) + payload)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        read_checkpoint(bad)
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    g = torch.Generator().manual_seed(3)
+    st = C.rng_state({"gen": g})
+    a = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=g))
+    torch.manual_seed(99), np.random.seed(99), random.seed(99), g.manual_seed(99)
+    C.set_rng_state(read_back(st), {"gen": g})
+    b = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=g))
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2] and torch.equal(a[3], b[3])
+
+
+def read_back(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+# --------------------------------------------------------------------------- the loops, in process
+
+
+@pytest.fixture
+def deterministic():
+    n, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.set_num_threads(n)
+    torch.use_deterministic_algorithms(det)
+
+
+def _train(ckpt=None, steps=6, lr=0.05, **kw):
+    from commentaries_ext.commentary import Blending
+    from commentaries_ext.learn import train_student
+
+    sys.path.insert(0, str(JOB.parent))
+    try:
+        from _checkpoint_job import data, student
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    c, s = Blending(3), student()
+    losses = train_student(s, data(), commentary=c, steps=steps, batch_size=8, lr=lr, checkpoint_path=ckpt,
+                           checkpoint_every=2, **kw)
+    return losses, s.state_dict()
+
+
+def test_resume_after_a_truncated_newest_checkpoint_uses_the_previous(tmp_path, deterministic):
+    ref_losses, ref_student = _train()
+    ckpt = tmp_path / "t.ckpt"
+    _train(ckpt)
+    assert read_checkpoint(ckpt)["step"] == 6 and read_checkpoint(previous_path(ckpt))["step"] == 4
+    ckpt.write_bytes(ckpt.read_bytes()[:-7])
+    with pytest.warns(CheckpointWarning, match="truncated"):
+        losses, s = _train(ckpt)  # resumes at step 4 from .prev and redoes steps 5-6
+    assert losses == ref_losses and all(torch.equal(v, s[k]) for k, v in ref_student.items())
+    assert read_checkpoint(ckpt)["step"] == 6
+
+
+def test_another_configuration_is_refused_and_no_resume_starts_afresh(tmp_path, deterministic):
+    ckpt = tmp_path / "t.ckpt"
+    ref_losses, _ = _train(ckpt, steps=4)
+    with pytest.raises(CheckpointError, match="another configuration:\n  - optimizer.groups: checkpoint") as e:
+        _train(ckpt, steps=4, lr=0.1)
+    assert str(ckpt) in str(e.value) and "resume=False" in str(e.value)
+    with pytest.raises(CheckpointError, match="steps: checkpoint 4, now 6"):
+        _train(ckpt, steps=6)
+    losses, _ = _train(ckpt, steps=4, lr=0.1, resume=False)
+    assert losses != ref_losses and read_checkpoint(ckpt)["config"]["optimizer"]["groups"][0]["lr"] == 0.1
+
+
+def test_wrapper_state_dict_restores_the_engine_state(deterministic):
+    from commentaries_ext.commentary import Blending
+    from commentaries_ext.engine import NeumannConfig
+    from commentaries_ext.wrapper import CommentaryOptimizer
+
+    sys.path.insert(0, str(JOB.parent))
+    try:
+        from _checkpoint_job import data, student
+    finally:
+        sys.path.pop(0)
+    x, y = data()
+
+    def make():
+        torch.manual_seed(0)
+        s, c = student(), Blending(3)
+        return CommentaryOptimizer(torch.optim.SGD(s.parameters(), lr=0.1), s, c, val_loader=[data(seed=1)],
+                                   solver=NeumannConfig(K=2, alpha=None, reestimate_every=5, damping=1.0),
+                                   generator=torch.Generator().manual_seed(0)), s
+
+    t, s = make()
+    for _ in range(2):
+        t.zero_grad()
+        t.loss(x, y).backward()
+        t.step()
+    sd = read_back({"t": t.state_dict(), "s": s.state_dict()})
+    es = sd["t"]["engine_state"]
+    assert es["calls"] == 2 and es["estimated_at"] == 0 and es["lambda_max"] > 0
+    assert len(es["eigvec"]) == len(list(s.parameters()))
+    t2, s2 = make()
+    s2.load_state_dict(sd["s"])
+    t2.load_state_dict(sd["t"])
+    e1, e2 = t._engine_state, t2._engine_state
+    assert (e1.calls, e1.lambda_max, e1.estimated_at) == (e2.calls, e2.lambda_max, e2.estimated_at)
+    assert all(torch.equal(a, b) for a, b in zip(e1.eigvec, e2.eigvec))
+    t2.generator.set_state(t.generator.get_state())
+    for tt in (t, t2):  # the next hyper-step is the same (no re-estimation was due: the state was used)
+        tt.zero_grad()
+        tt.loss(x, y).backward()
+        tt.step()
+    assert t2._engine_state.estimated_at == 0 and t2._engine_state.calls == 3
+    assert torch.equal(t.commentary.phi, t2.commentary.phi)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_flags_and_resume(tmp_path, capsys, deterministic):
+    from commentaries_ext.cli import build_parser, main
+
+    for sub in ("learn", "train"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([sub, "--help"] if sub == "train" else [sub, "weighting", "--help"])
+        text = capsys.readouterr().out
+        assert "--checkpoint-path PATH" in text and "--checkpoint-every N" in text and "--no-resume" in text
+    ckpt = tmp_path / "t.ckpt"
+    args = ["train", "--data", "digits", "--arch", "mlp", "--train-steps", "6", "--eval-every", "3",
+            "--batch-size", "16", "--quiet", "--train-size", "200", "--val-size", "100", "--test-size", "100",
+            "--checkpoint-path", str(ckpt), "--checkpoint-every", "2"]
+    assert main(args + ["--out", str(tmp_path / "a.json")]) == 0
+    assert read_checkpoint(ckpt)["step"] == 6 and read_checkpoint(ckpt)["kind"] == "train_tracked"
+    assert main(args + ["--out", str(tmp_path / "b.json")]) == 0  # resumes at the end: the same results
+    import json
+
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["curve"] == b["curve"] and len(a["curve"]) == 2
+    capsys.readouterr()
+    assert main(args + ["--train-lr", "0.01", "--out", str(tmp_path / "c.json")]) == 1
+    err = capsys.readouterr().err
+    assert "another configuration" in err and str(ckpt) in err and "optimizer.groups" in err
+    assert main(args + ["--train-lr", "0.01", "--no-resume", "--out", str(tmp_path / "c.json")]) == 0
+    assert read_checkpoint(ckpt)["config"]["optimizer"]["groups"][0]["lr"] == 0.01
