@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
+from .checkpoint import CheckpointError
 from .models import ARCHITECTURES, make_student
 
 KINDS = ("weighting", "blending", "mask")
@@ -102,14 +103,18 @@ def build_commentary(kind: str, splits: data_mod.Splits, args):
 
 
 def train_tracked(student, splits, *, commentary=None, steps=500, batch_size=32, lr=1e-3, seed=0,
-                  eval_every=25, eval_data=None, desc="train", quiet=False, target=None):
+                  eval_every=25, eval_data=None, desc="train", quiet=False, target=None,
+                  checkpoint_path=None, checkpoint_every=None, resume=True):
     """Train ``student`` with a fixed commentary (or none) with Adam, evaluating on
     ``eval_data`` (default: the validation split) every ``eval_every`` steps.
 
     Returns ``{"curve": [(step, val_acc, val_loss)], "final": {...},
     "steps_to_target": first evaluated step with val accuracy >= target (None if never)}``.
+    ``checkpoint_path``: a resumable checkpoint every ``checkpoint_every`` steps
+    (default 50) and at the end (:mod:`commentaries_ext.checkpoint`).
     """
-    from .learn import _sample, evaluate
+    from .checkpoint import data_fingerprint, make_checkpointer, optimizer_config, rng_state, set_rng_state, shapes
+    from .learn import _commentary_config, _sample, evaluate
     from .wrapper import CommentaryOptimizer
 
     x, y = splits.train
@@ -121,10 +126,29 @@ def train_tracked(student, splits, *, commentary=None, steps=500, batch_size=32,
         for p in commentary.parameters():
             p.requires_grad_(False)
     curve, hit = [], None
+    ck = make_checkpointer(checkpoint_path, "train_tracked", {
+        "steps": steps, "batch_size": batch_size, "optimizer": optimizer_config(opt), "seed": seed,
+        "eval_every": eval_every, "target": target, "commentary": _commentary_config(commentary, fixed=True),
+        "student": shapes(student), "train_data": data_fingerprint((x, y)), "eval_data": data_fingerprint(ev)},
+        every=checkpoint_every, total=steps, resume=resume)
+    start, before = 1, 0.0
+    st = ck.load() if ck is not None else None
+    if st is not None:
+        student.load_state_dict(st["student"])
+        teacher.load_state_dict(st["teacher"])
+        curve, hit, before = [tuple(c) for c in st["curve"]], st["hit"], float(st["seconds"])
+        set_rng_state(st["rng"], {"gen": gen})
+        start = int(st["step"]) + 1
     bar = _tqdm(steps, desc, quiet)
+    bar.update(start - 1)
     student.train()
     t0 = time.perf_counter()
-    for step in range(1, steps + 1):
+
+    def ck_state():
+        return {"student": student.state_dict(), "teacher": teacher.state_dict(), "curve": curve, "hit": hit,
+                "seconds": before + time.perf_counter() - t0, "rng": rng_state({"gen": gen})}
+
+    for step in range(start, steps + 1):
         idx = _sample(x.shape[0], batch_size, gen)
         teacher.zero_grad()
         loss = teacher.loss(x[idx], y[idx], index=idx)
@@ -137,9 +161,11 @@ def train_tracked(student, splits, *, commentary=None, steps=500, batch_size=32,
             bar.set_postfix(acc=f"{r['accuracy']:.3f}")
             if hit is None and target is not None and r["accuracy"] >= target:
                 hit = step
+        if ck is not None:
+            ck.step_done(step, ck_state)
     bar.close()
     return {"curve": curve, "final": {"val_accuracy": curve[-1][1], "val_loss": curve[-1][2]},
-            "steps_to_target": hit, "seconds": time.perf_counter() - t0}
+            "steps_to_target": hit, "seconds": before + time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------- learn
@@ -165,7 +191,7 @@ def learn_commentary(kind: str, splits, args, quiet=False):
                          inner_optimizer=args.inner_optimizer, inner_lr=args.lr, outer_steps=args.outer_steps,
                          outer_lr=args.hyper_lr, batch_size=args.batch_size, same_init=not args.fresh_init,
                          truncate=args.truncate, checkpoint=args.checkpoint, val_batch_size=args.val_batch_size,
-                         seed=args.seed, nan_policy="skip", callback=cb)
+                         seed=args.seed, nan_policy="skip", callback=cb, **_checkpoint_kwargs(args))
     elif algo == "ift":
         bar = _tqdm(args.steps, f"learn {kind} (IFT)", quiet)
 
@@ -186,11 +212,18 @@ def learn_commentary(kind: str, splits, args, quiet=False):
         res = learn_ift(commentary, factory(), splits.train, splits.val, steps=args.steps, batch_size=args.batch_size,
                         student_lr=args.lr, hyper_lr=args.hyper_lr, hyper_every=args.hyper_every, solver=solver,
                         val_batch_size=args.val_batch_size or 128, seed=args.seed, nan_policy="skip", callback=cb,
-                        log_every=max(1, args.steps // 100))
+                        log_every=max(1, args.steps // 100), **_checkpoint_kwargs(args))
     else:
         raise ValueError(f"--algorithm must be bptt or ift, got {algo!r}")
     bar.close()
     return commentary, res, time.perf_counter() - t0
+
+
+def _checkpoint_kwargs(args) -> dict:
+    """``checkpoint_path``/``checkpoint_every``/``resume`` from ``--checkpoint-path`` etc."""
+    return {"checkpoint_path": getattr(args, "checkpoint_path", None),
+            "checkpoint_every": getattr(args, "checkpoint_every", None),
+            "resume": not getattr(args, "no_resume", False)}
 
 
 def plot_commentary(commentary, splits, path: Path):
@@ -291,7 +324,8 @@ def cmd_train(args) -> dict:
     student = make_student(args.arch, splits.input_shape, splits.num_classes)
     r = train_tracked(student, splits, commentary=commentary, steps=args.train_steps, batch_size=args.batch_size,
                       lr=args.train_lr, seed=args.seed, eval_every=args.eval_every, quiet=args.quiet,
-                      target=args.target, desc="train " + ("with commentary" if commentary is not None else "baseline"))
+                      target=args.target, desc="train " + ("with commentary" if commentary is not None else "baseline"),
+                      **_checkpoint_kwargs(args))
     r["test"] = evaluate(student, splits.test)
     r["dataset"] = splits.summary()
     r["arch"] = args.arch
@@ -405,7 +439,9 @@ def _add_learn(p):
                    help="bptt: differentiable inner optimiser (default: %(default)s)")
     g.add_argument("--fresh-init", action="store_true", help="bptt: a new student initialisation every outer step")
     g.add_argument("--truncate", type=int, default=None, help="bptt: backpropagate through the last N inner steps only")
-    g.add_argument("--checkpoint", type=int, default=None, help="bptt: activation checkpointing every N inner steps")
+    g.add_argument("--checkpoint", type=int, default=None, metavar="N",
+                   help="bptt: activation checkpointing every N inner steps (saves memory; not a resumable "
+                        "checkpoint, see --checkpoint-path)")
     g.add_argument("--steps", type=int, default=300, help="ift: student steps, each followed by a hyper-step (default: %(default)s)")
     g.add_argument("--hyper-every", type=int, default=1, help="ift: a hyper-step every N student steps (default: %(default)s)")
     g.add_argument("--solver", choices=("neumann", "cg"), default="neumann",
@@ -426,6 +462,18 @@ def _add_learn(p):
                         "<stem>.json and <stem>.png go next to it")
     g.add_argument("--evaluate", action="store_true",
                    help="then train a fresh student with and without the commentary and compare")
+
+
+def _add_checkpointing(p, unit, default):
+    g = p.add_argument_group("checkpoint and resume")
+    g.add_argument("--checkpoint-path", default=None, metavar="PATH",
+                   help="save a resumable checkpoint of the job here (atomically; the previous good one is kept as "
+                        "PATH.prev) and, if PATH exists and was written by the same settings and data, resume from "
+                        "it bit-exactly (default: no checkpoints)")
+    g.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help=f"checkpoint every N {unit} and at the end (default: {default})")
+    g.add_argument("--no-resume", action="store_true",
+                   help="ignore an existing --checkpoint-path and start afresh (it is overwritten)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -453,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(lp)
     _add_student(lp)
     _add_learn(lp)
+    _add_checkpointing(lp, "steps (bptt: outer steps) of the learning", "1 outer step for bptt, 50 steps for ift")
     lp.set_defaults(func=cmd_learn)
 
     tp = sub.add_parser("train", help="train a student, with or without a saved commentary",
@@ -465,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--out", default=None, help="results JSON (default: next to the commentary file)")
     _add_data(tp)
     _add_student(tp, train_steps=300)
+    _add_checkpointing(tp, "training steps", "50")
     tp.set_defaults(func=cmd_train)
 
     ip = sub.add_parser("inspect", help="show a commentary file's metadata and plot what it learned",
@@ -499,7 +549,7 @@ def main(argv=None) -> int:
     except data_mod.DatasetUnavailable as e:
         print(f"commentaries: {e}", file=sys.stderr)
         return 3
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"commentaries: error: {e}", file=sys.stderr)
         return 1
     return 0
