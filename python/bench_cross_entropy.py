@@ -4,7 +4,9 @@ For N=8192 and C in {10, 100, 1000} (float32), in one run:
 
 * forward+backward of ``sum_i w_i CE(z_i, y_i)`` (gradient w.r.t. the logits):
   eager PyTorch (``F.cross_entropy(reduction="none") * w``, sum, backward),
-  ``torch.compile`` of the same, and ``weighted_cross_entropy`` on each backend;
+  ``torch.compile`` of the same, and ``weighted_cross_entropy`` on each backend
+  (for the CPU backends also "two-pass": without the fused reduced path, i.e. the
+  forward kernel then the backward kernel);
 * the loss-HVP ``w_i H_i u_i`` w.r.t. the logits: eager double backward vs
   ``cross_entropy_hvp`` on each backend;
 * the copy bandwidth (``Tensor.copy_`` of a 64 MB buffer, read + write) and the
@@ -13,7 +15,7 @@ For N=8192 and C in {10, 100, 1000} (float32), in one run:
 
 Medians over ``--repeats`` timed calls after warm-up. Usage::
 
-    python python/bench_cross_entropy.py [--backends cpp,reference] [--repeats 50] [--json out.json] [--no-compile]
+    python python/bench_cross_entropy.py [--backends cpp,reference] [--repeats 50] [--threads T] [--keep-freed-memory] [--json out.json] [--no-compile]
 """
 from __future__ import annotations
 
@@ -68,7 +70,16 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="glibc mallopt: keep freed memory in the process (as a caching allocator does), so that "
+                         "fresh [N, C] outputs do not pay first-touch page faults; applies to every method alike")
     args = ap.parse_args()
+    if args.keep_freed_memory:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD
     if args.threads:
         torch.set_num_threads(args.threads)
     backends = [b for b in args.backends.split(",") if b]
@@ -111,13 +122,22 @@ def main() -> None:
 
                 row["fwd_bwd_ms"][b] = timeit(fb_ours, args.repeats, key=(c, "fwd_bwd_ms", b)) * 1e3
                 row["hvp_ms"][b] = timeit(hvp_ours, args.repeats, key=(c, "hvp_ms", b)) * 1e3
+                if ce._fused_kernel(z.device) is not None:  # the same backend without the fused reduced path
+                    fused, ce._fused_kernel = ce._fused_kernel, (lambda device: None)
+                    try:
+                        row["fwd_bwd_ms"][b + " two-pass"] = timeit(
+                            fb_ours, args.repeats, key=(c, "fwd_bwd_ms", b + " two-pass")) * 1e3
+                    finally:
+                        ce._fused_kernel = fused
         nbytes = 2 * n * c * z.element_size()
         row["fwd_bwd_GBps"] = {k: nbytes / (v * 1e-3) / 1e9 for k, v in row["fwd_bwd_ms"].items()}
         row["min_ms"] = {f"{kind}/{name}": MINS[(c, kind, name)] * 1e3 for kind in ("fwd_bwd_ms", "hvp_ms")
                          for name in row[kind]}
         results["rows"].append(row)
 
-    print(f"N={n} float32, {results['threads']} threads, torch {torch.__version__}; medians of {args.repeats}")
+    results["keep_freed_memory"] = bool(args.keep_freed_memory)
+    print(f"N={n} float32, {results['threads']} threads, torch {torch.__version__}; medians of {args.repeats}; "
+          f"keep-freed-memory {bool(args.keep_freed_memory)}")
     print(f"copy bandwidth (64 MB copy_, read+write): {results['copy_GBps']:.1f} GB/s")
     for kind in ("fwd_bwd_ms", "hvp_ms"):
         print(f"\n{kind.replace('_ms', '')} (ms; speed-up vs eager" + (", vs compile)" if kind == "fwd_bwd_ms" and
@@ -130,7 +150,7 @@ def main() -> None:
             for k in names:
                 t = row[kind][k]
                 cell = f"{t:.3f}"
-                if k not in ("eager", "compile"):
+                if k not in ("eager", "compile"):  # ours: vs eager (and vs compile)
                     cell += f" ({row[kind]['eager'] / t:.1f}x"
                     if "compile" in row[kind]:
                         cell += f", {row[kind]['compile'] / t:.2f}x"
