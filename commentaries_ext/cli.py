@@ -492,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(d)
     _add_student(d)
     _add_learn(d)
+    _add_checkpointing(d, "steps (bptt: outer steps) of the learning", "1 outer step")
     d.set_defaults(func=cmd_demo, out=None)
 
     lp = sub.add_parser("learn", help="learn a commentary (weighting, blending or mask) on a dataset",
