@@ -435,8 +435,11 @@ def _is_writer() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def make_checkpointer(path, kind: str, config: Mapping, *, every=None, total=None, resume=True):
-    """A :class:`Checkpointer`, or None when ``path`` is None."""
+def make_checkpointer(path, kind: str, config: Mapping | Callable[[], Mapping], *, every=None, total=None,
+                      resume=True):
+    """A :class:`Checkpointer`, or None when ``path`` is None (``config`` may be a
+    callable: it is then only evaluated -- data fingerprints hashed -- when checkpointing)."""
     if path is None:
         return None
-    return Checkpointer(path, kind, config, every=every, total=total, resume=resume)
+    return Checkpointer(path, kind, config() if callable(config) else config, every=every, total=total,
+                        resume=resume)

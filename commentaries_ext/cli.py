@@ -126,7 +126,7 @@ def train_tracked(student, splits, *, commentary=None, steps=500, batch_size=32,
         for p in commentary.parameters():
             p.requires_grad_(False)
     curve, hit = [], None
-    ck = make_checkpointer(checkpoint_path, "train_tracked", {
+    ck = make_checkpointer(checkpoint_path, "train_tracked", lambda: {
         "steps": steps, "batch_size": batch_size, "optimizer": optimizer_config(opt), "seed": seed,
         "eval_every": eval_every, "target": target, "commentary": _commentary_config(commentary, fixed=True),
         "student": shapes(student), "train_data": data_fingerprint((x, y)), "eval_data": data_fingerprint(ev)},

@@ -102,7 +102,7 @@ def _commentary_config(commentary, fixed=False):
         h = hashlib.sha256()
         for k, v in commentary.state_dict().items():
             h.update(k.encode())
-            _hash_tensor(h, v)
+            _hash_tensor(h, v.reshape(-1) if torch.is_tensor(v) else torch.as_tensor(v).reshape(-1))
         out["sha256"] = h.hexdigest()
     return out
 
@@ -205,7 +205,7 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
         "algorithm": "bptt", "inner_steps": inner_steps, "inner_optimizer": type(opt).__name__, "inner_lr": inner_lr,
         "outer_steps": outer_steps, "outer_lr": outer_lr, "batch_size": batch_size, "same_init": same_init,
         "truncate": truncate, "checkpoint": checkpoint, "seed": seed})
-    ck = make_checkpointer(checkpoint_path, "learn_bptt", {
+    ck = make_checkpointer(checkpoint_path, "learn_bptt", lambda: {
         "inner_steps": inner_steps, "inner_optimizer": _engine_opt_config(opt), "outer_steps": outer_steps,
         "outer_optimizer": optimizer_config(outer_optimizer), "batch_size": batch_size, "same_init": same_init,
         "truncate": truncate, "activation_checkpoint": checkpoint, "val_batch_size": val_batch_size, "seed": seed,
@@ -377,7 +377,7 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
             xb, yb, idx = xb.to(device), yb.to(device), idx.to(device)
         return xb, yb, idx
 
-    ck = make_checkpointer(checkpoint_path, "learn_ift", {
+    ck = make_checkpointer(checkpoint_path, "learn_ift", lambda: {
         "steps": steps, "batch_size": batch_size, "student_optimizer": optimizer_config(student_optimizer),
         "hyper_optimizer": optimizer_config(teacher.hyper_optimizer), "hyper_every": hyper_every,
         "solver": result.info["solver"], "curvature": curvature, "hvp": hvp, "fresh_train_batch": fresh_train_batch,
@@ -445,7 +445,7 @@ def train_student(student: nn.Module, train_data, *, commentary: Commentary | No
     teacher = CommentaryOptimizer(optimizer, student, commentary, hyper_every=0, total_steps=steps,
                                   nan_policy=nan_policy, generator=gen)
     losses = []
-    ck = make_checkpointer(checkpoint_path, "train_student", {
+    ck = make_checkpointer(checkpoint_path, "train_student", lambda: {
         "steps": steps, "batch_size": batch_size, "optimizer": optimizer_config(optimizer), "seed": seed,
         "nan_policy": nan_policy, "commentary": _commentary_config(commentary, fixed=True),
         "student": shapes(student), "train_data": data_fingerprint((x, y))},
