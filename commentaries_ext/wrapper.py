@@ -175,7 +175,7 @@ class CommentaryOptimizer:
             out = self.criterion(self.model(x), y)
             self._last_loss = out
             return out
-        self._bad_batch = not bool(torch.isfinite(x).all())
+        self._bad_batch = torch.is_tensor(x) and not bool(torch.isfinite(x).all())  # (prepare names a non-tensor)
         if self._bad_batch and self.nan_policy == "raise":
             raise NonFiniteError(f"training batch at step {self.steps} contains NaN or Inf (nan_policy='raise')")
         batch = self.commentary.prepare(x, y, index=index, progress=self.progress() if progress is None else progress,
@@ -315,8 +315,15 @@ class CommentaryOptimizer:
         return res
 
     def hyper_step(self, train_batch: dict | None = None, val_batch: Any = None):
-        """One hyper-step on the commentary; returns the engine's result."""
-        res = self.hypergradient(train_batch, val_batch)
+        """One hyper-step on the commentary; returns the engine's result (None when a
+        non-finite validation loss or training gradient made ``nan_policy="skip"`` skip it)."""
+        try:
+            res = self.hypergradient(train_batch, val_batch)
+        except NonFiniteError:  # NaN/Inf in the validation loss or g_T (the engine's diagnosis)
+            if self.nan_policy == "raise":
+                raise
+            self.skipped_hyper_steps += 1
+            return None
         self.last_hyper = res
         named = dict(self.commentary.named_parameters())
         finite = all(bool(torch.isfinite(g).all()) for g in res.grads.values())

@@ -9,6 +9,7 @@ the mixed term; see the package docstring for the full API.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -204,6 +205,85 @@ def conjugate_gradient(matvec: Callable, v: list, max_iter: int, tol: float = 1e
     return x, info
 
 
+# --------------------------------------------------------------------------- validation
+
+
+def _all_finite(xs) -> bool:
+    xs = [x for x in xs if x is not None and x.numel()]
+    return not xs or bool(torch.stack([torch.isfinite(x).all() for x in xs]).all())
+
+
+def _nonfinite_error(msg: str):
+    from ..commentary.base import NonFiniteError  # the library's one error type for NaN/Inf in data or losses
+
+    return NonFiniteError(msg)
+
+
+def _check_grad_finite(op, what: str) -> None:
+    """After a solver failure: a non-finite training gradient ``g_T`` is bad data, not divergence."""
+    try:
+        g = op.grad()
+    except Exception:  # noqa: BLE001 - only a diagnosis
+        return
+    if not _all_finite(g):
+        raise _nonfinite_error(f"implicit_hypergradient: the training loss gradient g_T contains NaN or Inf "
+                               f"({what}); check the training batch and the loss")
+
+
+def _number(name: str, value, *, positive: bool = False, allow_inf: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'positive' if positive else 'non-negative'}, got {value}")
+
+
+def _count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_solver(solver) -> None:
+    """Raise a clear error for a solver configuration that cannot work (``K`` negative,
+    ``alpha`` zero/negative/NaN, negative damping ...)."""
+    if isinstance(solver, NeumannConfig):
+        _count("NeumannConfig.K", solver.K, 0)
+        if solver.alpha is not None:  # +inf is left to the divergence checks
+            _number("NeumannConfig.alpha", solver.alpha, positive=True, allow_inf=True)
+        _number("NeumannConfig.damping", solver.damping)
+        _number("NeumannConfig.alpha_scale", solver.alpha_scale, positive=True)
+        _count("NeumannConfig.power_iters", solver.power_iters, 1)
+        _count("NeumannConfig.power_iters_warm", solver.power_iters_warm, 1)
+        _count("NeumannConfig.reestimate_every", solver.reestimate_every, 1)
+        if solver.growth_tol is not None:
+            _number("NeumannConfig.growth_tol", solver.growth_tol)
+        if solver.on_divergence not in ("fallback", "raise", "truncate"):
+            raise ValueError(f"on_divergence must be 'fallback', 'raise' or 'truncate', got {solver.on_divergence!r}")
+    elif isinstance(solver, CGConfig):
+        _count("CGConfig.max_iter", solver.max_iter, 1)
+        _number("CGConfig.tol", solver.tol)
+        _number("CGConfig.damping", solver.damping)
+        if solver.on_divergence not in ("fallback", "raise"):
+            raise ValueError(f"CGConfig.on_divergence must be 'fallback' or 'raise', got {solver.on_divergence!r}")
+    else:
+        raise TypeError(f"solver must be NeumannConfig or CGConfig, got {type(solver).__name__}")
+
+
+def _check_state(name: str, d) -> dict:
+    if not isinstance(d, Mapping):
+        raise TypeError(f"implicit_hypergradient: {name} must be a dict of tensors, got {type(d).__name__}")
+    for k, t in d.items():
+        if not torch.is_tensor(t):
+            raise TypeError(f"implicit_hypergradient: {name}[{k!r}] must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"implicit_hypergradient: {name}[{k!r}] must be floating point, got {t.dtype}")
+    return dict(d)
+
+
 # --------------------------------------------------------------------------- main entry
 
 
@@ -227,6 +307,7 @@ def inverse_hvp(op, v, solver, state: EngineState | None = None, info: dict | No
     unless it is one) and every scalar that steers the solver is synchronised;
     ``v`` must already be the same on every rank."""
     info = {} if info is None else info
+    check_solver(solver)
     sync = None
     if reduce is not None:
         from .hvp import ReducedOperator
@@ -237,6 +318,8 @@ def inverse_hvp(op, v, solver, state: EngineState | None = None, info: dict | No
         op.damping = solver.damping
         p, cg = conjugate_gradient(op.matvec, v, solver.max_iter, solver.tol, sync=sync)
         info.update(solver="cg", **cg)
+        if cg["negative_curvature"] and not math.isfinite(cg.get("curvature", 0.0)):
+            _check_grad_finite(op, "conjugate gradients met a non-finite curvature")
         if cg["negative_curvature"]:
             msg = (f"conjugate gradients met non-positive curvature ({cg.get('curvature')}) after "
                    f"{cg['iterations']} iterations: the Hessian is indefinite here; returning the last iterate. "
@@ -253,13 +336,19 @@ def inverse_hvp(op, v, solver, state: EngineState | None = None, info: dict | No
     op.damping = solver.damping
     alpha = solver.alpha
     if alpha is None:
-        alpha = _auto_alpha(op, v, solver, state, info, sync)
+        try:
+            alpha = _auto_alpha(op, v, solver, state, info, sync)
+        except HypergradientDivergenceError:
+            _check_grad_finite(op, "power iteration failed")
+            raise
     p, ninfo = neumann(op.matvec, v, solver.K, alpha, solver.growth_tol, keep_partial=solver.on_divergence == "truncate",
                        sync=sync)
     info.update(solver="neumann", alpha=alpha, damping=op.damping, **ninfo)
     if not ninfo["diverged"]:
         return p, info
     msg = f"Neumann series diverged with alpha={alpha:g}, damping={op.damping:g}: {ninfo['reason']}"
+    if "non-finite" in (ninfo["reason"] or ""):
+        _check_grad_finite(op, "the Neumann series met a non-finite term")
     if solver.on_divergence == "raise":
         raise HypergradientDivergenceError(msg)
     if solver.on_divergence == "truncate":
@@ -350,16 +439,29 @@ def implicit_hypergradient(
     given ``v`` is taken as already combined.
     """
     solver = NeumannConfig() if solver is None else solver
+    check_solver(solver)
+    if curvature not in ("hessian", "gauss_newton"):
+        raise ValueError(f"curvature must be 'hessian' or 'gauss_newton', got {curvature!r}")
     state = EngineState() if state is None else state
-    params = {k: t.detach() for k, t in params.items()}
-    hparams = {k: t.detach() for k, t in hparams.items()}
+    params = {k: t.detach() for k, t in _check_state("params", params).items()}
+    hparams = {k: t.detach() for k, t in _check_state("hparams", hparams).items()}
+    if not params:
+        raise ValueError("implicit_hypergradient: params is empty (no student parameters to differentiate)")
     info: dict = {"curvature": curvature}
     if v is None:
         Lv, v, direct = _val_grads(val_loss, params, hparams, val_batch)
         if reduce is not None:  # one collective for v, the direct term and the loss
             red = reduce.val(list(v) + list(direct) + [Lv.reshape(1)])
             v, direct, Lv = red[:len(v)], red[len(v):len(v) + len(direct)], red[-1].reshape(())
+        if not bool(torch.isfinite(Lv).all()) or not _all_finite(v):
+            raise _nonfinite_error(f"implicit_hypergradient: the validation loss ({float(Lv):g}) or its gradient "
+                                   "contains NaN or Inf; check the validation batch")
     else:
+        v = list(v)
+        if len(v) != len(params) or any(not torch.is_tensor(a) or a.shape != b.shape
+                                         for a, b in zip(v, params.values())):
+            raise ValueError("implicit_hypergradient: v must be a list of tensors shaped like params "
+                             f"({[tuple(t.shape) for t in params.values()]})")
         Lv, direct = torch.tensor(float("nan")), [torch.zeros_like(t) for t in hparams.values()]
     damping = solver.damping
     expected = solver.K if isinstance(solver, NeumannConfig) and solver.alpha is not None else None

@@ -692,7 +692,9 @@ def _reduce(fn: str, loss: Tensor, weight: Tensor | None, reduction: str, target
 
 
 def _check_ignore_index(fn: str, ignore_index) -> int:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool):
+        raise TypeError(f"{fn}: ignore_index must be an int, got bool")
+    if not isinstance(ignore_index, int):
         try:
             import operator
 

@@ -96,6 +96,7 @@ template <typename T>
 inline T row_lse(const T* z, int64_t C) {
   if (C == 0) return -std::numeric_limits<T>::infinity();
   const T m = row_max(z, C);
+  if (std::isnan(m)) return m;  // a NaN logit (row_max propagates it): NaN, not the -inf of s > 0 failing
   const T ms = (std::isinf(m) && m < 0) ? T(0) : m;
   if (std::isinf(ms)) return ms;  // +inf logit: lse is +inf
   const T s = row_sumexp(z, C, ms);
@@ -261,10 +262,15 @@ at::Tensor cpp_wce_backward(const at::Tensor& grad_loss, const at::Tensor& logit
         }
         const T* row = row_ptr(z, i, s0, s1, C, buf);
         const T gi = g[i * sg];
-        const Vec<T> vl(ls[i * sls]), vg(gi);
-        int64_t c = 0;
-        for (; c + W <= C; c += W) (vg * (Vec<T>::loadu(row + c) - vl).exp_u20()).store(orow + c);
-        if (c < C) (vg * (Vec<T>::loadu(row + c, C - c) - vl).exp_u20()).store(orow + c, C - c);
+        const T li = ls[i * sls];
+        if (!std::isfinite(li)) {  // rare rows (NaN, +-inf lse): std::exp, exact in IEEE (exp_u20 maps NaN to inf)
+          for (int64_t c = 0; c < C; ++c) orow[c] = gi * std::exp(row[c] - li);
+        } else {
+          const Vec<T> vl(li), vg(gi);
+          int64_t c = 0;
+          for (; c + W <= C; c += W) (vg * (Vec<T>::loadu(row + c) - vl).exp_u20()).store(orow + c);
+          if (c < C) (vg * (Vec<T>::loadu(row + c, C - c) - vl).exp_u20()).store(orow + c, C - c);
+        }
         if (lm) {
           const T a = lm[i * slm];
           const int64_t yb = mix.yb[i * mix.syb];
@@ -447,13 +453,14 @@ at::Tensor cpp_wce_hvp(const at::Tensor& logits, const at::Tensor& lse, const at
         const Vec<T> vl(ls[i * sls]);
         // pass 1: p into out, dot = p . u
         Vec<T> d0(0);
-        int64_t c = 0;
+        int64_t c = std::isfinite(ls[i * sls]) ? 0 : C;  // rare rows (NaN, +-inf lse): the std::exp loop below
         for (; c + W <= C; c += W) {
           const Vec<T> p = (Vec<T>::loadu(row + c) - vl).exp_u20();
           p.store(orow + c);
           d0 = at::vec::fmadd(p, Vec<T>::loadu(urow + c), d0);
         }
-        T dot = hsum(d0);
+        T dot = std::isfinite(ls[i * sls]) ? hsum(d0) : T(0);
+        if (!std::isfinite(ls[i * sls])) c = 0;
         for (; c < C; ++c) {
           const T p = std::exp(row[c] - ls[i * sls]);
           orow[c] = p;
@@ -504,9 +511,15 @@ at::Tensor cpp_wce_jvp(const at::Tensor& logits, const at::Tensor& lse, const at
         }
         const T* row = row_ptr(z, i, s0, s1, C, zbuf);
         const T* trow = row_ptr(tp, i, t0, t1, C, tbuf);
-        const Vec<T> vl(ls[i * sls]);
+        const T li = ls[i * sls];
+        const Vec<T> vl(li);
         Vec<T> d0(0);
         int64_t c = 0;
+        if (!std::isfinite(li)) {  // rare rows (NaN, +-inf lse): std::exp, exact in IEEE (exp_u20 maps NaN to inf)
+          T acc = 0;
+          for (; c < C; ++c) acc += std::exp(row[c] - li) * trow[c];
+          d0 = Vec<T>::set(Vec<T>(0), Vec<T>(acc), 1);
+        }
         for (; c + W <= C; c += W)
           d0 = at::vec::fmadd((Vec<T>::loadu(row + c) - vl).exp_u20(), Vec<T>::loadu(trow + c), d0);
         if (c < C) {

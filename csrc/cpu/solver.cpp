@@ -23,6 +23,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "common.h"
@@ -86,6 +88,9 @@ void for_chunks(const std::vector<Chunk>& chunks, const F& f) {
 
 at::Tensor scalar_out(const at::Tensor& like, double v) {
   at::Tensor out = new_output({}, like.options());
+  // a float32 result beyond float32's range rounds to +-inf (fill_ would refuse the double)
+  if (out.scalar_type() == at::kFloat && std::isfinite(v) && std::abs(v) > std::numeric_limits<float>::max())
+    v = std::copysign(std::numeric_limits<double>::infinity(), v);
   out.fill_(v);
   return out;
 }
