@@ -63,6 +63,15 @@ def _check_data(data, name, num_classes=None):
     return x, y
 
 
+def _check_counts(fn: str, **counts) -> None:
+    """Each ``name=(value, minimum)`` must be an int >= minimum."""
+    for name, (v, lo) in counts.items():
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")
+        if v < lo:
+            raise ValueError(f"{fn}: {name} must be >= {lo}, got {v}")
+
+
 def _sample(n: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(0, n, (batch_size,), generator=gen) if batch_size > n else torch.randperm(n, generator=gen)[:batch_size]
 
@@ -323,6 +332,7 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
     ``checkpoint_every`` steps (default 50) and at the end; with ``resume`` an
     existing one with the same run configuration is continued bit-exactly.
     """
+    _check_counts("learn_ift", steps=(steps, 0), batch_size=(batch_size, 1), hyper_every=(hyper_every, 0))
     x, y = _check_data(train_data, "train_data", commentary.num_classes)
     xv, yv = _check_data(val_data, "val_data", commentary.num_classes)
     from . import distributed as D
@@ -416,7 +426,7 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
                 xf, yf, idf = draw()
                 tb = commentary.prepare(xf, yf, index=idf, progress=teacher.progress(), generator=gen)
             res = teacher.hyper_step(train_batch=tb)
-            rec["val_loss"] = float(res.val_loss)
+            rec["val_loss"] = float(res.val_loss) if res is not None else float("nan")  # None: skipped (NaN/Inf)
         if callback is not None:
             callback(step, rec)
         if step % max(1, log_every) == 0 or step == steps - 1:
@@ -437,6 +447,7 @@ def train_student(student: nn.Module, train_data, *, commentary: Commentary | No
 
     ``checkpoint_path``/``checkpoint_every`` (default 50 steps)/``resume``: as in
     :func:`learn_ift` (the configuration includes a hash of the commentary's values)."""
+    _check_counts("train_student", steps=(steps, 0), batch_size=(batch_size, 1))
     x, y = _check_data(train_data, "train_data", getattr(commentary, "num_classes", None))
     gen = torch.Generator().manual_seed(seed)
     if device is not None:

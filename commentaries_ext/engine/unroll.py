@@ -206,6 +206,9 @@ def unroll(
     buffers = {} if buffers is None else {k: v.detach() for k, v in buffers.items()}
     batches = list(batches)
     T = len(batches) if steps is None else steps
+    for name, v in (("steps", T), ("truncate", truncate), ("checkpoint", checkpoint)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"unroll: {name} must be None or an int >= 0, got {v!r}")
     if T > len(batches):
         raise ValueError(f"steps={T} but only {len(batches)} batches were given")
     params = dict(params)
