@@ -12,7 +12,14 @@ Loading never executes code from the file (no pickle): the module is rebuilt
 from a fixed registry of classes and its JSON constructor arguments, or the
 caller passes the module to load into.  The metadata is checked against the
 data, student model and module it is applied to, and every mismatch is listed
-in one :class:`CommentaryMismatchError`.  Writes are atomic: the file is written
+in one :class:`CommentaryMismatchError`.  A hand-edited or hostile file is refused
+(:class:`CommentaryFileError`) before any tensor or module is allocated: the
+safetensors header is parsed here (length, JSON, duplicate keys, dtypes, shapes,
+offsets tiling the data section, limits ``MAX_*``), the metadata must have only
+known keys of the right types, the config only constructor arguments with
+scalar values, and the module is first built on the ``meta`` device so that its
+shapes are compared with the header's; tensors holding NaN or Inf are refused.
+Writes are atomic: the file is written
 to a temporary file in the same folder, flushed to disk and renamed over the
 old one, so a crash mid-write leaves the old file intact.
 
@@ -145,6 +152,9 @@ def save_commentary(path, commentary: nn.Module, *, data: Any = None, fingerprin
     path = Path(path)
     state = commentary.state_dict()
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    for k, v in tensors.items():  # load_commentary refuses them: say so now, not when reusing the file
+        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"save_commentary: tensor {k!r} of the commentary holds NaN or Inf; not saved")
     if fingerprint is None and data is not None:
         fingerprint = dataset_fingerprint(data)
     meta = {
