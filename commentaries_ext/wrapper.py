@@ -112,8 +112,13 @@ class CommentaryOptimizer:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        if isinstance(hyper_every, bool) or not isinstance(hyper_every, int):
+            raise TypeError(f"hyper_every must be an int, got {type(hyper_every).__name__}")
         if hyper_every < 0:
             raise ValueError(f"hyper_every must be >= 0, got {hyper_every}")
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                        or total_steps < 0):
+            raise ValueError(f"total_steps must be None or an int >= 0, got {total_steps!r}")
         self.optimizer, self.model, self.commentary = optimizer, model, commentary
         self.enabled = bool(enabled) and commentary is not None
         self.val_loader = val_loader

@@ -1568,6 +1568,11 @@ def test_wrapper_skips_nonfinite_validation_batches():
             t.step()
             assert t.skipped_hyper_steps == 1 and t.hyper_steps == 0 and t.steps == 1
     COUNTS["wrapper.nonfinite_val"] += 2
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="hyper_every must be an int"):
+        CommentaryOptimizer(opt, student, com, hyper_every=1.5)
+    with pytest.raises(ValueError, match="total_steps"):
+        CommentaryOptimizer(opt, student, com, total_steps=-3)
 
 
 def test_learn_ift_skips_nonfinite_validation_data():
