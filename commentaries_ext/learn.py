@@ -150,18 +150,6 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
     outer step -- it is then that of one process on the union.  Commentary,
     outer-optimizer state and student initialisation come from rank 0.
 
-    Several processes (``distributed``; default: when a ``torch.distributed``
-    process group is initialised; ``process_group``: the group): ``batch_size``
-    is the *global* batch, drawn alike on every rank (rank 0's ``seed``), and
-    each rank unrolls on its contiguous ``batch_size / world_size`` share of it
-    (it must divide).  Each inner step's student gradient is combined over the
-    ranks with a differentiable all-reduce (the sum for a commentary with
-    ``reduction="sum"``, else the mean), so every rank follows the trajectory
-    of the union of the shards; the validation loss is computed alike on every
-    rank and the commentary's meta-gradient averaged over the ranks before the
-    outer step -- it is then that of one process on the union.  Commentary,
-    outer-optimizer state and student initialisation come from rank 0.
-
     ``checkpoint`` is *activation* checkpointing of the unroll (recompute every
     N inner steps; memory).  ``checkpoint_path`` is a resumable checkpoint of the
     job (:mod:`commentaries_ext.checkpoint`), written every ``checkpoint_every``
@@ -202,10 +190,6 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
     base = student_factory() if same_init else None
     if base is not None and device is not None:
         base = base.to(device)
-    if dist_on:
-        D.broadcast_optimizer_state_(outer_optimizer, group=process_group)
-        if base is not None:
-            D.broadcast_module_(base, group=process_group)
     if dist_on:
         D.broadcast_optimizer_state_(outer_optimizer, group=process_group)
         if base is not None:
@@ -310,14 +294,6 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
     Neumann ``K=1`` with ``alpha`` = the student's learning rate, ``g_T`` on a
     fresh training batch (``fresh_train_batch``) and ``v`` on a clean
     validation batch (``val_batch_size``; None: the whole split).
-
-    Several processes (``distributed``, ``process_group``: as in :func:`learn_bptt`):
-    ``batch_size`` and the validation batch are global, drawn alike on every rank
-    (rank 0's ``seed``); each rank takes its share (``batch_size`` must divide by
-    the world size; the validation batch is split as evenly as it goes) and the
-    wrapper computes the hypergradient of the union of the shards.  The student's
-    gradients are averaged over the ranks (by the student itself when it is a
-    ``DistributedDataParallel``, else here), its initial weights come from rank 0.
 
     Several processes (``distributed``, ``process_group``: as in :func:`learn_bptt`):
     ``batch_size`` and the validation batch are global, drawn alike on every rank
