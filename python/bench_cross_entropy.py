@@ -8,7 +8,8 @@ For N=8192 and C in {10, 100, 1000} (float32), in one run:
   (for the CPU backends also "two-pass": without the fused reduced path, i.e. the
   forward kernel then the backward kernel);
 * the loss-HVP ``w_i H_i u_i`` w.r.t. the logits: eager double backward vs
-  ``cross_entropy_hvp`` on each backend;
+  ``cross_entropy_hvp`` on each backend ("two-pass": the lse by the forward kernel,
+  then wce_hvp, instead of the one-pass wce_softmax_hvp);
 * the copy bandwidth (``Tensor.copy_`` of a 64 MB buffer, read + write) and the
   bandwidth achieved by the C=1000 forward+backward (read the logits once,
   write the gradient once).
@@ -122,11 +123,13 @@ def main() -> None:
 
                 row["fwd_bwd_ms"][b] = timeit(fb_ours, args.repeats, key=(c, "fwd_bwd_ms", b)) * 1e3
                 row["hvp_ms"][b] = timeit(hvp_ours, args.repeats, key=(c, "hvp_ms", b)) * 1e3
-                if ce._fused_kernel(z.device) is not None:  # the same backend without the fused reduced path
-                    fused, ce._fused_kernel = ce._fused_kernel, (lambda device: None)
+                if ce._fused_kernel(z.device) is not None:  # the same backend without its fused ops
+                    fused, ce._fused_kernel = ce._fused_kernel, (lambda device, op="": None)
                     try:
                         row["fwd_bwd_ms"][b + " two-pass"] = timeit(
                             fb_ours, args.repeats, key=(c, "fwd_bwd_ms", b + " two-pass")) * 1e3
+                        row["hvp_ms"][b + " two-pass"] = timeit(
+                            hvp_ours, args.repeats, key=(c, "hvp_ms", b + " two-pass")) * 1e3
                     finally:
                         ce._fused_kernel = fused
         nbytes = 2 * n * c * z.element_size()

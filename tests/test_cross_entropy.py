@@ -120,6 +120,9 @@ def _check_backend(name, n, c, dtype, mixed, ignore_some, extreme, layout, seed)
         _close(f_lse, r_lse, "fused lse", **tol)
         _close(f_loss, r_loss, "fused loss", **tol)
         _close(f_grad, r_grad, "fused grad", **tol)  # row_scale = grad_loss: the same formula
+        s_hvp = backend._kernels[name]["wce_softmax_hvp"](d["z"], d["sc"], d["u"])
+        assert s_hvp.shape == (n, c) and s_hvp.dtype == dtype
+        _close(s_hvp, r_hvp, "softmax hvp", **tol)
     if not extreme:  # the reference itself agrees with torch's cross-entropy
         valid = d["y"] != IGNORE
         want = F.cross_entropy(d["z64"], d["y"], reduction="none", ignore_index=IGNORE)
@@ -220,7 +223,7 @@ def test_fused_reduced_path(name, reduction, weighted, monkeypatch):
         w = w0.clone().requires_grad_() if weighted else None
         with backend.use(name):
             if not fused:
-                monkeypatch.setattr(ce, "_fused_kernel", lambda device: None)
+                monkeypatch.setattr(ce, "_fused_kernel", lambda device, op="": None)
             out = ce.weighted_cross_entropy(z, y, w, reduction=reduction)
             monkeypatch.undo()
         assert (type(out.grad_fn).__name__ == "_ReducedCEBackward") == fused, out.grad_fn
@@ -239,6 +242,26 @@ def test_fused_reduced_path(name, reduction, weighted, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(acc_f, acc_u, rtol=1e-12, atol=1e-12)
     assert not torch.equal(acc_f, torch.ones_like(acc_f))
+
+
+@pytest.mark.parametrize("name", FUSED_BACKENDS)
+def test_hvp_without_derivatives_uses_one_pass(name, monkeypatch):
+    """cross_entropy_hvp with nothing to differentiate runs wce_softmax_hvp (softmax in the
+    same pass); it agrees with the lse + wce_hvp path, which still serves derivatives."""
+    g = torch.Generator().manual_seed(12)
+    z = torch.randn(29, 13, generator=g, dtype=torch.float64) * 3
+    u = torch.randn(29, 13, generator=g, dtype=torch.float64)
+    s = torch.rand(29, generator=g, dtype=torch.float64)
+    calls = []
+    real = ce._fused_kernel
+    monkeypatch.setattr(ce, "_fused_kernel", lambda device, op="wce_forward_grad": calls.append(op) or real(device, op))
+    with backend.use(name):
+        fast = ce.cross_entropy_hvp(z, u, s)
+        assert calls == ["wce_softmax_hvp"]
+        zr = z.clone().requires_grad_()
+        slow = ce.cross_entropy_hvp(zr, u, s)
+        assert calls == ["wce_softmax_hvp"] and slow.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_fused_path_not_used_under_transforms_or_without_grad():
@@ -417,6 +440,9 @@ def test_opcheck_fused_cpu_op():
     s = torch.rand(6, generator=g, dtype=torch.float64)
     for args in [(z, y, None, None, None, IGNORE), (z, y, yb, lam, s, IGNORE), (z.t().contiguous().t(), y, None, None, s, IGNORE)]:
         torch.library.opcheck(torch.ops.commentaries_ext.cpp_wce_forward_grad, args,
+                              test_utils=("test_schema", "test_faketensor"))
+    for zz in (z, z.t().contiguous().t()):
+        torch.library.opcheck(torch.ops.commentaries_ext.cpp_wce_softmax_hvp, (zz, s, torch.randn_like(z)),
                               test_utils=("test_schema", "test_faketensor"))
 
 

@@ -96,8 +96,12 @@ def _fake_forward_grad(logits, target, target_b, lam, row_scale, ignore_index):
     return loss, lse, logits.new_empty(logits.shape)
 
 
+def _fake_softmax_hvp(logits, scale, u):
+    return logits.new_empty(logits.shape)
+
+
 _FAKES = {"wce_forward": _fake_forward, "wce_backward": _fake_backward, "wce_hvp": _fake_hvp, "wce_jvp": _fake_jvp,
-          "wce_forward_grad": _fake_forward_grad}
+          "wce_forward_grad": _fake_forward_grad, "wce_softmax_hvp": _fake_softmax_hvp}
 
 if _compiled.loaded():
     for _prefix in ("cpp_", "cuda_"):
@@ -503,17 +507,20 @@ def _kernels() -> _Kernels:
 # where ignored) from the same pass over the logits. A reduced loss ``sum_i s_i l_i`` then needs
 # no backward kernel: its gradient w.r.t. the logits is ``grad`` times the incoming scalar. CPU
 # backends only (on a GPU the two passes are memory-bound and exp is cheap).
-FUSED_OPS = ("wce_forward_grad",)
+# ``wce_softmax_hvp(logits, scale, u)``: wce_hvp with the softmax computed in the same pass (one
+# exp pass instead of the lse's forward pass plus wce_hvp's); used when no derivative of the
+# product is needed.
+FUSED_OPS = ("wce_forward_grad", "wce_softmax_hvp")
 _compiled.register_kernel_ops(FUSED_OPS)
 _FUSED_CACHE: dict = {}
 
 
-def _fused_kernel(device):
-    """``wce_forward_grad`` of the backend that runs ``wce_forward`` on ``device``, or None."""
-    key = (device.type, backend.forced(), sum(len(t) for t in backend._kernels.values()))
+def _fused_kernel(device, op: str = "wce_forward_grad"):
+    """Fused op ``op`` of the backend that runs ``wce_forward`` on ``device``, or None."""
+    key = (op, device.type, backend.forced(), sum(len(t) for t in backend._kernels.values()))
     if key not in _FUSED_CACHE:
         name, _ = backend.select("wce_forward", device)
-        _FUSED_CACHE[key] = backend._kernels[name].get("wce_forward_grad")
+        _FUSED_CACHE[key] = backend._kernels[name].get(op)
     return _FUSED_CACHE[key]
 
 
@@ -794,6 +801,11 @@ def cross_entropy_hvp(logits: Tensor, u: Tensor, scale: Tensor | float | None = 
     _check_logits(fn, logits, False)
     u = _check_matrix(fn, "u", u, logits)
     scale = _check_row(fn, "scale", 1.0 if scale is None else scale, logits)
+    no_derivative = not (torch.is_grad_enabled() and (logits.requires_grad or u.requires_grad or scale.requires_grad))
+    if no_derivative and not torch.compiler.is_compiling() and not _functorch_active() and not _dual_level_active():
+        kern = _fused_kernel(logits.device, "wce_softmax_hvp")
+        if kern is not None:
+            return kern(logits, scale, u)
     return _kernels().hvp(logits, _lse(logits), scale, u)
 
 

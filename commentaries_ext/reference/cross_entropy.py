@@ -121,7 +121,12 @@ def wce_forward_grad(logits: Tensor, target: Tensor, target_b: Tensor | None, la
     return loss, lse, wce_backward(scale, logits, lse, target, target_b, lam, ignore_index)
 
 
+def wce_softmax_hvp(logits: Tensor, scale: Tensor, u: Tensor) -> Tensor:
+    """wce_hvp with the row logsumexp computed here."""
+    return wce_hvp(logits, _lse(logits.to(_acc(logits.dtype))), scale, u)
+
+
 KERNELS = {"wce_forward": wce_forward, "wce_backward": wce_backward, "wce_hvp": wce_hvp, "wce_jvp": wce_jvp,
-           "wce_forward_grad": wce_forward_grad}
+           "wce_forward_grad": wce_forward_grad, "wce_softmax_hvp": wce_softmax_hvp}
 for _name, _fn in KERNELS.items():
     backend.register("reference", _name, _fn)

@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -323,12 +324,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
     T* lo = loss.mutable_data_ptr<T>();
     T* ls = lse.mutable_data_ptr<T>();
     T* go = grad.mutable_data_ptr<T>();
-    // Row i from its max m and, in grow, its exponentials exp(z - m) with sum s.
-    auto finish_row = [&](int64_t i, const T* row, T* grow, T m, T s) {
-      T l;
-      if (std::isnan(m) || std::isnan(s)) l = std::numeric_limits<T>::quiet_NaN();
-      else if (std::isinf(m)) l = m;  // a +inf logit: +inf; every logit -inf: -inf
-      else l = m + std::log(s);       // s >= 1: the max contributes exp(0)
+    // lse from a row's max m and its sum s of exp(z - m) (l_vec: m + log s, computed vectorised)
+    auto lse_of = [&](T m, T s, T l_vec) -> T {
+      if (std::isnan(m) || std::isnan(s)) return std::numeric_limits<T>::quiet_NaN();
+      if (std::isinf(m)) return m;  // a +inf logit: +inf; every logit -inf: -inf
+      return l_vec;                 // s >= 1: the max contributes exp(0)
+    };
+    // Row i from its lse l and, in grow, its exponentials exp(z - m) with sum s.
+    auto finish_row = [&](int64_t i, const T* row, T* grow, T s, T l) {
       ls[i] = l;
       const int64_t y = mix.y[i * mix.sy];
       if (y == mix.ignore_index) {
@@ -358,8 +361,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
     const bool small = C > 0 && C <= kSmallC && (s1 == 1 || C == 1);
     at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t e) {
       if (small) {
-        // a block of rows of the contiguous gradient is one flat run: exp on full vectors
-        T ms[kRowBlock], sums[kRowBlock];
+        // a block of rows of the contiguous gradient is one flat run: exp and log on full vectors
+        alignas(64) T ms[kRowBlock], sums[kRowBlock], lv[kRowBlock];
         for (int64_t i0 = b; i0 < e; i0 += kRowBlock) {
           const int64_t rb = std::min(kRowBlock, e - i0);
           T* gb = go + i0 * C;
@@ -380,11 +383,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
             for (int64_t c = 0; c < C; ++c) sacc += gb[r * C + c];
             sums[r] = sacc;
           }
-          for (int64_t r = 0; r < rb; ++r) finish_row(i0 + r, z + (i0 + r) * s0, gb + r * C, ms[r], sums[r]);
+          k = 0;
+          for (; k + W <= rb; k += W) (Vec<T>::loadu(ms + k) + Vec<T>::loadu(sums + k).log()).store(lv + k);
+          for (; k < rb; ++k) lv[k] = ms[k] + std::log(sums[k]);
+          for (int64_t r = 0; r < rb; ++r)
+            finish_row(i0 + r, z + (i0 + r) * s0, gb + r * C, sums[r], lse_of(ms[r], sums[r], lv[r]));
         }
         return;
       }
       std::vector<T> buf;
+      // lanes of the overlapping last vector that belong to the row's tail (C % W of them)
+      alignas(64) T tail_mask_bits[W];
+      const int64_t rem = C % W;
+      for (int64_t k = 0; k < W; ++k) {
+        uint64_t bits = k >= W - rem ? ~uint64_t(0) : 0;
+        std::memcpy(&tail_mask_bits[k], &bits, sizeof(T));
+      }
+      const Vec<T> tail_mask = Vec<T>::loadu(tail_mask_bits);
       for (int64_t i = b; i < e; ++i) {
         T* grow = go + i * C;
         if (C == 0) {
@@ -393,7 +408,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
           continue;
         }
         const T* row = row_ptr(z, i, s0, s1, C, buf);
-        const T m = row_max(row, C);
+        // max: an overlapping last vector is harmless (max is idempotent)
+        T m;
+        if (C >= W) {
+          Vec<T> m0 = Vec<T>::loadu(row + C - W), m1 = m0;
+          int64_t c = 0;
+          for (; c + 2 * W <= C; c += 2 * W) {
+            m0 = at::vec::maximum(m0, Vec<T>::loadu(row + c));
+            m1 = at::vec::maximum(m1, Vec<T>::loadu(row + c + W));
+          }
+          for (; c + W <= C; c += W) m0 = at::vec::maximum(m0, Vec<T>::loadu(row + c));
+          m = hmax(at::vec::maximum(m0, m1));
+        } else {
+          m = row_max(row, C);
+        }
         // exponentials into the gradient row (it stays in L1 for the scaling in finish_row)
         const Vec<T> vm(std::isfinite(m) ? m : T(0));
         Vec<T> a0(0), a1(0);
@@ -411,14 +439,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
           e0.store(grow + c);
           a0 = a0 + e0;
         }
-        if (c < C) {  // pad with -inf: exp gives 0
-          const int64_t r = C - c;
-          const Vec<T> x = Vec<T>::set(Vec<T>(ninf), Vec<T>::loadu(row + c, r), r);
-          const Vec<T> e0 = (x - vm).exp_u20();
-          e0.store(grow + c, r);
-          a1 = a1 + e0;
+        if (c < C) {
+          if (C >= W) {  // overlapping last vector; only its tail lanes join the sum
+            const Vec<T> e0 = (Vec<T>::loadu(row + C - W) - vm).exp_u20();
+            e0.store(grow + C - W);
+            a1 = a1 + (e0 & tail_mask);
+          } else {  // pad with -inf: exp gives 0
+            const int64_t r = C - c;
+            const Vec<T> x = Vec<T>::set(Vec<T>(ninf), Vec<T>::loadu(row + c, r), r);
+            const Vec<T> e0 = (x - vm).exp_u20();
+            e0.store(grow + c, r);
+            a1 = a1 + e0;
+          }
         }
-        finish_row(i, row, grow, m, hsum(a0 + a1));
+        const T sum = hsum(a0 + a1);
+        finish_row(i, row, grow, sum, lse_of(m, sum, m + std::log(sum)));
       }
     });
   });
@@ -473,6 +508,73 @@ at::Tensor cpp_wce_hvp(const at::Tensor& logits, const at::Tensor& lse, const at
         for (; c + W <= C; c += W)
           (vs * Vec<T>::loadu(orow + c) * (Vec<T>::loadu(urow + c) - vd)).store(orow + c);
         for (; c < C; ++c) orow[c] = s * orow[c] * (urow[c] - dot);
+      }
+    });
+  });
+  return out;
+}
+
+// -------------------------------------------------------------- hvp without a given lse
+
+// wce_hvp with p = softmax(z) computed here: one pass keeps exp(z - m) in out and sums
+// exp and exp * u, so the row is exponentiated once (wce_hvp needs lse from a forward
+// pass, i.e. a second exp pass). Rows with a non-finite max (or NaN) use std::exp.
+at::Tensor cpp_wce_softmax_hvp(const at::Tensor& logits, const at::Tensor& scale, const at::Tensor& u) {
+  check_logits(logits, "wce_softmax_hvp");
+  const int64_t N = logits.size(0), C = logits.size(1);
+  at::Tensor out = new_output({N, C}, logits.options());
+  if (N == 0 || C == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_wce_softmax_hvp", [&] {
+    using T = scalar_t;
+    constexpr int64_t W = Vec<T>::size();
+    const T* z = logits.const_data_ptr<T>();
+    const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
+    const T* up = u.const_data_ptr<T>();
+    const int64_t u0 = u.stride(0), u1 = u.stride(1);
+    const T* sc = scale.const_data_ptr<T>();
+    const int64_t ssc = scale.stride(0);
+    T* o = out.mutable_data_ptr<T>();
+    at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t e) {
+      std::vector<T> zbuf, ubuf;
+      for (int64_t i = b; i < e; ++i) {
+        T* orow = o + i * C;
+        const T* row = row_ptr(z, i, s0, s1, C, zbuf);
+        const T* urow = row_ptr(up, i, u0, u1, C, ubuf);
+        const T si = sc[i * ssc];
+        const T m = row_max(row, C);
+        if (!std::isfinite(m)) {  // rare rows: p = exp(z - lse) in IEEE arithmetic
+          const T l = row_lse(row, C);
+          T dot = 0;
+          for (int64_t c = 0; c < C; ++c) {
+            orow[c] = std::exp(row[c] - l);
+            dot += orow[c] * urow[c];
+          }
+          for (int64_t c = 0; c < C; ++c) orow[c] = si * orow[c] * (urow[c] - dot);
+          continue;
+        }
+        const Vec<T> vm(m);
+        Vec<T> s0v(0), d0v(0);
+        int64_t c = 0;
+        for (; c + W <= C; c += W) {
+          const Vec<T> ev = (Vec<T>::loadu(row + c) - vm).exp_u20();
+          ev.store(orow + c);
+          s0v = s0v + ev;
+          d0v = at::vec::fmadd(ev, Vec<T>::loadu(urow + c), d0v);
+        }
+        T sum = hsum(s0v), d = hsum(d0v);
+        for (; c < C; ++c) {
+          const T ev = std::exp(row[c] - m);
+          orow[c] = ev;
+          sum += ev;
+          d += ev * urow[c];
+        }
+        // out = s * p * (u - p.u), p = e / sum
+        const T q = si / sum, dot = d / sum;
+        const Vec<T> vq(q), vd(dot);
+        c = 0;
+        for (; c + W <= C; c += W)
+          (vq * Vec<T>::loadu(orow + c) * (Vec<T>::loadu(urow + c) - vd)).store(orow + c);
+        for (; c < C; ++c) orow[c] = q * orow[c] * (urow[c] - dot);
       }
     });
   });
@@ -548,6 +650,7 @@ TORCH_LIBRARY_FRAGMENT(commentaries_ext, m) {
   m.def("cpp_wce_forward(Tensor logits, Tensor target, Tensor? target_b, Tensor? lam, int ignore_index) -> (Tensor, Tensor)");
   m.def("cpp_wce_backward(Tensor grad_loss, Tensor logits, Tensor lse, Tensor target, Tensor? target_b, Tensor? lam, int ignore_index) -> Tensor");
   m.def("cpp_wce_forward_grad(Tensor logits, Tensor target, Tensor? target_b, Tensor? lam, Tensor? row_scale, int ignore_index) -> (Tensor, Tensor, Tensor)");
+  m.def("cpp_wce_softmax_hvp(Tensor logits, Tensor scale, Tensor u) -> Tensor");
   m.def("cpp_wce_hvp(Tensor logits, Tensor lse, Tensor scale, Tensor u) -> Tensor");
   m.def("cpp_wce_jvp(Tensor logits, Tensor lse, Tensor target, Tensor? target_b, Tensor? lam, Tensor t, int ignore_index) -> Tensor");
 }
@@ -556,6 +659,7 @@ TORCH_LIBRARY_IMPL(commentaries_ext, CPU, m) {
   m.impl("cpp_wce_forward", &cpp_wce_forward);
   m.impl("cpp_wce_backward", &cpp_wce_backward);
   m.impl("cpp_wce_forward_grad", &cpp_wce_forward_grad);
+  m.impl("cpp_wce_softmax_hvp", &cpp_wce_softmax_hvp);
   m.impl("cpp_wce_hvp", &cpp_wce_hvp);
   m.impl("cpp_wce_jvp", &cpp_wce_jvp);
 }
