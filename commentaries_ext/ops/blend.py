@@ -208,6 +208,24 @@ class _EagerBlend(torch.autograd.Function):
         return torch.empty_like(x_a).copy_(out)
 
 
+class _EagerBlendClassic(torch.autograd.Function):
+    """:class:`_EagerBlend` as a classic ``forward(ctx, ...)`` Function, used outside
+    ``torch.func`` transforms: its ``apply`` skips the argument binding
+    (``inspect.signature``) that ``setup_context`` Functions pay on every call."""
+
+    @staticmethod
+    def forward(ctx, x_a, m, x_b, perm):
+        out = _EagerBlend.forward(x_a, m, x_b, perm)
+        _EagerBlend.setup_context(ctx, (x_a, m, x_b, perm), out)
+        return out
+
+    backward = _EagerBlend.backward
+    jvp = _EagerBlend.jvp
+
+
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
 # ----------------------------------------------------------------- public function
 
 
@@ -300,7 +318,7 @@ def masked_blend(x_a: Tensor, m: Tensor, x_b: Tensor | None = None, perm: Tensor
         return m * x_a + (1 - m) * partner
     if torch.compiler.is_compiling():
         return masked_blend_op(x_a, m, x_b, perm)
-    return _EagerBlend.apply(x_a, m, x_b, perm)
+    return (_EagerBlend if _functorch_active() else _EagerBlendClassic).apply(x_a, m, x_b, perm)
 
 
 __all__ = ["masked_blend", "masked_blend_op", "masked_blend_backward_op", "KERNEL_OPS"]
