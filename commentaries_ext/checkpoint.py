@@ -47,6 +47,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ._atomic import write_atomic
+
 MAGIC = b"CMTXCKPT"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sIQ32s")
@@ -86,19 +88,6 @@ def _write_all(f, data: bytes) -> None:
     step = 1 << 22
     for i in range(0, len(view), step):
         f.write(view[i:i + step])
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _verify(path: Path) -> bytes:
@@ -152,30 +141,22 @@ def save_checkpoint(path, state: Mapping[str, Any], *, keep_previous: bool = Tru
         raise CheckpointError(path, f"state not saved: it holds objects torch.load(weights_only=True) refuses "
                                     f"({_short(e)}); store tensors, containers, numbers and strings") from e
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest())
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            _write_all(f, header)
-            _write_all(f, payload)
-            f.flush()
-            os.fsync(f.fileno())
+
+    def write(f):
+        _write_all(f, header)
+        _write_all(f, payload)
+
+    def keep_old():
         if keep_previous and path.exists():
             try:
                 _verify(path)
             except CheckpointError as e:
                 warnings.warn(f"{e}; not kept as the previous checkpoint (keeping {previous_path(path)})",
-                              CheckpointWarning, stacklevel=2)
+                              CheckpointWarning, stacklevel=3)
             else:
                 os.replace(path, previous_path(path))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
+
+    return write_atomic(path, write, tmp=_temp_path(path), before_replace=keep_old)
 
 
 def _short(e: Exception) -> str:

@@ -33,14 +33,14 @@ import hashlib
 import inspect
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
+
+from ._atomic import write_atomic
 
 FORMAT = "commentaries_ext.commentary/1"
 META_KEY = "commentaries_ext"
@@ -179,28 +179,7 @@ def save_commentary(path, commentary: nn.Module, *, data: Any = None, fingerprin
 
 
 def _atomic_write(path: Path, blob: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    write_atomic(path, lambda f: f.write(blob))
 
 
 # --------------------------------------------------------------------------- load

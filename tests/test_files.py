@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from commentaries_ext import files
+from commentaries_ext import _atomic, files
 from commentaries_ext.commentary import AttentionMask, Blending, ExampleWeighting, TabularWeighting
 from commentaries_ext.files import (
     CommentaryFileError,
@@ -121,7 +121,7 @@ def test_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
     def crash(*a, **k):
         raise OSError("disk died mid-write")
 
-    monkeypatch.setattr(files.os, "fsync", crash)
+    monkeypatch.setattr(_atomic.os, "fsync", crash)
     with pytest.raises(OSError, match="mid-write"):
         save_commentary(path, _randomise(Blending(3)))
     monkeypatch.undo()
