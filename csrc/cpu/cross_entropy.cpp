@@ -462,6 +462,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
 
 // -------------------------------------------------------------- hvp
 
+// The second pass of both HVP kernels: orow = q * orow * (u - dot), where orow holds p (or
+// exp(z - m) with q folding in 1 / sum).
+template <typename T>
+inline void hvp_scale_row(T* orow, const T* urow, T q, T dot, int64_t C) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> vq(q), vd(dot);
+  int64_t c = 0;
+  for (; c + W <= C; c += W) (vq * Vec<T>::loadu(orow + c) * (Vec<T>::loadu(urow + c) - vd)).store(orow + c);
+  for (; c < C; ++c) orow[c] = q * orow[c] * (urow[c] - dot);
+}
+
+
 at::Tensor cpp_wce_hvp(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& scale, const at::Tensor& u) {
   check_logits(logits, "wce_hvp");
   const int64_t N = logits.size(0), C = logits.size(1);
@@ -501,13 +513,7 @@ at::Tensor cpp_wce_hvp(const at::Tensor& logits, const at::Tensor& lse, const at
           orow[c] = p;
           dot += p * urow[c];
         }
-        // pass 2: out = s * p * (u - dot)
-        const T s = sc[i * ssc];
-        const Vec<T> vs(s), vd(dot);
-        c = 0;
-        for (; c + W <= C; c += W)
-          (vs * Vec<T>::loadu(orow + c) * (Vec<T>::loadu(urow + c) - vd)).store(orow + c);
-        for (; c < C; ++c) orow[c] = s * orow[c] * (urow[c] - dot);
+        hvp_scale_row(orow, urow, sc[i * ssc], dot, C);  // pass 2: out = s * p * (u - dot)
       }
     });
   });
@@ -549,7 +555,7 @@ at::Tensor cpp_wce_softmax_hvp(const at::Tensor& logits, const at::Tensor& scale
             orow[c] = std::exp(row[c] - l);
             dot += orow[c] * urow[c];
           }
-          for (int64_t c = 0; c < C; ++c) orow[c] = si * orow[c] * (urow[c] - dot);
+          hvp_scale_row(orow, urow, si, dot, C);
           continue;
         }
         const Vec<T> vm(m);
@@ -568,13 +574,7 @@ at::Tensor cpp_wce_softmax_hvp(const at::Tensor& logits, const at::Tensor& scale
           sum += ev;
           d += ev * urow[c];
         }
-        // out = s * p * (u - p.u), p = e / sum
-        const T q = si / sum, dot = d / sum;
-        const Vec<T> vq(q), vd(dot);
-        c = 0;
-        for (; c + W <= C; c += W)
-          (vq * Vec<T>::loadu(orow + c) * (Vec<T>::loadu(urow + c) - vd)).store(orow + c);
-        for (; c < C; ++c) orow[c] = q * orow[c] * (urow[c] - dot);
+        hvp_scale_row(orow, urow, si / sum, d / sum, C);  // out = s * p * (u - p.u), p = e / sum
       }
     });
   });
