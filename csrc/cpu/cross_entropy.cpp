@@ -60,7 +60,8 @@ template <typename T>
 inline T row_max(const T* z, int64_t C) {
   constexpr int64_t W = Vec<T>::size();
   const T ninf = -std::numeric_limits<T>::infinity();
-  Vec<T> m0(ninf), m1(ninf);
+  // with C >= W the last (overlapping) vector covers the tail: max is idempotent
+  Vec<T> m0 = C >= W ? Vec<T>::loadu(z + C - W) : Vec<T>(ninf), m1 = m0;
   int64_t c = 0;
   for (; c + 2 * W <= C; c += 2 * W) {
     m0 = at::vec::maximum(m0, Vec<T>::loadu(z + c));
@@ -68,7 +69,8 @@ inline T row_max(const T* z, int64_t C) {
   }
   for (; c + W <= C; c += W) m0 = at::vec::maximum(m0, Vec<T>::loadu(z + c));
   T m = hmax(at::vec::maximum(m0, m1));
-  for (; c < C; ++c) m = (z[c] > m || std::isnan(z[c])) ? z[c] : m;  // NaN propagates, as in the vector part
+  if (C < W)
+    for (; c < C; ++c) m = (z[c] > m || std::isnan(z[c])) ? z[c] : m;  // NaN propagates, as in the vector part
   return m;
 }
 
@@ -324,12 +326,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
     T* lo = loss.mutable_data_ptr<T>();
     T* ls = lse.mutable_data_ptr<T>();
     T* go = grad.mutable_data_ptr<T>();
-    // lse from a row's max m and its sum s of exp(z - m) (l_vec: m + log s, computed vectorised)
-    auto lse_of = [&](T m, T s, T l_vec) -> T {
-      if (std::isnan(m) || std::isnan(s)) return std::numeric_limits<T>::quiet_NaN();
-      if (std::isinf(m)) return m;  // a +inf logit: +inf; every logit -inf: -inf
-      return l_vec;                 // s >= 1: the max contributes exp(0)
-    };
     // Row i from its lse l and, in grow, its exponentials exp(z - m) with sum s.
     auto finish_row = [&](int64_t i, const T* row, T* grow, T s, T l) {
       ls[i] = l;
@@ -361,33 +357,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
     const bool small = C > 0 && C <= kSmallC && (s1 == 1 || C == 1);
     at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t e) {
       if (small) {
-        // a block of rows of the contiguous gradient is one flat run: exp and log on full vectors
-        alignas(64) T ms[kRowBlock], sums[kRowBlock], lv[kRowBlock];
+        // a block of rows of the contiguous gradient is one flat run: lse_small_block leaves the
+        // shifted exponentials in it (and the lse in ls)
+        alignas(64) T ms[kRowBlock], sums[kRowBlock];
         for (int64_t i0 = b; i0 < e; i0 += kRowBlock) {
           const int64_t rb = std::min(kRowBlock, e - i0);
           T* gb = go + i0 * C;
-          for (int64_t r = 0; r < rb; ++r) {
-            const T* row = z + (i0 + r) * s0;
-            T m = row[0];
-            for (int64_t c = 1; c < C; ++c) m = (row[c] > m || std::isnan(row[c])) ? row[c] : m;
-            ms[r] = m;
-            const T mm = std::isfinite(m) ? m : T(0);
-            for (int64_t c = 0; c < C; ++c) gb[r * C + c] = row[c] - mm;
-          }
-          const int64_t L = rb * C;
-          int64_t k = 0;
-          for (; k + W <= L; k += W) Vec<T>::loadu(gb + k).exp_u20().store(gb + k);
-          if (k < L) Vec<T>::loadu(gb + k, L - k).exp_u20().store(gb + k, L - k);
-          for (int64_t r = 0; r < rb; ++r) {
-            T sacc = 0;
-            for (int64_t c = 0; c < C; ++c) sacc += gb[r * C + c];
-            sums[r] = sacc;
-          }
-          k = 0;
-          for (; k + W <= rb; k += W) (Vec<T>::loadu(ms + k) + Vec<T>::loadu(sums + k).log()).store(lv + k);
-          for (; k < rb; ++k) lv[k] = ms[k] + std::log(sums[k]);
-          for (int64_t r = 0; r < rb; ++r)
-            finish_row(i0 + r, z + (i0 + r) * s0, gb + r * C, sums[r], lse_of(ms[r], sums[r], lv[r]));
+          lse_small_block(z, s0, C, i0, rb, gb, ms, sums, ls + i0);
+          for (int64_t r = 0; r < rb; ++r) finish_row(i0 + r, z + (i0 + r) * s0, gb + r * C, sums[r], ls[i0 + r]);
         }
         return;
       }
@@ -408,20 +385,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
           continue;
         }
         const T* row = row_ptr(z, i, s0, s1, C, buf);
-        // max: an overlapping last vector is harmless (max is idempotent)
-        T m;
-        if (C >= W) {
-          Vec<T> m0 = Vec<T>::loadu(row + C - W), m1 = m0;
-          int64_t c = 0;
-          for (; c + 2 * W <= C; c += 2 * W) {
-            m0 = at::vec::maximum(m0, Vec<T>::loadu(row + c));
-            m1 = at::vec::maximum(m1, Vec<T>::loadu(row + c + W));
-          }
-          for (; c + W <= C; c += W) m0 = at::vec::maximum(m0, Vec<T>::loadu(row + c));
-          m = hmax(at::vec::maximum(m0, m1));
-        } else {
-          m = row_max(row, C);
-        }
+        const T m = row_max(row, C);
         // exponentials into the gradient row (it stays in L1 for the scaling in finish_row)
         const Vec<T> vm(std::isfinite(m) ? m : T(0));
         Vec<T> a0(0), a1(0);
@@ -453,7 +417,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
           }
         }
         const T sum = hsum(a0 + a1);
-        finish_row(i, row, grow, sum, lse_of(m, sum, m + std::log(sum)));
+        // an infinite max: +inf (a +inf logit) or -inf (every logit -inf); else sum >= 1
+        const T l = (std::isnan(m) || std::isnan(sum)) ? std::numeric_limits<T>::quiet_NaN()
+                                                        : (std::isinf(m) ? m : m + std::log(sum));
+        finish_row(i, row, grow, sum, l);
       }
     });
   });
@@ -462,8 +429,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
 
 // -------------------------------------------------------------- hvp
 
-// The second pass of both HVP kernels: orow = q * orow * (u - dot), where orow holds p (or
-// exp(z - m) with q folding in 1 / sum).
+// The second pass of the HVP: orow = q * orow * (u - dot), where orow holds p (or exp(z - m)
+// with q folding in 1 / sum).
 template <typename T>
 inline void hvp_scale_row(T* orow, const T* urow, T q, T dot, int64_t C) {
   constexpr int64_t W = Vec<T>::size();
@@ -474,69 +441,24 @@ inline void hvp_scale_row(T* orow, const T* urow, T q, T dot, int64_t C) {
 }
 
 
-at::Tensor cpp_wce_hvp(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& scale, const at::Tensor& u) {
-  check_logits(logits, "wce_hvp");
+// Both HVP kernels: lse given (wce_hvp: p = exp(z - lse)) or not (wce_softmax_hvp: one pass
+// keeps exp(z - m) in out and sums exp and exp * u, so the row is exponentiated once instead
+// of once more for the lse). Rows with a non-finite lse (or max) use std::exp (IEEE NaN/inf).
+at::Tensor hvp_impl(const char* name, const at::Tensor& logits, const at::Tensor* lse, const at::Tensor& scale,
+                    const at::Tensor& u) {
+  check_logits(logits, name);
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor out = new_output({N, C}, logits.options());
   if (N == 0 || C == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_wce_hvp", [&] {
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), name, [&] {
     using T = scalar_t;
     constexpr int64_t W = Vec<T>::size();
     const T* z = logits.const_data_ptr<T>();
     const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
     const T* up = u.const_data_ptr<T>();
     const int64_t u0 = u.stride(0), u1 = u.stride(1);
-    const T* ls = lse.const_data_ptr<T>();
-    const int64_t sls = lse.stride(0);
-    const T* sc = scale.const_data_ptr<T>();
-    const int64_t ssc = scale.stride(0);
-    T* o = out.mutable_data_ptr<T>();
-    at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t e) {
-      std::vector<T> zbuf, ubuf;
-      for (int64_t i = b; i < e; ++i) {
-        T* orow = o + i * C;
-        const T* row = row_ptr(z, i, s0, s1, C, zbuf);
-        const T* urow = row_ptr(up, i, u0, u1, C, ubuf);
-        const Vec<T> vl(ls[i * sls]);
-        // pass 1: p into out, dot = p . u
-        Vec<T> d0(0);
-        int64_t c = std::isfinite(ls[i * sls]) ? 0 : C;  // rare rows (NaN, +-inf lse): the std::exp loop below
-        for (; c + W <= C; c += W) {
-          const Vec<T> p = (Vec<T>::loadu(row + c) - vl).exp_u20();
-          p.store(orow + c);
-          d0 = at::vec::fmadd(p, Vec<T>::loadu(urow + c), d0);
-        }
-        T dot = std::isfinite(ls[i * sls]) ? hsum(d0) : T(0);
-        if (!std::isfinite(ls[i * sls])) c = 0;
-        for (; c < C; ++c) {
-          const T p = std::exp(row[c] - ls[i * sls]);
-          orow[c] = p;
-          dot += p * urow[c];
-        }
-        hvp_scale_row(orow, urow, sc[i * ssc], dot, C);  // pass 2: out = s * p * (u - dot)
-      }
-    });
-  });
-  return out;
-}
-
-// -------------------------------------------------------------- hvp without a given lse
-
-// wce_hvp with p = softmax(z) computed here: one pass keeps exp(z - m) in out and sums
-// exp and exp * u, so the row is exponentiated once (wce_hvp needs lse from a forward
-// pass, i.e. a second exp pass). Rows with a non-finite max (or NaN) use std::exp.
-at::Tensor cpp_wce_softmax_hvp(const at::Tensor& logits, const at::Tensor& scale, const at::Tensor& u) {
-  check_logits(logits, "wce_softmax_hvp");
-  const int64_t N = logits.size(0), C = logits.size(1);
-  at::Tensor out = new_output({N, C}, logits.options());
-  if (N == 0 || C == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_wce_softmax_hvp", [&] {
-    using T = scalar_t;
-    constexpr int64_t W = Vec<T>::size();
-    const T* z = logits.const_data_ptr<T>();
-    const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
-    const T* up = u.const_data_ptr<T>();
-    const int64_t u0 = u.stride(0), u1 = u.stride(1);
+    const T* ls = lse ? lse->const_data_ptr<T>() : nullptr;
+    const int64_t sls = lse ? lse->stride(0) : 0;
     const T* sc = scale.const_data_ptr<T>();
     const int64_t ssc = scale.stride(0);
     T* o = out.mutable_data_ptr<T>();
@@ -547,9 +469,10 @@ at::Tensor cpp_wce_softmax_hvp(const at::Tensor& logits, const at::Tensor& scale
         const T* row = row_ptr(z, i, s0, s1, C, zbuf);
         const T* urow = row_ptr(up, i, u0, u1, C, ubuf);
         const T si = sc[i * ssc];
-        const T m = row_max(row, C);
-        if (!std::isfinite(m)) {  // rare rows: p = exp(z - lse) in IEEE arithmetic
-          const T l = row_lse(row, C);
+        // shift: lse (normalised exponentials) or the row max (divide by their sum after)
+        const T shift = ls ? ls[i * sls] : row_max(row, C);
+        if (!std::isfinite(shift)) {
+          const T l = ls ? shift : row_lse(row, C);
           T dot = 0;
           for (int64_t c = 0; c < C; ++c) {
             orow[c] = std::exp(row[c] - l);
@@ -558,27 +481,37 @@ at::Tensor cpp_wce_softmax_hvp(const at::Tensor& logits, const at::Tensor& scale
           hvp_scale_row(orow, urow, si, dot, C);
           continue;
         }
-        const Vec<T> vm(m);
-        Vec<T> s0v(0), d0v(0);
+        const Vec<T> vm(shift);
+        Vec<T> sv(0), dv(0);
         int64_t c = 0;
         for (; c + W <= C; c += W) {
           const Vec<T> ev = (Vec<T>::loadu(row + c) - vm).exp_u20();
           ev.store(orow + c);
-          s0v = s0v + ev;
-          d0v = at::vec::fmadd(ev, Vec<T>::loadu(urow + c), d0v);
+          sv = sv + ev;
+          dv = at::vec::fmadd(ev, Vec<T>::loadu(urow + c), dv);
         }
-        T sum = hsum(s0v), d = hsum(d0v);
+        T sum = hsum(sv), d = hsum(dv);
         for (; c < C; ++c) {
-          const T ev = std::exp(row[c] - m);
+          const T ev = std::exp(row[c] - shift);
           orow[c] = ev;
           sum += ev;
           d += ev * urow[c];
         }
-        hvp_scale_row(orow, urow, si / sum, d / sum, C);  // out = s * p * (u - p.u), p = e / sum
+        // out = s * p * (u - p.u); p = e (lse given) or e / sum
+        if (ls) hvp_scale_row(orow, urow, si, d, C);
+        else hvp_scale_row(orow, urow, si / sum, d / sum, C);
       }
     });
   });
   return out;
+}
+
+at::Tensor cpp_wce_hvp(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& scale, const at::Tensor& u) {
+  return hvp_impl("wce_hvp", logits, &lse, scale, u);
+}
+
+at::Tensor cpp_wce_softmax_hvp(const at::Tensor& logits, const at::Tensor& scale, const at::Tensor& u) {
+  return hvp_impl("wce_softmax_hvp", logits, nullptr, scale, u);
 }
 
 // -------------------------------------------------------------- jvp
