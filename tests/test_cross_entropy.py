@@ -185,8 +185,6 @@ FUSED_BACKENDS = [b for b in BACKENDS if "wce_forward_grad" in backend._kernels[
 def test_nan_logits_give_nan(name, c, layout):
     """A NaN logit anywhere in a row (first column, a vector lane, the tail) makes that row's
     lse and loss NaN: never a finite number computed past it."""
-    if name == "triton" and layout == "transposed":
-        pytest.skip("the interpreter is slow; contiguous suffices there")
     z = torch.randn(5, c)
     cols = [0, c // 2, c - 1, min(9, c - 1)]
     for r, col in enumerate(cols):

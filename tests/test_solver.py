@@ -107,8 +107,7 @@ def test_empty_and_zero_size(bk):
 
 
 def test_dot_does_not_depend_on_threads():
-    if "cpp" not in BACKENDS:
-        pytest.skip("compiled extension not loaded")
+    assert "cpp" in BACKENDS, f"the compiled extension is not loaded (backends: {BACKENDS})"
     gen = torch.Generator().manual_seed(1)
     x = [torch.randn(CHUNK * 5 + 3, generator=gen), torch.randn(1000, generator=gen)]
     y = [torch.randn_like(t) for t in x]

@@ -55,10 +55,8 @@ def _masked_blend():
 
     if not fused_blend_enabled():
         return None
-    try:
-        from ..ops.blend import masked_blend  # type: ignore[attr-defined]
-    except Exception:
-        return None
+    from ..ops.blend import masked_blend  # part of the package: a failing import is a bug, not a fallback
+
     return masked_blend
 
 
