@@ -145,6 +145,19 @@ def bench_blend(args) -> None:
         table(f"blend forward+backward, {kind} mask, x {n}x{c}x{h}x{w} float32, perm partner "
               f"(min traffic {traffic / 1e6:.1f} MB)", med, "eager autograd", extra)
 
+    # fixed per-call cost (tiny tensors): the setup_context Function (what torch.func transforms get)
+    # against the classic twin masked_blend uses otherwise
+    from commentaries_ext.ops import blend as blend_ops
+
+    xs = torch.randn(4, 3, 4, 4, device=DEVICE, requires_grad=True)
+    ms = torch.rand(4, 1, 1, 1, device=DEVICE, requires_grad=True)
+    ps, gs = torch.randperm(4, device=DEVICE), torch.randn(4, 3, 4, 4, device=DEVICE)
+    fns = {name: (lambda cls=cls: torch.autograd.grad(cls.apply(xs, ms, None, ps), (xs, ms), gs))
+           for name, cls in (("setup_context Function (under torch.func)", blend_ops._EagerBlend),
+                             ("classic twin (eager default)", blend_ops._EagerBlendClassic))}
+    table("blend forward+backward, 4x3x4x4 (fixed overhead)", bench(fns, args.rounds, 20 * args.inner),
+          "setup_context Function (under torch.func)")
+
 
 # ----------------------------------------------------------------------------- solver
 
