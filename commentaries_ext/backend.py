@@ -133,6 +133,12 @@ def kernel(op: str, device: torch.device | str) -> Callable:
     return select(op, device)[1]
 
 
+def optional_kernel(op: str, like_op: str, device: torch.device | str) -> Callable | None:
+    """``op`` of the backend that runs ``like_op`` on ``device``, or None when that backend has
+    no such kernel (fused ops that only some backends implement)."""
+    return _kernels[select(like_op, device)[0]].get(op)
+
+
 def report() -> dict[str, dict[str, str]]:
     """For every op: the backend that runs it on each device type here."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -210,10 +210,14 @@ def _hvp_op_grads(K: _Kernels, saved, needs, v):
 _KCACHE: dict = {}
 
 
+def _cache_key(op: str, device) -> tuple:
+    """(op, device type, forced backend, registrations): what a backend lookup depends on."""
+    return op, device.type, backend.forced(), sum(len(t) for t in backend._kernels.values())
+
+
 def _k(op: str, device) -> callable:
-    """``backend.kernel(op, device)``, cached per (op, device type, forced backend, registrations)."""
-    tables = backend._kernels
-    key = (op, device.type, backend.forced(), sum(len(t) for t in tables.values()))
+    """``backend.kernel(op, device)``, cached."""
+    key = _cache_key(op, device)
     fn = _KCACHE.get(key)
     if fn is None:
         fn = _KCACHE[key] = backend.kernel(op, device)
@@ -512,16 +516,12 @@ def _kernels() -> _Kernels:
 # product is needed.
 FUSED_OPS = ("wce_forward_grad", "wce_softmax_hvp")
 _compiled.register_kernel_ops(FUSED_OPS)
-_FUSED_CACHE: dict = {}
-
-
 def _fused_kernel(device, op: str = "wce_forward_grad"):
-    """Fused op ``op`` of the backend that runs ``wce_forward`` on ``device``, or None."""
-    key = (op, device.type, backend.forced(), sum(len(t) for t in backend._kernels.values()))
-    if key not in _FUSED_CACHE:
-        name, _ = backend.select("wce_forward", device)
-        _FUSED_CACHE[key] = backend._kernels[name].get(op)
-    return _FUSED_CACHE[key]
+    """Fused op ``op`` of the backend that runs ``wce_forward`` on ``device``, or None (cached)."""
+    key = ("fused",) + _cache_key(op, device)
+    if key not in _KCACHE:
+        _KCACHE[key] = backend.optional_kernel(op, "wce_forward", device)
+    return _KCACHE[key]
 
 
 class _ReducedCE(torch.autograd.Function):
