@@ -450,7 +450,7 @@ at::Tensor hvp_impl(const char* name, const at::Tensor& logits, const at::Tensor
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor out = new_output({N, C}, logits.options());
   if (N == 0 || C == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), name, [&] {
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_wce_hvp", [&] {
     using T = scalar_t;
     constexpr int64_t W = Vec<T>::size();
     const T* z = logits.const_data_ptr<T>();
