@@ -47,16 +47,33 @@ ROOT = Path(__file__).parent
 CONFIG = json.loads((ROOT / "csrc" / "build.json").read_text())
 
 
-def _cpu_has_simd() -> bool:
-    # The extension is built for the machine that builds it (like a source build
-    # of any native package); AVX2+FMA is used only where the CPU has it.
+# cpuinfo flags each instruction set of csrc/build.json "cxx_simd_flags" needs
+_SIMD_CPU_FLAGS = {"avx2": ("avx2", "fma"), "avx512": ("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl")}
+
+
+def _simd_level() -> str:
+    """The instruction set to compile the CPU kernels for: the best the building machine has.
+
+    The extension is built for the machine that builds it (like a source build of any
+    native package). COMMENTARIES_EXT_SIMD=none|avx2|avx512 asks for a level (one the
+    CPU lacks is refused: the module would not load); COMMENTARIES_EXT_NO_SIMD=1 is none."""
+    want = os.environ.get("COMMENTARIES_EXT_SIMD", "").strip().lower()
     if os.environ.get("COMMENTARIES_EXT_NO_SIMD"):
-        return False
+        want = "none"
+    if want and want != "none" and want not in _SIMD_CPU_FLAGS:
+        raise SystemExit(f"COMMENTARIES_EXT_SIMD={want!r}: expected one of none, avx2, avx512")
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        have = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
+        have = set()
+    usable = [lvl for lvl, need in _SIMD_CPU_FLAGS.items() if all(f in have for f in need)]
+    if want == "none":
+        return "none"
+    if want:
+        if want not in usable:
+            raise SystemExit(f"COMMENTARIES_EXT_SIMD={want}: this CPU lacks {_SIMD_CPU_FLAGS[want]}")
+        return want
+    return usable[-1] if usable else "none"
 
 
 def _want_cuda() -> bool:
@@ -67,8 +84,9 @@ def _want_cuda() -> bool:
 
 def extensions():
     cxx = list(CONFIG["cxx_flags"])
-    if _cpu_has_simd():
-        cxx += CONFIG["cxx_simd_flags"]
+    simd = _simd_level()
+    if simd != "none":
+        cxx += CONFIG["cxx_simd_flags"][simd]
     sources = list(CONFIG["cpu_sources"])
     macros = []
     if _want_cuda():

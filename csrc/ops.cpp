@@ -22,7 +22,10 @@ std::string build_info() {
 #else
   info += ";cuda=0";
 #endif
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__FMA__)
+  info += ";simd=avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
   info += ";simd=avx2";
 #else
   info += ";simd=none";

@@ -10,14 +10,7 @@
 // channels-last tensor ...) or contiguous (stride 1: per pixel of an NCHW tensor),
 // and an "outer" counter over the remaining dims. Runs are vectorised with
 // at::vec::Vectorized; rows are spread over threads with at::parallel_for.
-// at::vec::Vectorized uses AVX2 only when CPU_CAPABILITY_AVX2 is defined (ATen's own
-// kernels get it from per-capability builds); without it every Vectorized op is a
-// scalar loop over an array. Select the AVX2 specialisations when building with
-// -mavx2 -mfma, in ATen's AVX2 namespace (at::vec::AVX2) like ATen's kernels.
-#if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "cpu/simd.h"  // first: selects the Vectorized specialisation
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>

@@ -12,20 +12,19 @@
 // Extreme logits: the row max is subtracted before exp; a row max of -inf (all
 // -inf) gives lse = -inf; target terms with a zero coefficient (lam 0 or 1) are
 // dropped, so a -inf logit there gives no NaN.
-#if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "cpu/simd.h"  // first: selects the Vectorized specialisation
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -38,22 +37,35 @@ using Vec = at::vec::Vectorized<T>;
 
 // exp_u20: ATen's fast exp (max error 20 ulp, ~2e-6 relative in float32; the Sleef
 // u10 exp for double), what ATen's own softmax uses; exp(-inf) = 0.
+
+// Horizontal sum and max of a vector. float: ATen's shuffle tree (no store, no scalar
+// loop: with 16 lanes a scalar loop is a 16-long dependency chain per row).
 template <typename T>
 inline T hsum(const Vec<T>& v) {
-  alignas(64) T buf[Vec<T>::size()];
-  v.store(buf);
-  T s = 0;
-  for (int k = 0; k < Vec<T>::size(); ++k) s += buf[k];
-  return s;
+  if constexpr (std::is_same_v<T, float>) {
+    return at::vec::vec_reduce_all<T>([](const Vec<T>& a, const Vec<T>& b) { return a + b; }, v);
+  } else {
+    alignas(64) T buf[Vec<T>::size()];
+    v.store(buf);
+    T s = 0;
+    for (int k = 0; k < Vec<T>::size(); ++k) s += buf[k];
+    return s;
+  }
 }
 
+// NaN propagates (at::vec::maximum is IEEE maximum).
 template <typename T>
 inline T hmax(const Vec<T>& v) {
-  alignas(64) T buf[Vec<T>::size()];
-  v.store(buf);
-  T s = buf[0];
-  for (int k = 1; k < Vec<T>::size(); ++k) s = (buf[k] > s || std::isnan(buf[k])) ? buf[k] : s;  // NaN propagates
-  return s;
+  if constexpr (std::is_same_v<T, float>) {
+    return at::vec::vec_reduce_all<T>(
+        [](const Vec<T>& a, const Vec<T>& b) { return at::vec::maximum(a, b); }, v);
+  } else {
+    alignas(64) T buf[Vec<T>::size()];
+    v.store(buf);
+    T s = buf[0];
+    for (int k = 1; k < Vec<T>::size(); ++k) s = (buf[k] > s || std::isnan(buf[k])) ? buf[k] : s;
+    return s;
+  }
 }
 
 template <typename T>
@@ -155,8 +167,16 @@ void lse_small_block(const T* z, int64_t s0, int64_t C, int64_t i0, int64_t rb, 
   const T ninf = -std::numeric_limits<T>::infinity();
   for (int64_t r = 0; r < rb; ++r) {
     const T* row = z + (i0 + r) * s0;
-    T m = row[0];
-    for (int64_t c = 1; c < C; ++c) m = (row[c] > m || std::isnan(row[c])) ? row[c] : m;  // NaN propagates
+    // branchless max (a data-dependent branch per element mispredicts on random logits);
+    // it skips NaN, so NaN is found by the raw sum (NaN iff a NaN or both +-inf, then checked)
+    T m = row[0], raw = row[0];
+    for (int64_t c = 1; c < C; ++c) {
+      m = row[c] > m ? row[c] : m;
+      raw += row[c];
+    }
+    if (std::isnan(raw))
+      for (int64_t c = 0; c < C; ++c)
+        if (std::isnan(row[c])) m = row[c];
     const T mm = (m == ninf) ? T(0) : m;
     ms[r] = mm;
     T* o = sh + r * C;
@@ -341,10 +361,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
       if (!std::isfinite(l)) {  // rare rows: std::exp for IEEE NaN/inf (exp_u20 is not exact there)
         for (; c < C; ++c) grow[c] = r * std::exp(row[c] - l);
       } else {
-        const T q = r / s;
-        const Vec<T> vq(q);
+        const Vec<T> vq(r / s);
         for (; c + W <= C; c += W) (vq * Vec<T>::loadu(grow + c)).store(grow + c);
-        for (; c < C; ++c) grow[c] *= q;
+        if (c < C) (vq * Vec<T>::loadu(grow + c, C - c)).store(grow + c, C - c);
       }
       if (lm) {
         const T a = lm[i * slm];
@@ -377,50 +396,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
         std::memcpy(&tail_mask_bits[k], &bits, sizeof(T));
       }
       const Vec<T> tail_mask = Vec<T>::loadu(tail_mask_bits);
-      for (int64_t i = b; i < e; ++i) {
-        T* grow = go + i * C;
-        if (C == 0) {
-          ls[i] = ninf;
-          lo[i] = 0;
-          continue;
-        }
-        const T* row = row_ptr(z, i, s0, s1, C, buf);
-        const T m = row_max(row, C);
-        // exponentials into the gradient row (it stays in L1 for the scaling in finish_row)
-        const Vec<T> vm(std::isfinite(m) ? m : T(0));
-        Vec<T> a0(0), a1(0);
-        int64_t c = 0;
-        for (; c + 2 * W <= C; c += 2 * W) {
-          const Vec<T> e0 = (Vec<T>::loadu(row + c) - vm).exp_u20();
-          const Vec<T> e1 = (Vec<T>::loadu(row + c + W) - vm).exp_u20();
-          e0.store(grow + c);
-          e1.store(grow + c + W);
-          a0 = a0 + e0;
-          a1 = a1 + e1;
-        }
-        for (; c + W <= C; c += W) {
-          const Vec<T> e0 = (Vec<T>::loadu(row + c) - vm).exp_u20();
-          e0.store(grow + c);
-          a0 = a0 + e0;
-        }
-        if (c < C) {
-          if (C >= W) {  // overlapping last vector; only its tail lanes join the sum
-            const Vec<T> e0 = (Vec<T>::loadu(row + C - W) - vm).exp_u20();
-            e0.store(grow + C - W);
-            a1 = a1 + (e0 & tail_mask);
-          } else {  // pad with -inf: exp gives 0
-            const int64_t r = C - c;
-            const Vec<T> x = Vec<T>::set(Vec<T>(ninf), Vec<T>::loadu(row + c, r), r);
-            const Vec<T> e0 = (x - vm).exp_u20();
-            e0.store(grow + c, r);
-            a1 = a1 + e0;
+      // blocks of rows that fit in L1 with their gradient rows: the exponentials are summed row
+      // by row, the logs of the sums are one vector pass per block, then finish_row scales the
+      // rows while they are still in L1
+      const int64_t rows = std::clamp<int64_t>(4096 / std::max<int64_t>(C, 1), 1, kRowBlock);
+      alignas(64) T mb[kRowBlock], sb[kRowBlock], lb[kRowBlock];
+      for (int64_t i0 = b; i0 < e; i0 += rows) {
+        const int64_t rb = std::min(rows, e - i0);
+        for (int64_t r = 0; r < rb; ++r) {
+          const int64_t i = i0 + r;
+          T* grow = go + i * C;
+          if (C == 0) {
+            mb[r] = ninf;
+            sb[r] = 0;
+            continue;
           }
+          const T* row = row_ptr(z, i, s0, s1, C, buf);
+          const T m = row_max(row, C);
+          // exponentials into the gradient row
+          const Vec<T> vm(std::isfinite(m) ? m : T(0));
+          Vec<T> a0(0), a1(0);
+          int64_t c = 0;
+          for (; c + 2 * W <= C; c += 2 * W) {
+            const Vec<T> e0 = (Vec<T>::loadu(row + c) - vm).exp_u20();
+            const Vec<T> e1 = (Vec<T>::loadu(row + c + W) - vm).exp_u20();
+            e0.store(grow + c);
+            e1.store(grow + c + W);
+            a0 = a0 + e0;
+            a1 = a1 + e1;
+          }
+          for (; c + W <= C; c += W) {
+            const Vec<T> e0 = (Vec<T>::loadu(row + c) - vm).exp_u20();
+            e0.store(grow + c);
+            a0 = a0 + e0;
+          }
+          if (c < C) {
+            if (C >= W) {  // overlapping last vector; only its tail lanes join the sum
+              const Vec<T> e0 = (Vec<T>::loadu(row + C - W) - vm).exp_u20();
+              e0.store(grow + C - W);
+              a1 = a1 + (e0 & tail_mask);
+            } else {  // pad with -inf: exp gives 0
+              const int64_t r = C - c;
+              const Vec<T> x = Vec<T>::set(Vec<T>(ninf), Vec<T>::loadu(row + c, r), r);
+              const Vec<T> e0 = (x - vm).exp_u20();
+              e0.store(grow + c, r);
+              a1 = a1 + e0;
+            }
+          }
+          mb[r] = m;
+          sb[r] = hsum(a0 + a1);
         }
-        const T sum = hsum(a0 + a1);
-        // an infinite max: +inf (a +inf logit) or -inf (every logit -inf); else sum >= 1
-        const T l = (std::isnan(m) || std::isnan(sum)) ? std::numeric_limits<T>::quiet_NaN()
-                                                        : (std::isinf(m) ? m : m + std::log(sum));
-        finish_row(i, row, grow, sum, l);
+        int64_t r = 0;
+        for (; r + W <= rb; r += W) (Vec<T>::loadu(mb + r) + Vec<T>::loadu(sb + r).log()).store(lb + r);
+        if (r < rb) (Vec<T>::loadu(mb + r, rb - r) + Vec<T>::loadu(sb + r, rb - r).log()).store(lb + r, rb - r);
+        for (r = 0; r < rb; ++r) {
+          const int64_t i = i0 + r;
+          if (C == 0) {
+            ls[i] = ninf;
+            lo[i] = 0;
+            continue;
+          }
+          // an infinite max: +inf (a +inf logit) or -inf (every logit -inf); NaN: a NaN logit
+          // (row_max propagates it); else the sum is >= 1
+          const T m = mb[r];
+          const T l = std::isfinite(m) ? lb[r] : m;
+          finish_row(i, row_ptr(z, i, s0, s1, C, buf), go + i * C, sb[r], l);
+        }
       }
     });
   });
@@ -437,7 +478,10 @@ inline void hvp_scale_row(T* orow, const T* urow, T q, T dot, int64_t C) {
   const Vec<T> vq(q), vd(dot);
   int64_t c = 0;
   for (; c + W <= C; c += W) (vq * Vec<T>::loadu(orow + c) * (Vec<T>::loadu(urow + c) - vd)).store(orow + c);
-  for (; c < C; ++c) orow[c] = q * orow[c] * (urow[c] - dot);
+  if (c < C) {
+    const int64_t r = C - c;
+    (vq * Vec<T>::loadu(orow + c, r) * (Vec<T>::loadu(urow + c, r) - vd)).store(orow + c, r);
+  }
 }
 
 
@@ -490,13 +534,15 @@ at::Tensor hvp_impl(const char* name, const at::Tensor& logits, const at::Tensor
           sv = sv + ev;
           dv = at::vec::fmadd(ev, Vec<T>::loadu(urow + c), dv);
         }
-        T sum = hsum(sv), d = hsum(dv);
-        for (; c < C; ++c) {
-          const T ev = std::exp(row[c] - shift);
-          orow[c] = ev;
-          sum += ev;
-          d += ev * urow[c];
+        if (c < C) {  // tail: -inf padding gives exp 0, u's zero padding adds nothing
+          const int64_t r = C - c;
+          const Vec<T> x = Vec<T>::set(Vec<T>(-std::numeric_limits<T>::infinity()), Vec<T>::loadu(row + c, r), r);
+          const Vec<T> ev = (x - vm).exp_u20();
+          ev.store(orow + c, r);
+          sv = sv + ev;
+          dv = at::vec::fmadd(ev, Vec<T>::loadu(urow + c, r), dv);
         }
+        const T sum = hsum(sv), d = hsum(dv);
         // out = s * p * (u - p.u); p = e (lse given) or e / sum
         if (ls) hvp_scale_row(orow, urow, si, d, C);
         else hvp_scale_row(orow, urow, si / sum, d / sum, C);

@@ -9,14 +9,7 @@
 // contiguous tensors of one dtype (float32/float64) and device, tensor i of
 // every list the same shape; updated lists do not alias the others; scalars are
 // 0-dim tensors.
-// at::vec::Vectorized uses AVX2 only when CPU_CAPABILITY_AVX2 is defined (ATen's own
-// kernels get it from per-capability builds); without it every Vectorized op is a
-// scalar loop over an array. Select the AVX2 specialisations when building with
-// -mavx2 -mfma, in ATen's AVX2 namespace (at::vec::AVX2) like ATen's kernels.
-#if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "cpu/simd.h"  // first: selects the Vectorized specialisation
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
