@@ -35,8 +35,68 @@ namespace {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// exp_u20: ATen's fast exp (max error 20 ulp, ~2e-6 relative in float32; the Sleef
-// u10 exp for double), what ATen's own softmax uses; exp(-inf) = 0.
+// vexp: the exponential of every kernel here, always inlined (ATen's exp_u20 stays an
+// out-of-line call per vector at some call sites). float under AVX-512/AVX2: x = n ln2 + r
+// (Cody-Waite, |r| <= ln2/2), a degree-6 Taylor polynomial for e^r (truncation error
+// < 1.2e-7 relative) times 2^n: a few ulp for x <= 88, where the inputs here are z - max or
+// z - lse (<= ~0); x > 88 saturates at e^88; x < ln(FLT_MIN) (-87.34) gives 0 (as exp_u20:
+// no denormals); -inf gives 0 and NaN gives NaN (the row reductions rely on it). Otherwise
+// (double, no SIMD) ATen's exp (Sleef u10).
+template <typename T>
+inline __attribute__((always_inline)) Vec<T> vexp(const Vec<T>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 xv = x;
+    // max/min return their second operand when one is NaN: NaN x stays NaN
+    const __m512 xc = _mm512_min_ps(_mm512_set1_ps(88.f), _mm512_max_ps(_mm512_set1_ps(-88.f), xv));
+    const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-87.33654475f), _CMP_NLT_UQ);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504089f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);  // ln2 = hi + lo, n * hi exact
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(1.f / 720), r, _mm512_set1_ps(1.f / 120));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 24));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 6));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.5f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f));
+    return _mm512_maskz_scalef_ps(keep, q, n);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 xv = x;
+    const __m256 xc = _mm256_min_ps(_mm256_set1_ps(88.f), _mm256_max_ps(_mm256_set1_ps(-88.f), xv));
+    const __m256 small = _mm256_cmp_ps(xv, _mm256_set1_ps(-87.33654475f), _CMP_LT_OQ);  // false for NaN
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504089f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 q = _mm256_fmadd_ps(_mm256_set1_ps(1.f / 720), r, _mm256_set1_ps(1.f / 120));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.f / 24));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.f / 6));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.5f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.f));
+    // 2^n from the exponent bits (n in [-127, 127]; n = -127 only where small zeroes it)
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(small, _mm256_mul_ps(q, _mm256_castsi256_ps(e)));
+  }
+#endif
+  return x.exp();
+}
+
+// Plain (not NaN-propagating) vector max: one instruction instead of IEEE maximum's four.
+template <typename T>
+inline __attribute__((always_inline)) Vec<T> vmax(const Vec<T>& a, const Vec<T>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) return Vec<T>(_mm512_max_ps(a, b));
+  if constexpr (std::is_same_v<T, double>) return Vec<T>(_mm512_max_pd(a, b));
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) return Vec<T>(_mm256_max_ps(a, b));
+  if constexpr (std::is_same_v<T, double>) return Vec<T>(_mm256_max_pd(a, b));
+#endif
+  return at::vec::maximum(a, b);
+}
 
 // Horizontal sum and max of a vector. float: ATen's shuffle tree (no store, no scalar
 // loop: with 16 lanes a scalar loop is a 16-long dependency chain per row).
@@ -68,54 +128,86 @@ inline T hmax(const Vec<T>& v) {
   }
 }
 
+// Rows: a row is *regular* when its max is finite and the sum of its exponentials is not
+// NaN. row_max skips or returns a NaN logit (plain max), and vexp maps a NaN to NaN, so a
+// NaN anywhere makes the row irregular; so do a +inf logit (max +inf) and a row of -inf
+// (max -inf). Regular rows take the vector path; the rest special_lse and std::exp.
+
+// max_c z_c of a contiguous row, C >= 1 (a NaN may be skipped: see above)
 template <typename T>
 inline T row_max(const T* z, int64_t C) {
   constexpr int64_t W = Vec<T>::size();
-  const T ninf = -std::numeric_limits<T>::infinity();
-  // with C >= W the last (overlapping) vector covers the tail: max is idempotent
-  Vec<T> m0 = C >= W ? Vec<T>::loadu(z + C - W) : Vec<T>(ninf), m1 = m0;
+  if (C < W) {
+    T m = z[0];
+    for (int64_t c = 1; c < C; ++c) m = z[c] > m ? z[c] : m;
+    return m;
+  }
+  // the last (overlapping) vector covers the tail: max is idempotent
+  Vec<T> m0 = Vec<T>::loadu(z + C - W), m1 = m0;
   int64_t c = 0;
   for (; c + 2 * W <= C; c += 2 * W) {
-    m0 = at::vec::maximum(m0, Vec<T>::loadu(z + c));
-    m1 = at::vec::maximum(m1, Vec<T>::loadu(z + c + W));
+    m0 = vmax(m0, Vec<T>::loadu(z + c));
+    m1 = vmax(m1, Vec<T>::loadu(z + c + W));
   }
-  for (; c + W <= C; c += W) m0 = at::vec::maximum(m0, Vec<T>::loadu(z + c));
-  T m = hmax(at::vec::maximum(m0, m1));
-  if (C < W)
-    for (; c < C; ++c) m = (z[c] > m || std::isnan(z[c])) ? z[c] : m;  // NaN propagates, as in the vector part
-  return m;
+  for (; c + W <= C; c += W) m0 = vmax(m0, Vec<T>::loadu(z + c));
+  return hmax(vmax(m0, m1));
 }
 
-// sum_c exp(z_c - m)
-template <typename T>
-inline T row_sumexp(const T* z, int64_t C, T m) {
+// sum_c exp(z_c - m) of a contiguous row (m finite); kStore: the exponentials also go to out
+template <typename T, bool kStore>
+inline T row_sumexp(const T* z, int64_t C, T m, T* out) {
   constexpr int64_t W = Vec<T>::size();
   const Vec<T> vm(m);
   Vec<T> s0(0), s1(0);
   int64_t c = 0;
   for (; c + 2 * W <= C; c += 2 * W) {
-    s0 = s0 + (Vec<T>::loadu(z + c) - vm).exp_u20();
-    s1 = s1 + (Vec<T>::loadu(z + c + W) - vm).exp_u20();
+    const Vec<T> e0 = vexp(Vec<T>::loadu(z + c) - vm), e1 = vexp(Vec<T>::loadu(z + c + W) - vm);
+    if constexpr (kStore) {
+      e0.store(out + c);
+      e1.store(out + c + W);
+    }
+    s0 = s0 + e0;
+    s1 = s1 + e1;
   }
-  for (; c + W <= C; c += W) s0 = s0 + (Vec<T>::loadu(z + c) - vm).exp_u20();
-  if (c < C) {
+  for (; c + W <= C; c += W) {
+    const Vec<T> e0 = vexp(Vec<T>::loadu(z + c) - vm);
+    if constexpr (kStore) e0.store(out + c);
+    s0 = s0 + e0;
+  }
+  if (c < C) {  // pad with -inf: exp gives 0
     const int64_t r = C - c;
-    // pad with -inf: exp gives 0
-    const Vec<T> x = Vec<T>::set(Vec<T>(-std::numeric_limits<T>::infinity()), Vec<T>::loadu(z + c, r), r);
-    s1 = s1 + (x - vm).exp_u20();
+    const Vec<T> e0 = vexp(Vec<T>::set(Vec<T>(-std::numeric_limits<T>::infinity()), Vec<T>::loadu(z + c, r), r) - vm);
+    if constexpr (kStore) e0.store(out + c, r);
+    s1 = s1 + e0;
   }
   return hsum(s0 + s1);
 }
 
+inline bool regular(double m, double s) { return std::isfinite(m) && !std::isnan(s); }
+
+// lse of any row (column stride s1) in IEEE terms: NaN with a NaN logit, else +inf with a
+// +inf logit, -inf when every logit is -inf (or C == 0). For the irregular rows.
+template <typename T>
+T special_lse(const T* z, int64_t s1, int64_t C) {
+  T m = -std::numeric_limits<T>::infinity();
+  for (int64_t c = 0; c < C; ++c) {
+    const T v = z[c * s1];
+    if (std::isnan(v)) return v;
+    m = v > m ? v : m;
+  }
+  if (!std::isfinite(m)) return m;
+  T s = 0;
+  for (int64_t c = 0; c < C; ++c) s += std::exp(z[c * s1] - m);
+  return m + std::log(s);
+}
+
+// lse of a contiguous row
 template <typename T>
 inline T row_lse(const T* z, int64_t C) {
   if (C == 0) return -std::numeric_limits<T>::infinity();
   const T m = row_max(z, C);
-  if (std::isnan(m)) return m;  // a NaN logit (row_max propagates it): NaN, not the -inf of s > 0 failing
-  const T ms = (std::isinf(m) && m < 0) ? T(0) : m;
-  if (std::isinf(ms)) return ms;  // +inf logit: lse is +inf
-  const T s = row_sumexp(z, C, ms);
-  return s > 0 ? ms + std::log(s) : -std::numeric_limits<T>::infinity();
+  const T s = std::isfinite(m) ? row_sumexp<T, false>(z, C, m, nullptr) : T(0);
+  return regular(m, s) ? m + std::log(s) : special_lse(z, 1, C);
 }
 
 // A row of a [N, C] tensor as a contiguous pointer: in place when the column
@@ -184,8 +276,8 @@ void lse_small_block(const T* z, int64_t s0, int64_t C, int64_t i0, int64_t rb, 
   }
   const int64_t L = rb * C;
   int64_t k = 0;
-  for (; k + W <= L; k += W) Vec<T>::loadu(sh + k).exp_u20().store(sh + k);
-  if (k < L) Vec<T>::loadu(sh + k, L - k).exp_u20().store(sh + k, L - k);
+  for (; k + W <= L; k += W) vexp(Vec<T>::loadu(sh + k)).store(sh + k);
+  if (k < L) vexp(Vec<T>::loadu(sh + k, L - k)).store(sh + k, L - k);
   for (int64_t r = 0; r < rb; ++r) {
     const T* o = sh + r * C;
     T sacc = 0;
@@ -291,8 +383,8 @@ at::Tensor cpp_wce_backward(const at::Tensor& grad_loss, const at::Tensor& logit
         } else {
           const Vec<T> vl(li), vg(gi);
           int64_t c = 0;
-          for (; c + W <= C; c += W) (vg * (Vec<T>::loadu(row + c) - vl).exp_u20()).store(orow + c);
-          if (c < C) (vg * (Vec<T>::loadu(row + c, C - c) - vl).exp_u20()).store(orow + c, C - c);
+          for (; c + W <= C; c += W) (vg * vexp(Vec<T>::loadu(row + c) - vl)).store(orow + c);
+          if (c < C) (vg * vexp(Vec<T>::loadu(row + c, C - c) - vl)).store(orow + c, C - c);
         }
         if (lm) {
           const T a = lm[i * slm];
@@ -388,14 +480,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
         return;
       }
       std::vector<T> buf;
-      // lanes of the overlapping last vector that belong to the row's tail (C % W of them)
-      alignas(64) T tail_mask_bits[W];
-      const int64_t rem = C % W;
-      for (int64_t k = 0; k < W; ++k) {
-        uint64_t bits = k >= W - rem ? ~uint64_t(0) : 0;
-        std::memcpy(&tail_mask_bits[k], &bits, sizeof(T));
-      }
-      const Vec<T> tail_mask = Vec<T>::loadu(tail_mask_bits);
       // blocks of rows that fit in L1 with their gradient rows: the exponentials are summed row
       // by row, the logs of the sums are one vector pass per block, then finish_row scales the
       // rows while they are still in L1
@@ -405,46 +489,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
         const int64_t rb = std::min(rows, e - i0);
         for (int64_t r = 0; r < rb; ++r) {
           const int64_t i = i0 + r;
-          T* grow = go + i * C;
-          if (C == 0) {
-            mb[r] = ninf;
-            sb[r] = 0;
-            continue;
-          }
           const T* row = row_ptr(z, i, s0, s1, C, buf);
-          const T m = row_max(row, C);
-          // exponentials into the gradient row
-          const Vec<T> vm(std::isfinite(m) ? m : T(0));
-          Vec<T> a0(0), a1(0);
-          int64_t c = 0;
-          for (; c + 2 * W <= C; c += 2 * W) {
-            const Vec<T> e0 = (Vec<T>::loadu(row + c) - vm).exp_u20();
-            const Vec<T> e1 = (Vec<T>::loadu(row + c + W) - vm).exp_u20();
-            e0.store(grow + c);
-            e1.store(grow + c + W);
-            a0 = a0 + e0;
-            a1 = a1 + e1;
-          }
-          for (; c + W <= C; c += W) {
-            const Vec<T> e0 = (Vec<T>::loadu(row + c) - vm).exp_u20();
-            e0.store(grow + c);
-            a0 = a0 + e0;
-          }
-          if (c < C) {
-            if (C >= W) {  // overlapping last vector; only its tail lanes join the sum
-              const Vec<T> e0 = (Vec<T>::loadu(row + C - W) - vm).exp_u20();
-              e0.store(grow + C - W);
-              a1 = a1 + (e0 & tail_mask);
-            } else {  // pad with -inf: exp gives 0
-              const int64_t r = C - c;
-              const Vec<T> x = Vec<T>::set(Vec<T>(ninf), Vec<T>::loadu(row + c, r), r);
-              const Vec<T> e0 = (x - vm).exp_u20();
-              e0.store(grow + c, r);
-              a1 = a1 + e0;
-            }
-          }
+          const T m = C > 0 ? row_max(row, C) : ninf;
           mb[r] = m;
-          sb[r] = hsum(a0 + a1);
+          // exponentials into the gradient row
+          sb[r] = std::isfinite(m) ? row_sumexp<T, true>(row, C, m, go + i * C) : T(0);
         }
         int64_t r = 0;
         for (; r + W <= rb; r += W) (Vec<T>::loadu(mb + r) + Vec<T>::loadu(sb + r).log()).store(lb + r);
@@ -456,10 +505,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
             lo[i] = 0;
             continue;
           }
-          // an infinite max: +inf (a +inf logit) or -inf (every logit -inf); NaN: a NaN logit
-          // (row_max propagates it); else the sum is >= 1
-          const T m = mb[r];
-          const T l = std::isfinite(m) ? lb[r] : m;
+          const T l = regular(mb[r], sb[r]) ? lb[r] : special_lse(z + i * s0, s1, C);  // irregular: l not finite
           finish_row(i, row_ptr(z, i, s0, s1, C, buf), go + i * C, sb[r], l);
         }
       }
@@ -515,21 +561,24 @@ at::Tensor hvp_impl(const char* name, const at::Tensor& logits, const at::Tensor
         const T si = sc[i * ssc];
         // shift: lse (normalised exponentials) or the row max (divide by their sum after)
         const T shift = ls ? ls[i * sls] : row_max(row, C);
-        if (!std::isfinite(shift)) {
-          const T l = ls ? shift : row_lse(row, C);
+        // a non-finite lse, or an irregular row (softmax_hvp): std::exp, IEEE NaN/inf
+        auto special_row = [&](T l) {
           T dot = 0;
           for (int64_t c = 0; c < C; ++c) {
             orow[c] = std::exp(row[c] - l);
             dot += orow[c] * urow[c];
           }
           hvp_scale_row(orow, urow, si, dot, C);
+        };
+        if (!std::isfinite(shift)) {
+          special_row(ls ? shift : special_lse(row, 1, C));
           continue;
         }
         const Vec<T> vm(shift);
         Vec<T> sv(0), dv(0);
         int64_t c = 0;
         for (; c + W <= C; c += W) {
-          const Vec<T> ev = (Vec<T>::loadu(row + c) - vm).exp_u20();
+          const Vec<T> ev = vexp(Vec<T>::loadu(row + c) - vm);
           ev.store(orow + c);
           sv = sv + ev;
           dv = at::vec::fmadd(ev, Vec<T>::loadu(urow + c), dv);
@@ -537,7 +586,7 @@ at::Tensor hvp_impl(const char* name, const at::Tensor& logits, const at::Tensor
         if (c < C) {  // tail: -inf padding gives exp 0, u's zero padding adds nothing
           const int64_t r = C - c;
           const Vec<T> x = Vec<T>::set(Vec<T>(-std::numeric_limits<T>::infinity()), Vec<T>::loadu(row + c, r), r);
-          const Vec<T> ev = (x - vm).exp_u20();
+          const Vec<T> ev = vexp(x - vm);
           ev.store(orow + c, r);
           sv = sv + ev;
           dv = at::vec::fmadd(ev, Vec<T>::loadu(urow + c, r), dv);
@@ -545,6 +594,7 @@ at::Tensor hvp_impl(const char* name, const at::Tensor& logits, const at::Tensor
         const T sum = hsum(sv), d = hsum(dv);
         // out = s * p * (u - p.u); p = e (lse given) or e / sum
         if (ls) hvp_scale_row(orow, urow, si, d, C);
+        else if (std::isnan(sum)) special_row(special_lse(row, 1, C));  // a NaN logit skipped by row_max
         else hvp_scale_row(orow, urow, si / sum, d / sum, C);
       }
     });
@@ -602,10 +652,10 @@ at::Tensor cpp_wce_jvp(const at::Tensor& logits, const at::Tensor& lse, const at
           d0 = Vec<T>::set(Vec<T>(0), Vec<T>(acc), 1);
         }
         for (; c + W <= C; c += W)
-          d0 = at::vec::fmadd((Vec<T>::loadu(row + c) - vl).exp_u20(), Vec<T>::loadu(trow + c), d0);
+          d0 = at::vec::fmadd(vexp(Vec<T>::loadu(row + c) - vl), Vec<T>::loadu(trow + c), d0);
         if (c < C) {
           // zero-padded t: padded lanes contribute exp(0 - lse) * 0 = 0 (finite lse)
-          const Vec<T> p = (Vec<T>::loadu(row + c, C - c) - vl).exp_u20();
+          const Vec<T> p = vexp(Vec<T>::loadu(row + c, C - c) - vl);
           d0 = at::vec::fmadd(Vec<T>::set(Vec<T>(0), p, C - c), Vec<T>::loadu(trow + c, C - c), d0);
         }
         T acc = hsum(d0);
