@@ -41,6 +41,7 @@ from torch.func import grad as fgrad
 from torch.func import jvp as fjvp
 
 from . import vector as V
+from .batchnorm import batch_norm_rules
 
 _LINEARIZE_DEFAULT = True  # hvp='auto' -> linearised forward-over-reverse (see linearize.py)
 
@@ -242,7 +243,8 @@ class ForwardOverReverseHessian(_Base):
         if self._lin is not None:
             hc = self._lin.hvp(c)
         else:
-            g, hc = fjvp(self._gfn, (self._th,), (_pack(self.pnames, [x.detach() for x in c]),))
+            with batch_norm_rules():
+                g, hc = fjvp(self._gfn, (self._th,), (_pack(self.pnames, [x.detach() for x in c]),))
             if self._grad is None:
                 self._grad = list(g.values())
             hc = list(hc.values())
@@ -261,7 +263,8 @@ class ForwardOverReverseHessian(_Base):
         tangent = _pack(self.pnames, [x.detach() for x in p])
         batch = self.batch
         gphi = lambda q: fgrad(lambda h: self.loss(q, h, batch))(ph)  # noqa: E731
-        _, m = fjvp(gphi, (self._th,), (tangent,))
+        with batch_norm_rules():
+            _, m = fjvp(gphi, (self._th,), (tangent,))
         return [m[k] for k in self.hnames]
 
 

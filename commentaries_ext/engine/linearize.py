@@ -29,6 +29,8 @@ from torch.func import grad as fgrad
 from torch.func import jvp as fjvp
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .batchnorm import batch_norm_rules
+
 _FALLBACK_CACHE: dict = {}  # key -> _Traced
 MAX_ENTRIES = 8
 
@@ -62,7 +64,8 @@ class _Traced:
                     return fgrad(lambda t, h: loss(t, h, batch), argnums=(0, 1))(th_d, ph)
                 return fgrad(lambda t: loss(t, ph, batch))(th_d), {}
 
-            (gt, gp), (ht, hp) = fjvp(g, (dict(zip(pnames, th_l)),), (dict(zip(pnames, c_l)),))
+            with batch_norm_rules():  # BatchNorm's backward in a few passes per product
+                (gt, gp), (ht, hp) = fjvp(g, (dict(zip(pnames, th_l)),), (dict(zip(pnames, c_l)),))
             return tuple(gt[k] for k in pnames) + tuple(ht[k] for k in pnames) + tuple(hp[k] for k in hnames)
 
         example = list(th) + list(ph) + [batch_leaves[i] for i in tensor_pos] + [torch.zeros_like(t) for t in th]

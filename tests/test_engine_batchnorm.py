@@ -1,0 +1,113 @@
+"""BatchNorm's hand-derived forward-mode rules (engine/batchnorm.py) against the
+stock operator: values, gradients, and Hessian-vector products by
+forward-over-reverse against a dense float64 Hessian."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.func import grad, jvp
+
+from commentaries_ext.engine.batchnorm import BatchNormTrainBackward, batch_norm_rules
+
+
+def _loss(x, w, b, r, eps, affine=True):
+    y = F.batch_norm(x, None, None, w if affine else None, b if affine else None, training=True, eps=eps)
+    return (torch.sin(y) * r).sum()  # non-quadratic so that every second derivative is exercised
+
+
+@st.composite
+def problems(draw):
+    n = draw(st.integers(2, 5))
+    c = draw(st.integers(1, 4))
+    spatial = draw(st.lists(st.integers(1, 4), min_size=0, max_size=2))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, c, *spatial)
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + draw(st.sampled_from([0.0, 5.0])) * scale)
+    if draw(st.booleans()) and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif draw(st.booleans()):
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)  # non-contiguous strides
+    w = torch.randn(c, generator=g, dtype=torch.float64)
+    b = torch.randn(c, generator=g, dtype=torch.float64)
+    r = torch.randn(shape, generator=g, dtype=torch.float64)
+    eps = draw(st.sampled_from([1e-5, 1e-3]))
+    affine = draw(st.booleans())
+    return x, w, b, r, eps, affine, g
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems())
+def test_values_gradients_and_hvp_match_the_dense_hessian(prob):
+    x, w, b, r, eps, affine, g = prob
+    f = lambda x_, w_, b_: _loss(x_, w_, b_, r, eps, affine)  # noqa: E731
+    with batch_norm_rules():
+        val = f(x, w, b)
+        gr = grad(f, argnums=(0, 1, 2))(x, w, b)
+    torch.testing.assert_close(val, f(x, w, b), rtol=1e-10, atol=1e-10)
+    ref_g = grad(f, argnums=(0, 1, 2))(x, w, b)
+    for a, e in zip(gr, ref_g):
+        torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-8 * max(1.0, float(e.abs().max())))
+
+    tangents = tuple(torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (x, w, b))
+    with batch_norm_rules():
+        _, hv = jvp(grad(f, argnums=(0, 1, 2)), (x, w, b), tangents)
+
+    # dense float64 Hessian of the stock operator over the flat (x, w, b)
+    sizes = [x.numel(), w.numel(), b.numel()]
+
+    def flat_f(z):
+        xs, ws, bs = z.split(sizes)
+        return f(xs.view(x.shape), ws, bs)
+
+    z = torch.cat([x.reshape(-1), w, b])
+    H = torch.autograd.functional.hessian(flat_f, z)
+    expect = (H @ torch.cat([t.reshape(-1) for t in tangents])).split(sizes)
+    t_max = float(torch.cat([t.reshape(-1) for t in tangents]).abs().max())
+    # The x block can cancel to rounding level (N = 2 normalises to exactly +-1): its
+    # absolute tolerance is relative to the size of the terms that cancel, ~ r w^2 rstd^2 M.
+    dims = [0] + list(range(2, x.dim()))
+    rstd_max = float((x.var(dims, unbiased=False) + eps).rsqrt().max())
+    m = x.numel() // x.shape[1]
+    term = float(r.abs().max()) * t_max * (1 + float(w.abs().max())) ** 2 * rstd_max**2 * m
+    scale = float(H.abs().max()) * t_max
+    for i, (a, e) in enumerate(zip(hv, expect)):
+        if not affine and i > 0:
+            continue  # weight and bias are not used without affine
+        atol = 1e-9 * max(scale, term if i == 0 else 0.0) + 1e-300
+        torch.testing.assert_close(a.reshape(-1), e, rtol=1e-7, atol=atol)
+
+
+def test_float32_product_matches_the_stock_forward_ad():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 8, 5, 5, generator=g)
+    w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    r = torch.randn(x.shape, generator=g)
+    f = lambda w_, b_, x_: _loss(x_, w_, b_, r, 1e-5)  # noqa: E731
+    t = (torch.randn(8, generator=g), torch.randn(8, generator=g), torch.randn(x.shape, generator=g))
+    _, ref = jvp(grad(f, argnums=(0, 1, 2)), (w, b, x), t)
+    with batch_norm_rules():
+        _, got = jvp(grad(f, argnums=(0, 1, 2)), (w, b, x), t)
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e, rtol=2e-4, atol=2e-4 * float(e.abs().max()))
+
+
+def test_calls_it_does_not_handle_go_to_the_stock_operator():
+    x = torch.randn(4, 3, 2)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with batch_norm_rules():
+        y = F.batch_norm(x, rm, rv, training=True, momentum=0.5)  # running statistics: stock path
+    assert not torch.equal(rm, torch.zeros(3)), "the stock operator updates the running mean in place"
+    torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True))
+    with batch_norm_rules(), pytest.raises(ValueError, match="more than 1 value per channel"):
+        F.batch_norm(torch.randn(1, 3), None, None, training=True)  # the stock error, not a silent 0
+
+
+def test_backward_of_the_backward_is_refused_clearly():
+    x = torch.randn(4, 3, requires_grad=True)
+    gy = torch.randn(4, 3)
+    gx, _, _ = BatchNormTrainBackward.apply(gy, x, torch.ones(3), 1e-5)
+    with pytest.raises(NotImplementedError, match="forward mode only"):
+        gx.sum().backward()
