@@ -155,6 +155,15 @@ def test_kernel_edge_sizes(name, n, c):
     _check_backend(name, n, c, torch.float64, False, False, True, "transposed", n + c)
 
 
+@pytest.mark.parametrize("n,c,dtype", [(2100, 2047, torch.float32), (2100, 1001, torch.float64)])
+def test_cpp_streamed_outputs(n, c, dtype):
+    """[N, C] outputs of 16 MB and more are written with non-temporal stores from a staging
+    buffer (odd C: rows start at every alignment); both layouts of the logits."""
+    assert n * c * torch.finfo(dtype).bits // 8 >= 16 << 20
+    _check_backend("cpp", n, c, dtype, True, True, True, "contiguous", n + c)
+    _check_backend("cpp", n, c, dtype, False, False, False, "transposed", n * c)
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_all_minus_inf_but_target_and_all_ignored(name):
     z = torch.full((4, 7), float("-inf"))

@@ -132,6 +132,19 @@ inline T hmax(const Vec<T>& v) {
 // NaN anywhere makes the row irregular; so do a +inf logit (max +inf) and a row of -inf
 // (max -inf). Regular rows take the vector path; the rest special_lse and std::exp.
 
+// The row passes read memory only in their first pass over a row; without help the memory
+// would idle while the later passes compute in L1. So the passes that read the logits ask
+// for the lines kPrefetchBytes ahead (the next rows), one 128-byte step per iteration of
+// two vectors. A prefetch past the end of a tensor is harmless.
+constexpr int64_t kPrefetchBytes = 8192;
+
+template <typename T>
+inline __attribute__((always_inline)) void prefetch_ahead(const T* p) {
+  const char* q = reinterpret_cast<const char*>(p) + kPrefetchBytes;
+  __builtin_prefetch(q);
+  __builtin_prefetch(q + 64);
+}
+
 // max_c z_c of a contiguous row, C >= 1 (a NaN may be skipped: see above)
 template <typename T>
 inline T row_max(const T* z, int64_t C) {
@@ -141,14 +154,16 @@ inline T row_max(const T* z, int64_t C) {
     for (int64_t c = 1; c < C; ++c) m = z[c] > m ? z[c] : m;
     return m;
   }
-  // the last (overlapping) vector covers the tail: max is idempotent
-  Vec<T> m0 = Vec<T>::loadu(z + C - W), m1 = m0;
-  int64_t c = 0;
+  // in address order; the last, overlapping vector covers the tail: max is idempotent
+  Vec<T> m0 = Vec<T>::loadu(z), m1 = m0;
+  int64_t c = W;
   for (; c + 2 * W <= C; c += 2 * W) {
+    prefetch_ahead(z + c);
     m0 = vmax(m0, Vec<T>::loadu(z + c));
     m1 = vmax(m1, Vec<T>::loadu(z + c + W));
   }
   for (; c + W <= C; c += W) m0 = vmax(m0, Vec<T>::loadu(z + c));
+  if (c < C) m1 = vmax(m1, Vec<T>::loadu(z + C - W));
   return hmax(vmax(m0, m1));
 }
 
@@ -160,6 +175,7 @@ inline T row_sumexp(const T* z, int64_t C, T m, T* out) {
   Vec<T> s0(0), s1(0);
   int64_t c = 0;
   for (; c + 2 * W <= C; c += 2 * W) {
+    prefetch_ahead(z + c);  // keeps memory busy while this row is exponentiated
     const Vec<T> e0 = vexp(Vec<T>::loadu(z + c) - vm), e1 = vexp(Vec<T>::loadu(z + c + W) - vm);
     if constexpr (kStore) {
       e0.store(out + c);
@@ -218,6 +234,39 @@ inline const T* row_ptr(const T* base, int64_t i, int64_t s0, int64_t s1, int64_
   buf.resize(C);
   for (int64_t c = 0; c < C; ++c) buf[c] = p[c * s1];
   return buf.data();
+}
+
+// An output at least this large does not stay in the cache for its consumer: it is staged
+// in a small L1 buffer and written with non-temporal stores, which skip the read for
+// ownership of each destination line (a third of the traffic of a read-once/write-once op).
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+template <typename T>
+inline void stream_copy(T* dst, const T* src, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  constexpr int64_t W = Vec<T>::size();
+  int64_t k = 0;
+  for (; k < n && reinterpret_cast<uintptr_t>(dst + k) % sizeof(Vec<T>) != 0; ++k) dst[k] = src[k];
+  for (; k + W <= n; k += W) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(dst + k, _mm512_loadu_ps(src + k));
+    else _mm512_stream_pd(dst + k, _mm512_loadu_pd(src + k));
+#else
+    if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(dst + k, _mm256_loadu_ps(src + k));
+    else _mm256_stream_pd(dst + k, _mm256_loadu_pd(src + k));
+#endif
+  }
+  for (; k < n; ++k) dst[k] = src[k];
+#else
+  std::copy(src, src + n, dst);
+#endif
+}
+
+// Non-temporal stores are weakly ordered: each thread fences before its work is used.
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
 }
 
 int64_t grain_for(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
@@ -465,6 +514,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
       }
     };
     const bool small = C > 0 && C <= kSmallC && (s1 == 1 || C == 1);
+    const bool stream = N * C * int64_t(sizeof(T)) >= kStreamBytes;
     at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t e) {
       if (small) {
         // a block of rows of the contiguous gradient is one flat run: lse_small_block leaves the
@@ -481,18 +531,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
       std::vector<T> buf;
       // blocks of rows that fit in L1 with their gradient rows: the exponentials are summed row
       // by row, the logs of the sums are one vector pass per block, then finish_row scales the
-      // rows while they are still in L1
+      // rows while they are still in L1 (in the staging buffer when the gradient is streamed)
       const int64_t rows = std::clamp<int64_t>(4096 / std::max<int64_t>(C, 1), 1, kRowBlock);
+      std::vector<T> stage(stream ? rows * C : 0);
       alignas(64) T mb[kRowBlock], sb[kRowBlock], lb[kRowBlock];
       for (int64_t i0 = b; i0 < e; i0 += rows) {
         const int64_t rb = std::min(rows, e - i0);
+        T* gblock = stream ? stage.data() : go + i0 * C;
         for (int64_t r = 0; r < rb; ++r) {
           const int64_t i = i0 + r;
           const T* row = row_ptr(z, i, s0, s1, C, buf);
           const T m = C > 0 ? row_max(row, C) : ninf;
           mb[r] = m;
           // exponentials into the gradient row
-          sb[r] = std::isfinite(m) ? row_sumexp<T, true>(row, C, m, go + i * C) : T(0);
+          sb[r] = std::isfinite(m) ? row_sumexp<T, true>(row, C, m, gblock + r * C) : T(0);
         }
         int64_t r = 0;
         for (; r + W <= rb; r += W) (Vec<T>::loadu(mb + r) + Vec<T>::loadu(sb + r).log()).store(lb + r);
@@ -505,9 +557,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
             continue;
           }
           const T l = regular(mb[r], sb[r]) ? lb[r] : special_lse(z + i * s0, s1, C);  // irregular: l not finite
-          finish_row(i, row_ptr(z, i, s0, s1, C, buf), go + i * C, sb[r], l);
+          finish_row(i, row_ptr(z, i, s0, s1, C, buf), gblock + r * C, sb[r], l);
         }
+        if (stream) stream_copy(go + i0 * C, stage.data(), rb * C);
       }
+      if (stream) stream_fence();
     });
   });
   return {loss, lse, grad};
@@ -551,10 +605,11 @@ at::Tensor hvp_impl(const char* name, const at::Tensor& logits, const at::Tensor
     const T* sc = scale.const_data_ptr<T>();
     const int64_t ssc = scale.stride(0);
     T* o = out.mutable_data_ptr<T>();
+    const bool stream = N * C * int64_t(sizeof(T)) >= kStreamBytes;
     at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t e) {
-      std::vector<T> zbuf, ubuf;
+      std::vector<T> zbuf, ubuf, stage(stream ? C : 0);
       for (int64_t i = b; i < e; ++i) {
-        T* orow = o + i * C;
+        T* orow = stream ? stage.data() : o + i * C;
         const T* row = row_ptr(z, i, s0, s1, C, zbuf);
         const T* urow = row_ptr(up, i, u0, u1, C, ubuf);
         const T si = sc[i * ssc];
@@ -571,12 +626,17 @@ at::Tensor hvp_impl(const char* name, const at::Tensor& logits, const at::Tensor
         };
         if (!std::isfinite(shift)) {
           special_row(ls ? shift : special_lse(row, 1, C));
+          if (stream) stream_copy(o + i * C, orow, C);
           continue;
         }
         const Vec<T> vm(shift);
         Vec<T> sv(0), dv(0);
         int64_t c = 0;
         for (; c + W <= C; c += W) {
+          if (c % (2 * W) == 0) {  // one 128-byte step of each input per two vectors
+            prefetch_ahead(row + c);
+            prefetch_ahead(urow + c);
+          }
           const Vec<T> ev = vexp(Vec<T>::loadu(row + c) - vm);
           ev.store(orow + c);
           sv = sv + ev;
@@ -595,7 +655,9 @@ at::Tensor hvp_impl(const char* name, const at::Tensor& logits, const at::Tensor
         if (ls) hvp_scale_row(orow, urow, si, d, C);
         else if (std::isnan(sum)) special_row(special_lse(row, 1, C));  // a NaN logit skipped by row_max
         else hvp_scale_row(orow, urow, si / sum, d / sum, C);
+        if (stream) stream_copy(o + i * C, orow, C);
       }
+      if (stream) stream_fence();
     });
   });
   return out;
