@@ -295,15 +295,16 @@ def _validate(op: LinearizedHVP, loss, th, ph, batch):
     gfn = fgrad(lambda q: loss(q, {k: v.detach() for k, v in ph.items()}, batch))
     gref, href = fjvp(gfn, ({k: v.detach() for k, v in th.items()},), (dict(zip(th, c)),))
     got_h = op.hvp(c)
-    for name, a, b in zip(th, op.grad(), gref.values()):
-        if not _close(a, b):
-            raise RuntimeError(f"traced gradient disagrees with eager for {name!r} (data-dependent control flow?)")
-    for name, a, b in zip(th, got_h, href.values()):
-        if not _close(a, b):
-            raise RuntimeError(f"traced HVP disagrees with eager for {name!r} (data-dependent control flow?)")
+    for what, got, ref in (("gradient", op.grad(), list(gref.values())), ("HVP", got_h, list(href.values()))):
+        # A tensor whose true value is zero (a convolution bias before BatchNorm) is rounding
+        # noise in both: each tensor's tolerance has a floor relative to the largest one.
+        floor = 1e-2 * max((float(b.abs().max()) for b in ref if b.numel()), default=0.0)
+        for name, a, b in zip(th, got, ref):
+            if not _close(a, b, floor):
+                raise RuntimeError(f"traced {what} disagrees with eager for {name!r} (data-dependent control flow?)")
 
 
-def _close(a, b):
+def _close(a, b, floor=0.0):
     tol = 1e-4 if a.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
-    scale = float(b.abs().max()) if b.numel() else 0.0
+    scale = max(float(b.abs().max()) if b.numel() else 0.0, floor)
     return a.shape == b.shape and float((a - b).abs().max() if a.numel() else 0.0) <= tol * max(scale, 1e-6) + 1e-12
