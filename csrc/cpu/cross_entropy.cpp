@@ -134,15 +134,10 @@ inline T hmax(const Vec<T>& v) {
 
 // The row passes read memory only in their first pass over a row; without help the memory
 // would idle while the later passes compute in L1. So the passes that read the logits ask
-// for the lines kPrefetchBytes ahead (the next rows), one 128-byte step per iteration of
-// two vectors. A prefetch past the end of a tensor is harmless.
-constexpr int64_t kPrefetchBytes = 8192;
-
+// for the lines 8 KB ahead (the next rows), one 128-byte step per iteration of two vectors.
 template <typename T>
 inline __attribute__((always_inline)) void prefetch_ahead(const T* p) {
-  const char* q = reinterpret_cast<const char*>(p) + kPrefetchBytes;
-  __builtin_prefetch(q);
-  __builtin_prefetch(q + 64);
+  prefetch_lines<8192, 2>(p);
 }
 
 // max_c z_c of a contiguous row, C >= 1 (a NaN may be skipped: see above)

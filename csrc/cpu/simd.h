@@ -1,5 +1,5 @@
-// Which at::vec::Vectorized specialisation the CPU kernels use. Include first,
-// before any ATen header.
+// Which at::vec::Vectorized specialisation the CPU kernels use (include first,
+// before any ATen header), and a software-prefetch helper.
 //
 // at::vec::Vectorized picks AVX-512 or AVX2 only when CPU_CAPABILITY_AVX512 /
 // CPU_CAPABILITY_AVX2 is defined (ATen's own kernels get it from per-capability
@@ -19,3 +19,18 @@
 #define CPU_CAPABILITY_AVX2
 #endif
 #endif
+
+#include <cstdint>
+
+namespace commentaries_ext {
+
+// Software prefetch of kLines 64-byte lines kBytes past p, for streaming loops whose
+// hardware prefetch falls behind (several streams, or compute between the loads). A
+// prefetch past the end of an allocation is harmless (it never faults).
+template <int64_t kBytes, int kLines>
+inline __attribute__((always_inline)) void prefetch_lines(const void* p) {
+  const char* q = static_cast<const char*>(p) + kBytes;
+  for (int k = 0; k < kLines; ++k) __builtin_prefetch(q + 64 * k);
+}
+
+}  // namespace commentaries_ext

@@ -96,6 +96,12 @@ double sum_partials(const std::vector<double>& partial) {
 
 // -------------------------------------------------------------- neumann_step
 
+// one line per vector of W floats (AVX-512) or half a line (AVX2: a repeat is free), 2 KB ahead
+template <typename T>
+inline __attribute__((always_inline)) void prefetch_stream(const T* p) {
+  prefetch_lines<2048, 1>(p);
+}
+
 template <typename T>
 void neumann_impl(at::TensorList c, at::TensorList p, at::TensorList h, double alpha) {
   using Vec = at::vec::Vectorized<T>;
@@ -111,9 +117,16 @@ void neumann_impl(at::TensorList c, at::TensorList p, at::TensorList h, double a
     const T* hv = ph[ch.tensor];
     int64_t i = ch.begin;
     for (; i + W <= ch.end; i += W) {
-      const Vec nc = at::vec::fmadd(na, Vec::loadu(hv + i), Vec::loadu(cc + i));
+      prefetch_stream(cc + i);  // three read streams: the hardware prefetcher alone falls behind
+      prefetch_stream(hv + i);
+      prefetch_stream(pv + i);
+      // all loads before the stores: large tensors are page-aligned, so c[i] and p[i] share
+      // their low 12 address bits and a load of p[i] after the store to c[i] would stall on
+      // the store (4K aliasing)
+      const Vec hl = Vec::loadu(hv + i), cl = Vec::loadu(cc + i), pl = Vec::loadu(pv + i);
+      const Vec nc = at::vec::fmadd(na, hl, cl);
       nc.store(cc + i);
-      (Vec::loadu(pv + i) + nc).store(pv + i);
+      (pl + nc).store(pv + i);
     }
     for (; i < ch.end; ++i) {
       const T nc = cc[i] - a * hv[i];
