@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops.channel import channel_combine, channel_sums
+
 
 def _reduce_dims(x: torch.Tensor) -> list[int]:
     return [0] + list(range(2, x.dim()))
@@ -73,17 +75,14 @@ class BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dx, dweight, dbias, _):
         x, weight = ctx.saved_tensors
-        dims = _reduce_dims(x)
+        m = x.numel() // x.shape[1]
         xhat, rstd = _normalised(x, ctx.eps)
         scale = weight * rstd
-        if dx is None:
-            a = b = torch.zeros_like(rstd)
-            out = torch.zeros_like(x)
-        else:
-            a, b = dx.mean(dims), (dx * xhat).mean(dims)
-            out = dx * _per_channel(scale, x)
-        out = out + xhat * _per_channel(_zeros_if_none(dweight, weight) - scale * b, x)
-        return out + _per_channel(_zeros_if_none(dbias, weight) - scale * a, x)
+        dx = _zeros_if_none(dx, x)
+        sums = channel_sums([dx, dx], [None, xhat]) / m  # a = mean(dx), b = mean(dx xhat)
+        a, b = sums[0], sums[1]
+        coef = torch.stack([scale, _zeros_if_none(dweight, weight) - scale * b])
+        return channel_combine([dx, xhat], coef, _zeros_if_none(dbias, weight) - scale * a)
 
 
 class BatchNormTrainBackward(torch.autograd.Function):
@@ -112,21 +111,26 @@ class BatchNormTrainBackward(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, dgy, dx, dweight, _):
+        # d(gx) = k1 dgy + k2 dx + k3 xhat + k4 gy + k5 per channel (the rule in the module
+        # docstring with xhat-dot = rstd (dx - a - b xhat) expanded): one pass for the five
+        # sums, one for the combination
         gy, x, weight = ctx.saved_tensors
-        dims = _reduce_dims(x)
         m = x.numel() // x.shape[1]
         xhat, rstd = _normalised(x, ctx.eps)
         dgy = _zeros_if_none(dgy, gy)
         dx = _zeros_if_none(dx, x)
-        a, b = dx.mean(dims), (dx * xhat).mean(dims)
-        dxhat = (dx - _per_channel(a, x) - xhat * _per_channel(b, x)) * _per_channel(rstd, x)
-        gb, gw = gy.sum(dims), (gy * xhat).sum(dims)
-        dgb = dgy.sum(dims)
-        dgw = (dgy * xhat + gy * dxhat).sum(dims)
-        inner = gy - _per_channel(gb / m, x) - xhat * _per_channel(gw / m, x)
-        dinner = dgy - _per_channel(dgb / m, x) - dxhat * _per_channel(gw / m, x) - xhat * _per_channel(dgw / m, x)
-        dscale = _zeros_if_none(dweight, weight) * rstd - weight * rstd.square() * b
-        dgx = inner * _per_channel(dscale, x) + dinner * _per_channel(weight * rstd, x)
+        gsum = channel_sums([gy, gy], [None, xhat])
+        gb, gw = gsum[0], gsum[1]
+        s = channel_sums([dx, dx, dgy, dgy, gy], [None, xhat, None, xhat, dx])
+        a, b = s[0] / m, s[1] / m
+        dgb = s[2]
+        dgw = s[3] + rstd * (s[4] - a * gb - b * gw)  # sum(dgy xhat) + sum(gy xhat-dot)
+        wr = weight * rstd
+        dscale = _zeros_if_none(dweight, weight) * rstd - wr * rstd * b
+        k2 = -wr * rstd * gw / m
+        k3 = -k2 * b - wr * dgw / m - dscale * gw / m
+        k5 = -k2 * a - wr * dgb / m - dscale * gb / m
+        dgx = channel_combine([dgy, dx, xhat, gy], torch.stack([wr, k2, k3, dscale]), k5)
         return dgx, dgw, dgb
 
 
