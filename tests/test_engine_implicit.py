@@ -518,3 +518,33 @@ def test_auto_falls_back_for_data_dependent_loss():
     assert type(op).__name__ == "DoubleBackwardHessian"
     c = [torch.ones(2, dtype=DT)]
     assert torch.allclose(op.matvec(c)[0], 12 * hp["a"] * params["w"] ** 2)
+
+
+@pytest.mark.parametrize("with_bn", [True, False])
+def test_auto_with_few_products_uses_the_linearised_product_only_with_batch_norm(with_bn):
+    """hvp="auto" for one product: the linearised forward-over-reverse operator when the
+    trace runs BatchNorm's forward-mode rules (cheaper there, BENCHMARKS.md), double backward
+    otherwise; decided once per loss from its first trace, and the products are right."""
+    from commentaries_ext.engine import FunctionalModule
+    from commentaries_ext.engine import hvp as H
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 5)] + ([nn.BatchNorm1d(5)] if with_bn else []) + [nn.Tanh(), nn.Linear(5, 3)]
+    fm = FunctionalModule(nn.Sequential(*layers).double().train())
+    params = fm.params()
+    phi = {"s": torch.tensor(0.7, dtype=DT)}
+    batch = (torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,)))
+
+    def tl(p, h, b):
+        return h["s"] * nn.functional.cross_entropy(fm(p, b[0]), b[1])
+
+    assert H._few_key(tl) not in H._FEW_PRODUCTS_LINEARIZED  # a new student: not decided yet
+    want = "ForwardOverReverseHessian" if with_bn else "DoubleBackwardHessian"
+    c = [torch.randn_like(t) for t in params.values()]
+    ref = make_operator(tl, params, phi, batch, hvp="double_backward").matvec(c)
+    for _ in range(2):  # the second call uses the recorded decision
+        op = make_operator(tl, params, phi, batch, hvp="auto", expected_products=1)
+        assert type(op).__name__ == want
+        for a, b in zip(op.matvec(c), ref):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert H._FEW_PRODUCTS_LINEARIZED[H._few_key(tl)] is with_bn

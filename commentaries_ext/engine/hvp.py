@@ -22,8 +22,9 @@ HVP modes (``hvp=``):
   tangent computation.  BatchNorm in training mode works because
   ``FunctionalModule`` never mutates running statistics during these calls.
 * ``"auto"``                 -- ``forward_over_reverse`` (linearised) when the
-  loss traces and more than ``AUTO_MIN_PRODUCTS`` products are expected, else
-  ``double_backward``.
+  loss traces and more than ``AUTO_MIN_PRODUCTS`` products are expected, or
+  fewer when the trace runs BatchNorm's forward-mode rules (``batchnorm.py``:
+  decided once per loss, from its first trace); else ``double_backward``.
 
 Curvature: ``"hessian"`` or ``"gauss_newton"`` (``J^T H_l J``, positive
 semi-definite; needs a :class:`SplitLoss` so that the model output and the loss
@@ -47,6 +48,16 @@ _LINEARIZE_DEFAULT = True  # hvp='auto' -> linearised forward-over-reverse (see 
 
 AUTO_MIN_PRODUCTS = 2  # hvp="auto": double backward up to this many products (measured, BENCHMARKS.md)
 _AUTO_BROKEN: set = set()  # losses whose trace failed: 'auto' uses double backward for them
+# hvp="auto" with few products: whether the loss's linearised trace runs BatchNorm's rules (then
+# its primal pass plus products beat double backward even for one product; measured, BENCHMARKS.md)
+_FEW_PRODUCTS_LINEARIZED: dict = {}
+
+
+def _few_key(loss):
+    """The loss's code and captured objects (a factory's losses over different students differ)."""
+    from .linearize import _loss_key
+
+    return _loss_key(loss)[0]
 
 
 def _code_of(loss):
@@ -325,8 +336,9 @@ def make_operator(
     """The curvature operator; ``expected_products`` (how many ``matvec`` calls will
     follow, if known) lets ``hvp="auto"`` pick double backward for one or two
     products, where building its graph (~one gradient) is cheaper than the
-    linearised primal pass (~two gradients), and the linearised
-    forward-over-reverse HVP otherwise (each product ~0.6x a double-backward one)."""
+    linearised primal pass (~two gradients), unless the student has BatchNorm in
+    training mode (its forward-mode rules make the linearised products ~0.5x a
+    double-backward one), and the linearised forward-over-reverse HVP otherwise."""
     params, hparams = dict(params), dict(hparams)
     if curvature == "gauss_newton":
         return GaussNewton(loss, params, hparams, batch, damping)
@@ -335,9 +347,13 @@ def make_operator(
     if hvp not in ("double_backward", "forward_over_reverse", "auto"):
         raise ValueError(f"hvp must be 'double_backward', 'forward_over_reverse' or 'auto', got {hvp!r}")
     requested = hvp
+    probe = False  # few products and not yet known whether the trace uses BatchNorm's rules
     if hvp == "auto":
         ok = linearize and _LINEARIZE_DEFAULT and _code_of(loss) not in _AUTO_BROKEN
-        ok = ok and (expected_products is None or expected_products > AUTO_MIN_PRODUCTS)
+        if ok and expected_products is not None and expected_products <= AUTO_MIN_PRODUCTS:
+            known = _FEW_PRODUCTS_LINEARIZED.get(_few_key(loss))
+            probe = known is None
+            ok = probe or known
         hvp = "forward_over_reverse" if ok else "double_backward"
     if hvp == "double_backward":
         return DoubleBackwardHessian(loss, params, hparams, batch, damping)
@@ -346,6 +362,11 @@ def make_operator(
         op.linearize = linearize
         op.auto = requested == "auto"
         op.__init__(loss, params, hparams, batch, damping)
+        if probe:  # decided once per loss: the trace (cached) says whether BatchNorm's rules ran
+            uses = op._lin is not None and op._lin.t.uses_batch_norm_rules
+            _FEW_PRODUCTS_LINEARIZED[_few_key(loss)] = uses
+            if not uses:
+                return DoubleBackwardHessian(loss, params, hparams, batch, damping)
         return op
     except Exception as exc:  # untraceable loss, an op without a forward-mode formula ...
         if requested == "forward_over_reverse":

@@ -64,15 +64,17 @@ class _Traced:
                     return fgrad(lambda t, h: loss(t, h, batch), argnums=(0, 1))(th_d, ph)
                 return fgrad(lambda t: loss(t, ph, batch))(th_d), {}
 
-            with batch_norm_rules():  # BatchNorm's backward in a few passes per product
+            with rules:  # BatchNorm's backward in a few passes per product
                 (gt, gp), (ht, hp) = fjvp(g, (dict(zip(pnames, th_l)),), (dict(zip(pnames, c_l)),))
             return tuple(gt[k] for k in pnames) + tuple(ht[k] for k in pnames) + tuple(hp[k] for k in hnames)
 
+        rules = batch_norm_rules()
         example = list(th) + list(ph) + [batch_leaves[i] for i in tensor_pos] + [torch.zeros_like(t) for t in th]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             gm = make_fx(f, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
         self.gm = gm
+        self.uses_batch_norm_rules = rules.calls > 0
         self._split(gm)
 
     def _split(self, gm):
