@@ -548,3 +548,35 @@ def test_auto_with_few_products_uses_the_linearised_product_only_with_batch_norm
         for a, b in zip(op.matvec(c), ref):
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
     assert H._FEW_PRODUCTS_LINEARIZED[H._few_key(tl)] is with_bn
+
+
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_convolution_input_gradients_by_fold_match_double_backward(monkeypatch, dilation):
+    """The linearised graphs may compute a convolution's input gradient by matmul + col2im
+    (where that is measured faster); forced on here, the products and the mixed term through
+    the input (the commentary scales it) equal double backward's in float64."""
+    from commentaries_ext.engine import FunctionalModule
+    from commentaries_ext.engine import linearize as LZ
+
+    monkeypatch.setattr(LZ, "_fold_is_faster", lambda *a, **k: True)
+    LZ.clear_cache()
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 3, 3, padding=dilation, dilation=dilation), nn.Flatten(), nn.Linear(3 * 5 * 5, 3))
+    fm = FunctionalModule(net.double().train())
+    params = fm.params()
+    phi = {"s": torch.randn(2, dtype=DT)}
+    batch = (torch.randn(6, 2, 9, 9, dtype=DT), torch.randint(0, 3, (6,)))
+
+    def tl(p, h, b):
+        return nn.functional.cross_entropy(fm(p, b[0] * h["s"].view(1, 2, 1, 1)), b[1])
+
+    lin = make_operator(tl, params, phi, batch, hvp="forward_over_reverse")
+    assert lin._lin.t.lowered_input_grads >= 2  # the second convolution's input gradient and its tangents
+    db = make_operator(tl, params, phi, batch, hvp="double_backward")
+    c = [torch.randn_like(t) for t in params.values()]
+    for a, b in zip(lin.matvec(c), db.matvec(c)):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    for a, b in zip(lin.mixed(c), db.mixed(c)):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    LZ.clear_cache()

@@ -75,6 +75,7 @@ class _Traced:
             gm = make_fx(f, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
         self.gm = gm
         self.uses_batch_norm_rules = rules.calls > 0
+        self.lowered_input_grads = _lower_input_grads(gm)
         self._split(gm)
 
     def _split(self, gm):
@@ -151,6 +152,82 @@ class _Traced:
 
 
 _CONV_BWD = torch.ops.aten.convolution_backward.default
+_FOLD_FASTER: dict = {}  # convolution shapes -> whether matmul + col2im beat convolution_backward
+
+
+def _input_grad_by_fold(go, weight, in_hw, kernel, stride, padding, dilation):
+    """The input gradient of a 2-D convolution as ``col2im(W^T @ grad_out)``."""
+    n, cout = go.shape[0], go.shape[1]
+    cols = torch.matmul(weight.reshape(cout, -1).t(), go.reshape(n, cout, -1))
+    return torch.ops.aten.col2im(cols, list(in_hw), list(kernel), list(dilation), list(padding), list(stride))
+
+
+def _fold_is_faster(key, go_shape, in_shape, w_shape, dtype, stride, padding, dilation) -> bool:
+    """Timed once per shape (best of three each): oneDNN's input gradient is slow for some
+    shapes on the CPU (a first layer with one input channel: ~3x slower than the matmul)."""
+    if key in _FOLD_FASTER:
+        return _FOLD_FASTER[key]
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    go, x, w = (torch.randn(sh, generator=g, dtype=dtype) for sh in (go_shape, in_shape, w_shape))
+
+    def native():
+        _CONV_BWD(go, x, w, None, stride, padding, dilation, False, [0, 0], 1, [True, False, False])
+
+    def fold():
+        _input_grad_by_fold(go, w, in_shape[2:], w_shape[2:], stride, padding, dilation)
+
+    best = {}
+    for name, fn in (("native", native), ("fold", fold)):
+        fn()
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        best[name] = min(ts)
+    _FOLD_FASTER[key] = best["fold"] < 0.8 * best["native"]
+    return _FOLD_FASTER[key]
+
+
+def _lower_input_grads(gm: fx.GraphModule) -> int:
+    """Compute the input gradient of a CPU 2-D convolution (``convolution_backward``'s first
+    output) by ``matmul`` + ``col2im`` where that is measured faster for its shapes."""
+    import operator
+
+    changed = 0
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target is not _CONV_BWD:
+            continue
+        go, x, w, _, stride, padding, dilation, transposed, _, groups, mask = n.args
+        vals = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in (go, x, w)]
+        if not mask[0] or transposed or groups != 1 or any(v is None or v.dim() != 4 for v in vals):
+            continue
+        if any(v.device.type != "cpu" for v in vals) or vals[0].dtype not in (torch.float32, torch.float64):
+            continue
+        users0 = [u for u in n.users if u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0]
+        if len(users0) != len([u for u in n.users if u.args[1] == 0]) or not users0:
+            continue
+        key = (tuple(vals[0].shape), tuple(vals[1].shape), tuple(vals[2].shape), vals[0].dtype,
+               tuple(stride), tuple(padding), tuple(dilation))
+        if not _fold_is_faster(key, *key[:4], list(stride), list(padding), list(dilation)):
+            continue
+        with gm.graph.inserting_after(n):
+            new = gm.graph.call_function(_input_grad_by_fold, (go, w, tuple(vals[1].shape[2:]), tuple(vals[2].shape[2:]),
+                                                               tuple(stride), tuple(padding), tuple(dilation)))
+        new.meta["val"] = vals[1]
+        for u in users0:
+            u.replace_all_uses_with(new)
+            gm.graph.erase_node(u)
+        n.args = tuple(n.args[:10]) + ([False] + list(mask[1:]),) + tuple(n.args[11:])
+        if not n.users:
+            gm.graph.erase_node(n)
+        changed += 1
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
 
 
 def _narrow_outputs(gm: fx.GraphModule) -> int:
@@ -297,11 +374,17 @@ def _validate(op: LinearizedHVP, loss, th, ph, batch):
     gfn = fgrad(lambda q: loss(q, {k: v.detach() for k, v in ph.items()}, batch))
     gref, href = fjvp(gfn, ({k: v.detach() for k, v in th.items()},), (dict(zip(th, c)),))
     got_h = op.hvp(c)
-    for what, got, ref in (("gradient", op.grad(), list(gref.values())), ("HVP", got_h, list(href.values()))):
+    checks = [("gradient", list(th), op.grad(), list(gref.values())), ("HVP", list(th), got_h, list(href.values()))]
+    if op.has_mixed:
+        th_d = {k: v.detach() for k, v in th.items()}
+        gphi = lambda q: fgrad(lambda h: loss(q, h, batch))({k: v.detach() for k, v in ph.items()})  # noqa: E731
+        _, mref = fjvp(gphi, (th_d,), (dict(zip(th, c)),))
+        checks.append(("mixed term", list(ph), op.mixed(c), [mref[k] for k in ph]))
+    for what, names, got, ref in checks:
         # A tensor whose true value is zero (a convolution bias before BatchNorm) is rounding
         # noise in both: each tensor's tolerance has a floor relative to the largest one.
         floor = 1e-2 * max((float(b.abs().max()) for b in ref if b.numel()), default=0.0)
-        for name, a, b in zip(th, got, ref):
+        for name, a, b in zip(names, got, ref):
             if not _close(a, b, floor):
                 raise RuntimeError(f"traced {what} disagrees with eager for {name!r} (data-dependent control flow?)")
 
