@@ -108,6 +108,7 @@ def test_calls_it_does_not_handle_go_to_the_stock_operator():
 def test_backward_of_the_backward_is_refused_clearly():
     x = torch.randn(4, 3, requires_grad=True)
     gy = torch.randn(4, 3)
-    gx, _, _ = BatchNormTrainBackward.apply(gy, x, torch.ones(3), 1e-5)
+    xhat, rstd = torch.randn(4, 3), torch.rand(3) + 0.5
+    gx, _, _, _ = BatchNormTrainBackward.apply(gy, x, torch.ones(3), xhat, rstd)
     with pytest.raises(NotImplementedError, match="forward mode only"):
         gx.sum().backward()

@@ -34,96 +34,94 @@ import torch.nn.functional as F
 from ..ops.channel import channel_combine, channel_sums
 
 
-def _reduce_dims(x: torch.Tensor) -> list[int]:
-    return [0] + list(range(2, x.dim()))
-
-
-def _per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.view(1, -1, *([1] * (x.dim() - 2)))
-
-
-def _normalised(x: torch.Tensor, eps: float):
-    """``(x̂, rstd)`` with the biased batch variance (two passes, as ATen)."""
-    dims = _reduce_dims(x)
-    centred = x - _per_channel(x.mean(dims), x)
-    rstd = (centred.square().mean(dims) + eps).rsqrt()
-    return centred * _per_channel(rstd, x), rstd
+def _normalise(x: torch.Tensor, weight, bias, eps: float):
+    """``(y, x̂, rstd)``: ATen's fused batch norm (biased batch variance, two passes) and
+    ``x̂ = (x - mean) * rstd`` in one more pass."""
+    y, mean, rstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    mean, rstd = mean.to(x.dtype), rstd.to(x.dtype)  # float32 statistics for half inputs
+    xhat = channel_combine([x], rstd.unsqueeze(0), -mean * rstd)
+    return y, xhat, rstd
 
 
 def _zeros_if_none(t, like):
     return torch.zeros_like(like) if t is None else t
 
 
+# Both Functions return the per-channel values their rules need as extra, non-differentiable
+# outputs (x̂ and rstd; the sums of the backward), so that a trace computes each once: a
+# Function may keep only its inputs and outputs for its rules.
+
+
 class BatchNormTrain(torch.autograd.Function):
-    """``y = weight * x̂ + bias`` with batch statistics; forward-mode rule above."""
+    """``(y, x̂, rstd)``, ``y = weight * x̂ + bias`` with batch statistics; forward-mode rule above."""
 
     @staticmethod
     def forward(x, weight, bias, eps):
-        xhat, _ = _normalised(x, eps)
-        return xhat * _per_channel(weight, x) + _per_channel(bias, x)
+        return _normalise(x, weight, bias, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, _, eps = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.save_for_forward(x, weight)
+        _, xhat, rstd = output
+        ctx.mark_non_differentiable(xhat, rstd)
+        ctx.save_for_backward(x, weight, xhat, rstd)
+        ctx.save_for_forward(weight, xhat, rstd)
         ctx.eps = eps
 
     @staticmethod
-    def backward(ctx, gy):
-        x, weight = ctx.saved_tensors
-        gx, gw, gb = BatchNormTrainBackward.apply(gy, x, weight, ctx.eps)
+    def backward(ctx, gy, _gxhat, _grstd):
+        x, weight, xhat, rstd = ctx.saved_tensors
+        gx, gw, gb, _ = BatchNormTrainBackward.apply(gy, x, weight, xhat, rstd)
         return gx, gw, gb, None
 
     @staticmethod
     def jvp(ctx, dx, dweight, dbias, _):
-        x, weight = ctx.saved_tensors
-        m = x.numel() // x.shape[1]
-        xhat, rstd = _normalised(x, ctx.eps)
+        weight, xhat, rstd = ctx.saved_tensors
+        m = xhat.numel() // xhat.shape[1]
         scale = weight * rstd
-        dx = _zeros_if_none(dx, x)
+        dx = _zeros_if_none(dx, xhat)
         sums = channel_sums([dx, dx], [None, xhat]) / m  # a = mean(dx), b = mean(dx xhat)
         a, b = sums[0], sums[1]
         coef = torch.stack([scale, _zeros_if_none(dweight, weight) - scale * b])
-        return channel_combine([dx, xhat], coef, _zeros_if_none(dbias, weight) - scale * a)
+        dy = channel_combine([dx, xhat], coef, _zeros_if_none(dbias, weight) - scale * a)
+        return dy, None, None
 
 
 class BatchNormTrainBackward(torch.autograd.Function):
-    """``(gx, gweight, gbias)`` of :class:`BatchNormTrain`; forward-mode rule above.
-    Its own backward is not defined: the engine never differentiates it twice
-    in reverse mode (double backward uses the stock operator)."""
+    """``(gx, gweight, gbias, inner)`` of :class:`BatchNormTrain` from ``(gy, x, weight, x̂,
+    rstd)`` (``x`` for its tangent; ``x̂``, ``rstd`` and ``inner = gy - Σgy/M - x̂ Σ(gy x̂)/M``
+    are not differentiated: the rule accounts for them); forward-mode rule above.  Its own
+    backward is not defined: the engine never differentiates it twice in reverse mode
+    (double backward uses the stock operator)."""
 
     @staticmethod
-    def forward(gy, x, weight, eps):
-        dims = _reduce_dims(x)
+    def forward(gy, x, weight, xhat, rstd):
         m = x.numel() // x.shape[1]
-        xhat, rstd = _normalised(x, eps)
-        gb, gw = gy.sum(dims), (gy * xhat).sum(dims)
-        inner = gy - _per_channel(gb / m, x) - xhat * _per_channel(gw / m, x)
-        return inner * _per_channel(weight * rstd, x), gw, gb
+        sums = channel_sums([gy, gy], [None, xhat])
+        gb, gw = sums[0], sums[1]
+        inner = channel_combine([gy, xhat], torch.stack([torch.ones_like(gw), -gw / m]), -gb / m)
+        return channel_combine([inner], (weight * rstd).unsqueeze(0), None), gw, gb, inner
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        gy, x, weight, eps = inputs
-        ctx.save_for_forward(gy, x, weight)
-        ctx.eps = eps
+        gy, x, weight, xhat, rstd = inputs
+        _, gw, gb, inner = output
+        ctx.mark_non_differentiable(inner)
+        ctx.save_for_forward(gy, weight, xhat, rstd, gw, gb, inner)
 
     @staticmethod
     def backward(ctx, *grads):
         raise NotImplementedError("BatchNormTrainBackward is differentiated in forward mode only")
 
     @staticmethod
-    def jvp(ctx, dgy, dx, dweight, _):
-        # d(gx) = k1 dgy + k2 dx + k3 xhat + k4 gy + k5 per channel (the rule in the module
-        # docstring with xhat-dot = rstd (dx - a - b xhat) expanded): one pass for the five
-        # sums, one for the combination
-        gy, x, weight = ctx.saved_tensors
-        m = x.numel() // x.shape[1]
-        xhat, rstd = _normalised(x, ctx.eps)
+    def jvp(ctx, dgy, dx, dweight, _dxhat, _drstd):
+        # d(gx) = k1 dgy + k2 dx + k3 xhat + k4 inner + k5 per channel (the rule in the module
+        # docstring with xhat-dot = rstd (dx - a - b xhat) expanded): one pass for the sums,
+        # one for the combination
+        gy, weight, xhat, rstd, gw, gb, inner = ctx.saved_tensors
+        m = xhat.numel() // xhat.shape[1]
         dgy = _zeros_if_none(dgy, gy)
-        dx = _zeros_if_none(dx, x)
-        gsum = channel_sums([gy, gy], [None, xhat])
-        gb, gw = gsum[0], gsum[1]
+        dx = _zeros_if_none(dx, xhat)
         s = channel_sums([dx, dx, dgy, dgy, gy], [None, xhat, None, xhat, dx])
         a, b = s[0] / m, s[1] / m
         dgb = s[2]
@@ -131,10 +129,10 @@ class BatchNormTrainBackward(torch.autograd.Function):
         wr = weight * rstd
         dscale = _zeros_if_none(dweight, weight) * rstd - wr * rstd * b
         k2 = -wr * rstd * gw / m
-        k3 = -k2 * b - wr * dgw / m - dscale * gw / m
-        k5 = -k2 * a - wr * dgb / m - dscale * gb / m
-        dgx = channel_combine([dgy, dx, xhat, gy], torch.stack([wr, k2, k3, dscale]), k5)
-        return dgx, dgw, dgb
+        k3 = -k2 * b - wr * dgw / m
+        k5 = -k2 * a - wr * dgb / m
+        dgx = channel_combine([dgy, dx, xhat, inner], torch.stack([wr, k2, k3, dscale]), k5)
+        return dgx, dgw, dgb, None
 
 
 def _batch_norm_args(args, kwargs):
@@ -165,5 +163,5 @@ class batch_norm_rules(torch.overrides.TorchFunctionMode):
                 w = a["weight"] if a["weight"] is not None else x.new_ones(c)
                 b = a["bias"] if a["bias"] is not None else x.new_zeros(c)
                 self.calls += 1
-                return BatchNormTrain.apply(x, w, b, float(a["eps"]))
+                return BatchNormTrain.apply(x, w, b, float(a["eps"]))[0]
         return func(*args, **kwargs)
