@@ -24,7 +24,8 @@ Values and first derivatives equal the stock operator's; the engine uses it
 where it takes forward-over-reverse products.  Each rule is one pass of
 per-channel sums and one pass of per-channel combination
 (``ops/channel.py``, C++ on the CPU).  On the reference ConvNet this took a
-linearised product from 1.65x to about 1.1x a training step (BENCHMARKS.md).
+linearised product from ~1.7x to ~1x a training step and the linearised
+primal pass from ~2.3x to ~1.1x (BENCHMARKS.md).
 """
 from __future__ import annotations
 
