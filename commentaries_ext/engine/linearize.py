@@ -198,7 +198,7 @@ def _lower_input_grads(gm: fx.GraphModule) -> int:
 
     changed = 0
     for n in list(gm.graph.nodes):
-        if n.op != "call_function" or n.target is not _CONV_BWD:
+        if n.op != "call_function" or n.target is not _CONV_BWD or len(n.args) != 11 or n.kwargs:
             continue
         go, x, w, _, stride, padding, dilation, transposed, _, groups, mask = n.args
         vals = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in (go, x, w)]
