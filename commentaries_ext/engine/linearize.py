@@ -162,32 +162,19 @@ def _input_grad_by_fold(go, weight, in_hw, kernel, stride, padding, dilation):
     return torch.ops.aten.col2im(cols, list(in_hw), list(kernel), list(dilation), list(padding), list(stride))
 
 
-def _fold_is_faster(key, go_shape, in_shape, w_shape, dtype, stride, padding, dilation) -> bool:
-    """Timed once per shape (best of three each): oneDNN's input gradient is slow for some
-    shapes on the CPU (a first layer with one input channel: ~3x slower than the matmul)."""
-    if key in _FOLD_FASTER:
-        return _FOLD_FASTER[key]
-    import time
+def _fold_is_faster(key) -> bool:
+    """Timed once per shape: oneDNN's input gradient is slow for some shapes on the CPU (a
+    first layer with one input channel: ~3x slower than the matmul)."""
+    if key not in _FOLD_FASTER:
+        from .vector import best_seconds
 
-    g = torch.Generator().manual_seed(0)
-    go, x, w = (torch.randn(sh, generator=g, dtype=dtype) for sh in (go_shape, in_shape, w_shape))
-
-    def native():
-        _CONV_BWD(go, x, w, None, stride, padding, dilation, False, [0, 0], 1, [True, False, False])
-
-    def fold():
-        _input_grad_by_fold(go, w, in_shape[2:], w_shape[2:], stride, padding, dilation)
-
-    best = {}
-    for name, fn in (("native", native), ("fold", fold)):
-        fn()
-        ts = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        best[name] = min(ts)
-    _FOLD_FASTER[key] = best["fold"] < 0.8 * best["native"]
+        go_shape, in_shape, w_shape, dtype, stride, padding, dilation = key
+        g = torch.Generator().manual_seed(0)
+        go, x, w = (torch.randn(sh, generator=g, dtype=dtype) for sh in (go_shape, in_shape, w_shape))
+        native = best_seconds(lambda: _CONV_BWD(go, x, w, None, list(stride), list(padding), list(dilation), False,
+                                                [0, 0], 1, [True, False, False]))
+        fold = best_seconds(lambda: _input_grad_by_fold(go, w, in_shape[2:], w_shape[2:], stride, padding, dilation))
+        _FOLD_FASTER[key] = fold < 0.8 * native
     return _FOLD_FASTER[key]
 
 
@@ -206,12 +193,12 @@ def _lower_input_grads(gm: fx.GraphModule) -> int:
             continue
         if any(v.device.type != "cpu" for v in vals) or vals[0].dtype not in (torch.float32, torch.float64):
             continue
-        users0 = [u for u in n.users if u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0]
-        if len(users0) != len([u for u in n.users if u.args[1] == 0]) or not users0:
+        if not all(u.op == "call_function" and u.target is operator.getitem for u in n.users):
             continue
+        users0 = [u for u in n.users if u.args[1] == 0]
         key = (tuple(vals[0].shape), tuple(vals[1].shape), tuple(vals[2].shape), vals[0].dtype,
                tuple(stride), tuple(padding), tuple(dilation))
-        if not _fold_is_faster(key, *key[:4], list(stride), list(padding), list(dilation)):
+        if not users0 or not _fold_is_faster(key):
             continue
         with gm.graph.inserting_after(n):
             new = gm.graph.call_function(_input_grad_by_fold, (go, w, tuple(vals[1].shape[2:]), tuple(vals[2].shape[2:]),

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import time
+
 import torch
 
 Vec = Sequence[torch.Tensor]
@@ -80,8 +82,6 @@ _choice: dict = {}
 
 
 def _calibrate(name, fn, like) -> bool:
-    import time
-
     a = [torch.zeros_like(t) for t in like]
     b = [torch.zeros_like(t) for t in like]
     c = [torch.zeros_like(t) for t in like]
@@ -96,20 +96,22 @@ def _calibrate(name, fn, like) -> bool:
     if name not in calls:
         return True
     fused, plain = calls[name]
-
-    def best(f):
-        f()
-        ts = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t0)
-        return min(ts)
-
     try:
-        return best(fused) <= 1.5 * best(plain)
+        return best_seconds(fused) <= 1.5 * best_seconds(plain)
     except Exception:
         return False
+
+
+def best_seconds(f, repeats: int = 3) -> float:
+    """The fastest of ``repeats`` timed calls of ``f`` after one warm-up call (one-time
+    choices between two implementations)."""
+    f()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
 
 
 def _dot_foreach(xs, ys):
