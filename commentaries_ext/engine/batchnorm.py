@@ -48,9 +48,9 @@ def _zeros_if_none(t, like):
     return torch.zeros_like(like) if t is None else t
 
 
-# Both Functions return the per-channel values their rules need as extra, non-differentiable
-# outputs (x̂ and rstd; the sums of the backward), so that a trace computes each once: a
-# Function may keep only its inputs and outputs for its rules.
+# A Function may keep only its inputs and outputs for its rules, so that a trace computes each
+# value once: BatchNormTrain returns x̂ and rstd as extra, non-differentiable outputs, and the
+# backward's rule reuses the backward's own outputs (the sums gweight and gbias).
 
 
 class BatchNormTrain(torch.autograd.Function):
@@ -72,7 +72,7 @@ class BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, _gxhat, _grstd):
         x, weight, xhat, rstd = ctx.saved_tensors
-        gx, gw, gb, _ = BatchNormTrainBackward.apply(gy, x, weight, xhat, rstd)
+        gx, gw, gb = BatchNormTrainBackward.apply(gy, x, weight, xhat, rstd)
         return gx, gw, gb, None
 
     @staticmethod
@@ -89,26 +89,24 @@ class BatchNormTrain(torch.autograd.Function):
 
 
 class BatchNormTrainBackward(torch.autograd.Function):
-    """``(gx, gweight, gbias, inner)`` of :class:`BatchNormTrain` from ``(gy, x, weight, x̂,
-    rstd)`` (``x`` for its tangent; ``x̂``, ``rstd`` and ``inner = gy - Σgy/M - x̂ Σ(gy x̂)/M``
-    are not differentiated: the rule accounts for them); forward-mode rule above.  Its own
-    backward is not defined: the engine never differentiates it twice in reverse mode
-    (double backward uses the stock operator)."""
+    """``(gx, gweight, gbias)`` of :class:`BatchNormTrain` from ``(gy, x, weight, x̂, rstd)``
+    (``x`` for its tangent; ``x̂`` and ``rstd`` are not differentiated: the rule accounts for
+    them); forward-mode rule above.  Its own backward is not defined: the engine never
+    differentiates it twice in reverse mode (double backward uses the stock operator)."""
 
     @staticmethod
     def forward(gy, x, weight, xhat, rstd):
         m = x.numel() // x.shape[1]
         sums = channel_sums([gy, gy], [None, xhat])
         gb, gw = sums[0], sums[1]
-        inner = channel_combine([gy, xhat], torch.stack([torch.ones_like(gw), -gw / m]), -gb / m)
-        return channel_combine([inner], (weight * rstd).unsqueeze(0), None), gw, gb, inner
+        wr = weight * rstd
+        return channel_combine([gy, xhat], torch.stack([wr, -wr * gw / m]), -wr * gb / m), gw, gb
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         gy, x, weight, xhat, rstd = inputs
-        _, gw, gb, inner = output
-        ctx.mark_non_differentiable(inner)
-        ctx.save_for_forward(gy, weight, xhat, rstd, gw, gb, inner)
+        _, gw, gb = output
+        ctx.save_for_forward(gy, weight, xhat, rstd, gw, gb)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -116,10 +114,10 @@ class BatchNormTrainBackward(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, dgy, dx, dweight, _dxhat, _drstd):
-        # d(gx) = k1 dgy + k2 dx + k3 xhat + k4 inner + k5 per channel (the rule in the module
+        # d(gx) = k1 dgy + k2 dx + k3 xhat + k4 gy + k5 per channel (the rule in the module
         # docstring with xhat-dot = rstd (dx - a - b xhat) expanded): one pass for the sums,
         # one for the combination
-        gy, weight, xhat, rstd, gw, gb, inner = ctx.saved_tensors
+        gy, weight, xhat, rstd, gw, gb = ctx.saved_tensors
         m = xhat.numel() // xhat.shape[1]
         dgy = _zeros_if_none(dgy, gy)
         dx = _zeros_if_none(dx, xhat)
@@ -128,12 +126,12 @@ class BatchNormTrainBackward(torch.autograd.Function):
         dgb = s[2]
         dgw = s[3] + rstd * (s[4] - a * gb - b * gw)  # sum(dgy xhat) + sum(gy xhat-dot)
         wr = weight * rstd
-        dscale = _zeros_if_none(dweight, weight) * rstd - wr * rstd * b
+        dscale = _zeros_if_none(dweight, weight) * rstd - wr * rstd * b  # d(weight * rstd)
         k2 = -wr * rstd * gw / m
-        k3 = -k2 * b - wr * dgw / m
-        k5 = -k2 * a - wr * dgb / m
-        dgx = channel_combine([dgy, dx, xhat, inner], torch.stack([wr, k2, k3, dscale]), k5)
-        return dgx, dgw, dgb, None
+        k3 = -k2 * b - wr * dgw / m - dscale * gw / m
+        k5 = -k2 * a - wr * dgb / m - dscale * gb / m
+        dgx = channel_combine([dgy, dx, xhat, gy], torch.stack([wr, k2, k3, dscale]), k5)
+        return dgx, dgw, dgb
 
 
 def _batch_norm_args(args, kwargs):
