@@ -524,7 +524,7 @@ def test_auto_falls_back_for_data_dependent_loss():
 def test_auto_with_few_products_uses_the_linearised_product_only_with_batch_norm(with_bn):
     """hvp="auto" for one product: the linearised forward-over-reverse operator when the
     trace runs BatchNorm's forward-mode rules (cheaper there, BENCHMARKS.md), double backward
-    otherwise; decided once per loss from its first trace, and the products are right."""
+    otherwise; decided once per loss code from its first trace, and the products are right."""
     from commentaries_ext.engine import FunctionalModule
     from commentaries_ext.engine import hvp as H
 
@@ -538,7 +538,7 @@ def test_auto_with_few_products_uses_the_linearised_product_only_with_batch_norm
     def tl(p, h, b):
         return h["s"] * nn.functional.cross_entropy(fm(p, b[0]), b[1])
 
-    assert H._few_key(tl) not in H._FEW_PRODUCTS_LINEARIZED  # a new student: not decided yet
+    H._FEW_PRODUCTS_LINEARIZED.pop(H._code_of(tl), None)  # both parametrisations share tl's code
     want = "ForwardOverReverseHessian" if with_bn else "DoubleBackwardHessian"
     c = [torch.randn_like(t) for t in params.values()]
     ref = make_operator(tl, params, phi, batch, hvp="double_backward").matvec(c)
@@ -547,7 +547,7 @@ def test_auto_with_few_products_uses_the_linearised_product_only_with_batch_norm
         assert type(op).__name__ == want
         for a, b in zip(op.matvec(c), ref):
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
-    assert H._FEW_PRODUCTS_LINEARIZED[H._few_key(tl)] is with_bn
+    assert H._FEW_PRODUCTS_LINEARIZED[H._code_of(tl)] is with_bn
 
 
 @pytest.mark.parametrize("dilation", [1, 2])

@@ -48,16 +48,10 @@ _LINEARIZE_DEFAULT = True  # hvp='auto' -> linearised forward-over-reverse (see 
 
 AUTO_MIN_PRODUCTS = 2  # hvp="auto": double backward up to this many products (measured, BENCHMARKS.md)
 _AUTO_BROKEN: set = set()  # losses whose trace failed: 'auto' uses double backward for them
-# hvp="auto" with few products: whether the loss's linearised trace runs BatchNorm's rules (then
-# its primal pass plus products beat double backward even for one product; measured, BENCHMARKS.md)
+# hvp="auto" with few products, per loss code (as _AUTO_BROKEN): whether its linearised trace runs
+# BatchNorm's rules (then its primal pass plus products beat double backward even for one product;
+# measured, BENCHMARKS.md). Per code, so that a loss re-created every call is probed once.
 _FEW_PRODUCTS_LINEARIZED: dict = {}
-
-
-def _few_key(loss):
-    """The loss's code and captured objects (a factory's losses over different students differ)."""
-    from .linearize import _loss_key
-
-    return _loss_key(loss)[0]
 
 
 def _code_of(loss):
@@ -351,7 +345,7 @@ def make_operator(
     if hvp == "auto":
         ok = linearize and _LINEARIZE_DEFAULT and _code_of(loss) not in _AUTO_BROKEN
         if ok and expected_products is not None and expected_products <= AUTO_MIN_PRODUCTS:
-            known = _FEW_PRODUCTS_LINEARIZED.get(_few_key(loss))
+            known = _FEW_PRODUCTS_LINEARIZED.get(_code_of(loss))
             probe = known is None
             ok = probe or known
         hvp = "forward_over_reverse" if ok else "double_backward"
@@ -364,7 +358,7 @@ def make_operator(
         op.__init__(loss, params, hparams, batch, damping)
         if probe:  # decided once per loss: the trace (cached) says whether BatchNorm's rules ran
             uses = op._lin is not None and op._lin.t.uses_batch_norm_rules
-            _FEW_PRODUCTS_LINEARIZED[_few_key(loss)] = uses
+            _FEW_PRODUCTS_LINEARIZED[_code_of(loss)] = uses
             if not uses:
                 return DoubleBackwardHessian(loss, params, hparams, batch, damping)
         return op
@@ -375,6 +369,8 @@ def make_operator(
 
         if not isinstance(exc, TooManyTraces):
             _AUTO_BROKEN.add(_code_of(loss))
+        if probe:
+            _FEW_PRODUCTS_LINEARIZED[_code_of(loss)] = False
         warnings.warn(f"forward-over-reverse HVP unavailable ({type(exc).__name__}: {exc}); using double backward", stacklevel=3)
         return DoubleBackwardHessian(loss, params, hparams, batch, damping)
 
