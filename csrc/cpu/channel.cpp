@@ -42,11 +42,6 @@ void check_inputs(const char* op, const at::TensorList& xs) {
   }
 }
 
-template <typename T>
-inline T hsum(const at::vec::Vectorized<T>& v) {
-  return at::vec::vec_reduce_all<T>([](const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) { return a + b; }, v);
-}
-
 // out[k, c] = sum over (n, s) of a_k * b_k (or a_k where b_k is absent)
 at::Tensor cpp_channel_sums(at::TensorList a, const c10::List<std::optional<at::Tensor>>& b) {
   check_inputs("channel_sums", a);
@@ -98,7 +93,8 @@ at::Tensor cpp_channel_sums(at::TensorList a, const c10::List<std::optional<at::
               const Vec x = Vec::loadu(pa[k] + off + s, S - s);
               v[k] = pb[k] ? at::vec::fmadd(x, Vec::loadu(pb[k] + off + s, S - s), v[k]) : v[k] + x;
             }
-          for (int64_t k = 0; k < K; ++k) pq[k * C + c] += static_cast<double>(hsum(v[k]));
+          for (int64_t k = 0; k < K; ++k)
+            pq[k * C + c] += static_cast<double>(at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return x + y; }, v[k]));
         }
       }
     });
