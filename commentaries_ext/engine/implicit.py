@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from . import vector as V
+from ..memory import reuse_cpu_memory
 from .hvp import make_operator
 
 
@@ -447,38 +448,40 @@ def implicit_hypergradient(
     hparams = {k: t.detach() for k, t in _check_state("hparams", hparams).items()}
     if not params:
         raise ValueError("implicit_hypergradient: params is empty (no student parameters to differentiate)")
-    info: dict = {"curvature": curvature}
-    if v is None:
-        Lv, v, direct = _val_grads(val_loss, params, hparams, val_batch)
-        if reduce is not None:  # one collective for v, the direct term and the loss
-            red = reduce.val(list(v) + list(direct) + [Lv.reshape(1)])
-            v, direct, Lv = red[:len(v)], red[len(v):len(v) + len(direct)], red[-1].reshape(())
-        if not bool(torch.isfinite(Lv).all()) or not _all_finite(v):
-            raise _nonfinite_error(f"implicit_hypergradient: the validation loss ({float(Lv):g}) or its gradient "
-                                   "contains NaN or Inf; check the validation batch")
-    else:
-        v = list(v)
-        if len(v) != len(params) or any(not torch.is_tensor(a) or a.shape != b.shape
-                                         for a, b in zip(v, params.values())):
-            raise ValueError("implicit_hypergradient: v must be a list of tensors shaped like params "
-                             f"({[tuple(t.shape) for t in params.values()]})")
-        Lv, direct = torch.tensor(float("nan")), [torch.zeros_like(t) for t in hparams.values()]
-    damping = solver.damping
-    expected = solver.K if isinstance(solver, NeumannConfig) and solver.alpha is not None else None
-    op = make_operator(train_loss, params, hparams, train_batch, curvature=curvature, hvp=hvp, damping=damping,
-                       linearize=linearize, expected_products=expected)
-    info["hvp"] = type(op).__name__
-    if reduce is not None:
-        from .hvp import ReducedOperator
+    # The K products allocate the same buffers again and again (commentaries_ext/memory.py).
+    with reuse_cpu_memory():
+        info: dict = {"curvature": curvature}
+        if v is None:
+            Lv, v, direct = _val_grads(val_loss, params, hparams, val_batch)
+            if reduce is not None:  # one collective for v, the direct term and the loss
+                red = reduce.val(list(v) + list(direct) + [Lv.reshape(1)])
+                v, direct, Lv = red[:len(v)], red[len(v):len(v) + len(direct)], red[-1].reshape(())
+            if not bool(torch.isfinite(Lv).all()) or not _all_finite(v):
+                raise _nonfinite_error(f"implicit_hypergradient: the validation loss ({float(Lv):g}) or its gradient "
+                                       "contains NaN or Inf; check the validation batch")
+        else:
+            v = list(v)
+            if len(v) != len(params) or any(not torch.is_tensor(a) or a.shape != b.shape
+                                             for a, b in zip(v, params.values())):
+                raise ValueError("implicit_hypergradient: v must be a list of tensors shaped like params "
+                                 f"({[tuple(t.shape) for t in params.values()]})")
+            Lv, direct = torch.tensor(float("nan")), [torch.zeros_like(t) for t in hparams.values()]
+        damping = solver.damping
+        expected = solver.K if isinstance(solver, NeumannConfig) and solver.alpha is not None else None
+        op = make_operator(train_loss, params, hparams, train_batch, curvature=curvature, hvp=hvp, damping=damping,
+                           linearize=linearize, expected_products=expected)
+        info["hvp"] = type(op).__name__
+        if reduce is not None:
+            from .hvp import ReducedOperator
 
-        op = ReducedOperator(op, reduce)
-    p, info = inverse_hvp(op, v, solver, state, info, reduce=reduce)
-    state.calls += 1
-    if curvature == "gauss_newton":
-        from .hvp import DoubleBackwardHessian, ForwardOverReverseHessian  # noqa: F401
-        mixed = op._mixed_double_backward(p)
-    else:
-        mixed = op.mixed(p)
-    info["n_matvec"] = op.n_matvec
-    grads = {name: d - m for name, d, m in zip(hparams, direct, mixed)}
-    return HypergradResult(grads=grads, p=p, v=v, val_loss=Lv, info=info)
+            op = ReducedOperator(op, reduce)
+        p, info = inverse_hvp(op, v, solver, state, info, reduce=reduce)
+        state.calls += 1
+        if curvature == "gauss_newton":
+            from .hvp import DoubleBackwardHessian, ForwardOverReverseHessian  # noqa: F401
+            mixed = op._mixed_double_backward(p)
+        else:
+            mixed = op.mixed(p)
+        info["n_matvec"] = op.n_matvec
+        grads = {name: d - m for name, d, m in zip(hparams, direct, mixed)}
+        return HypergradResult(grads=grads, p=p, v=v, val_loss=Lv, info=info)
