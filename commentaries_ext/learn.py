@@ -37,6 +37,7 @@ from .commentary.base import (
     validation_loss,
 )
 from .checkpoint import data_fingerprint, make_checkpointer, optimizer_config, rng_state, set_rng_state, shapes
+from .memory import reuse_cpu_memory
 from .wrapper import CommentaryOptimizer
 
 NAN_POLICIES = ("raise", "skip")
@@ -221,61 +222,63 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
                 "base": None if base is None else base.state_dict(), "history": result.history,
                 "skipped_steps": result.skipped_steps, "rng": rng_state({"gen": gen})}
 
-    for step in range(start, outer_steps):
-        student = copy.deepcopy(base) if same_init else student_factory()
-        if device is not None:
-            student = student.to(device)
-        if dist_on and not same_init:
-            D.broadcast_module_(student, group=process_group)
-        student.train()
-        fm = FunctionalModule(student)
-        params0, buffers0 = fm.params(), {k: v.detach().clone() for k, v in fm.buffers().items()}
-        batches = []
-        for t in range(inner_steps):
-            idx = _sample(x.shape[0], batch_size, gen)
-            if dist_on:  # this rank's share of the global batch
-                idx = idx[rank * (batch_size // world):(rank + 1) * (batch_size // world)]
-            xb, yb = x[idx], y[idx]
+    # one scope over the loop: each outer step reuses the blocks the previous one freed
+    with reuse_cpu_memory():
+        for step in range(start, outer_steps):
+            student = copy.deepcopy(base) if same_init else student_factory()
             if device is not None:
-                xb, yb, idx = xb.to(device), yb.to(device), idx.to(device)
-            batches.append(commentary.prepare(xb, yb, index=idx, progress=t / inner_steps, generator=gen))
-        hparams = {n: p for n, p in commentary.named_parameters() if n in hnames}
+                student = student.to(device)
+            if dist_on and not same_init:
+                D.broadcast_module_(student, group=process_group)
+            student.train()
+            fm = FunctionalModule(student)
+            params0, buffers0 = fm.params(), {k: v.detach().clone() for k, v in fm.buffers().items()}
+            batches = []
+            for t in range(inner_steps):
+                idx = _sample(x.shape[0], batch_size, gen)
+                if dist_on:  # this rank's share of the global batch
+                    idx = idx[rank * (batch_size // world):(rank + 1) * (batch_size // world)]
+                xb, yb = x[idx], y[idx]
+                if device is not None:
+                    xb, yb, idx = xb.to(device), yb.to(device), idx.to(device)
+                batches.append(commentary.prepare(xb, yb, index=idx, progress=t / inner_steps, generator=gen))
+            hparams = {n: p for n, p in commentary.named_parameters() if n in hnames}
 
-        def loss_fn(params, buffers, hp, batch):
-            prep = call_commentary(commentary, hp, batch)
-            out, new_buffers = fm.call_update(params, buffers, prep.x)
-            with plain_ops():  # the unroll differentiates the loss twice: plain PyTorch cross-entropy
-                return commentary_loss(out, prep), new_buffers
+            def loss_fn(params, buffers, hp, batch):
+                prep = call_commentary(commentary, hp, batch)
+                out, new_buffers = fm.call_update(params, buffers, prep.x)
+                with plain_ops():  # the unroll differentiates the loss twice: plain PyTorch cross-entropy
+                    return commentary_loss(out, prep), new_buffers
 
-        res = unroll(loss_fn, params0, opt, batches, hparams=hparams, buffers=buffers0, truncate=truncate,
-                     checkpoint=checkpoint, grad_reduce=None if reducer is None else reducer.train)
-        xvb, yvb = _val_batches(xv, yv, val_batch_size, gen)
-        if device is not None:
-            xvb, yvb = xvb.to(device), yvb.to(device)
-        L_V = validation_loss(fm(res.params, xvb, buffers=res.buffers), yvb)
-        train_loss = float(torch.stack(res.losses).mean()) if res.losses else float("nan")
-        outer_optimizer.zero_grad(set_to_none=True)
-        ok = bool(torch.isfinite(L_V))
-        if ok:
-            L_V.backward()
-            if reducer is not None:  # the union's meta-gradient: the mean over the ranks
-                ps = [p for p in commentary.parameters() if p.grad is not None]
-                for p, g in zip(ps, D.all_reduce_mean([p.grad for p in ps], group=process_group)):
-                    p.grad.copy_(g)
-            ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in commentary.parameters())
-        if not ok:
-            if nan_policy == "raise":
-                raise NonFiniteError(f"non-finite validation loss or hypergradient at outer step {step}")
-            result.skipped_steps += 1
+            res = unroll(loss_fn, params0, opt, batches, hparams=hparams, buffers=buffers0, truncate=truncate,
+                         checkpoint=checkpoint, grad_reduce=None if reducer is None else reducer.train)
+            xvb, yvb = _val_batches(xv, yv, val_batch_size, gen)
+            if device is not None:
+                xvb, yvb = xvb.to(device), yvb.to(device)
+            L_V = validation_loss(fm(res.params, xvb, buffers=res.buffers), yvb)
+            train_loss = float(torch.stack(res.losses).mean()) if res.losses else float("nan")
             outer_optimizer.zero_grad(set_to_none=True)
-        else:
-            outer_optimizer.step()
-        rec = {"step": step, "val_loss": float(L_V.detach()), "train_loss": train_loss, "skipped": not ok}
-        result.history.append(rec)
-        if callback is not None:
-            callback(step, rec)
-        if ck is not None:
-            ck.step_done(step + 1, ck_state)
+            ok = bool(torch.isfinite(L_V))
+            if ok:
+                L_V.backward()
+                if reducer is not None:  # the union's meta-gradient: the mean over the ranks
+                    ps = [p for p in commentary.parameters() if p.grad is not None]
+                    for p, g in zip(ps, D.all_reduce_mean([p.grad for p in ps], group=process_group)):
+                        p.grad.copy_(g)
+                ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in commentary.parameters())
+            if not ok:
+                if nan_policy == "raise":
+                    raise NonFiniteError(f"non-finite validation loss or hypergradient at outer step {step}")
+                result.skipped_steps += 1
+                outer_optimizer.zero_grad(set_to_none=True)
+            else:
+                outer_optimizer.step()
+            rec = {"step": step, "val_loss": float(L_V.detach()), "train_loss": train_loss, "skipped": not ok}
+            result.history.append(rec)
+            if callback is not None:
+                callback(step, rec)
+            if ck is not None:
+                ck.step_done(step + 1, ck_state)
     return result
 
 
@@ -385,30 +388,32 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
                 "rng": rng_state({"gen": gen})}
 
     student.train()
-    for step in range(start, steps):
-        xb, yb, idx = draw()
-        teacher.zero_grad()
-        loss = teacher.loss(xb, yb, index=idx)
-        loss.backward()
-        if dist_on and not ddp:  # the student's gradient: the mean over the ranks (as DDP's)
-            ps = [p for p in student.parameters() if p.grad is not None]
-            for p, g in zip(ps, D.all_reduce_mean([p.grad for p in ps], group=process_group)):
-                p.grad.copy_(g)
-        teacher.step()
-        rec = {"step": step, "train_loss": float(loss.detach())}
-        if hyper_every and (step + 1) % hyper_every == 0 and teacher.steps > 0:
-            tb = None
-            if fresh_train_batch:
-                xf, yf, idf = draw()
-                tb = commentary.prepare(xf, yf, index=idf, progress=teacher.progress(), generator=gen)
-            res = teacher.hyper_step(train_batch=tb)
-            rec["val_loss"] = float(res.val_loss) if res is not None else float("nan")  # None: skipped (NaN/Inf)
-        if callback is not None:
-            callback(step, rec)
-        if step % max(1, log_every) == 0 or step == steps - 1:
-            result.history.append(rec)
-        if ck is not None:
-            ck.step_done(step + 1, ck_state)
+    # one scope over the loop: the hyper-steps and student steps reuse each other's freed blocks
+    with reuse_cpu_memory():
+        for step in range(start, steps):
+            xb, yb, idx = draw()
+            teacher.zero_grad()
+            loss = teacher.loss(xb, yb, index=idx)
+            loss.backward()
+            if dist_on and not ddp:  # the student's gradient: the mean over the ranks (as DDP's)
+                ps = [p for p in student.parameters() if p.grad is not None]
+                for p, g in zip(ps, D.all_reduce_mean([p.grad for p in ps], group=process_group)):
+                    p.grad.copy_(g)
+            teacher.step()
+            rec = {"step": step, "train_loss": float(loss.detach())}
+            if hyper_every and (step + 1) % hyper_every == 0 and teacher.steps > 0:
+                tb = None
+                if fresh_train_batch:
+                    xf, yf, idf = draw()
+                    tb = commentary.prepare(xf, yf, index=idf, progress=teacher.progress(), generator=gen)
+                res = teacher.hyper_step(train_batch=tb)
+                rec["val_loss"] = float(res.val_loss) if res is not None else float("nan")  # None: skipped (NaN/Inf)
+            if callback is not None:
+                callback(step, rec)
+            if step % max(1, log_every) == 0 or step == steps - 1:
+                result.history.append(rec)
+            if ck is not None:
+                ck.step_done(step + 1, ck_state)
     result.skipped_steps = teacher.skipped_steps + teacher.skipped_hyper_steps
     result.info["skipped_student_steps"] = teacher.skipped_steps
     result.info["skipped_hyper_steps"] = teacher.skipped_hyper_steps

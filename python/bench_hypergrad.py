@@ -54,6 +54,7 @@ from commentaries_ext.engine import (  # noqa: E402
     implicit_hypergradient,
     unroll,
 )
+from commentaries_ext.memory import reuse_cpu_memory  # noqa: E402
 
 C = 10
 
@@ -351,10 +352,11 @@ def _bptt_fns(ctx):
     def engine_outer(T, checkpoint=None, sgd=False):
         from commentaries_ext.engine import SGD as DSGD
 
-        res = unroll(loss_fn, fm.params(), DSGD(lr=0.1) if sgd else DAdam(lr=lr), batches[:T], hparams={"phi": phi},
-                     buffers=fm.buffers(), checkpoint=checkpoint)
-        val = F.cross_entropy(fm(res.params, vb[0]), vb[1])
-        return torch.autograd.grad(val, phi)[0]
+        with reuse_cpu_memory():  # the outer backward reuses the inner steps' freed blocks
+            res = unroll(loss_fn, fm.params(), DSGD(lr=0.1) if sgd else DAdam(lr=lr), batches[:T], hparams={"phi": phi},
+                         buffers=fm.buffers(), checkpoint=checkpoint)
+            val = F.cross_entropy(fm(res.params, vb[0]), vb[1])
+            return torch.autograd.grad(val, phi)[0]
 
     return plain_step, higher_outer, engine_outer
 

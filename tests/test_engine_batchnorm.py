@@ -73,11 +73,19 @@ def test_values_gradients_and_hvp_match_the_dense_hessian(prob):
     m = x.numel() // x.shape[1]
     term = float(r.abs().max()) * t_max * (1 + float(w.abs().max())) ** 2 * rstd_max**2 * m
     scale = float(H.abs().max()) * t_max
-    for i, (a, e) in enumerate(zip(hv, expect)):
+    # the same product in reverse mode (double backward through BatchNormTrainBackward.backward)
+    xs, ws, bs = (t.detach().requires_grad_(True) for t in (x, w, b))
+    with batch_norm_rules() as rules:
+        gs = torch.autograd.grad(f(xs, ws, bs), (xs, ws, bs), create_graph=True, allow_unused=True)
+    assert rules.calls == 1
+    gs_used = [(gi, ti) for gi, ti in zip(gs, tangents) if gi is not None and gi.requires_grad]
+    hv_rev = torch.autograd.grad([gi for gi, _ in gs_used], (xs, ws, bs), [ti for _, ti in gs_used], allow_unused=True)
+    for i, (a, a_rev, e) in enumerate(zip(hv, hv_rev, expect)):
         if not affine and i > 0:
             continue  # weight and bias are not used without affine
         atol = 1e-9 * max(scale, term if i == 0 else 0.0) + 1e-300
         torch.testing.assert_close(a.reshape(-1), e, rtol=1e-7, atol=atol)
+        torch.testing.assert_close(a_rev.reshape(-1), e, rtol=1e-7, atol=atol)
 
 
 def test_float32_product_matches_the_stock_forward_ad():
@@ -97,18 +105,19 @@ def test_float32_product_matches_the_stock_forward_ad():
 def test_calls_it_does_not_handle_go_to_the_stock_operator():
     x = torch.randn(4, 3, 2)
     rm, rv = torch.zeros(3), torch.ones(3)
-    with batch_norm_rules():
+    with batch_norm_rules() as rules:
         y = F.batch_norm(x, rm, rv, training=True, momentum=0.5)  # running statistics: stock path
+    assert rules.calls == 0
     assert not torch.equal(rm, torch.zeros(3)), "the stock operator updates the running mean in place"
     torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True))
     with batch_norm_rules(), pytest.raises(ValueError, match="more than 1 value per channel"):
         F.batch_norm(torch.randn(1, 3), None, None, training=True)  # the stock error, not a silent 0
 
 
-def test_backward_of_the_backward_is_refused_clearly():
-    x = torch.randn(4, 3, requires_grad=True)
-    gy = torch.randn(4, 3)
-    xhat, rstd = torch.randn(4, 3), torch.rand(3) + 0.5
-    gx, _, _ = BatchNormTrainBackward.apply(gy, x, torch.ones(3), xhat, rstd)
-    with pytest.raises(NotImplementedError, match="forward mode only"):
-        gx.sum().backward()
+def test_a_third_derivative_is_refused_clearly():
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    with batch_norm_rules():
+        (gx,) = torch.autograd.grad(torch.sin(F.batch_norm(x, None, None, training=True)).sum(), x, create_graph=True)
+    (hx,) = torch.autograd.grad(gx.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        hx.sum().backward()

@@ -56,8 +56,8 @@ def test_inner_optimizer_matches_torch_optim(name):
             assert torch.allclose(buffers[k].to(v.dtype), v, rtol=1e-12, atol=1e-13), (name, k)
 
 
-def weighted_setup(opt_name, T=4, seed=0):
-    net = make_net(seed)
+def weighted_setup(opt_name, T=4, seed=0, bn=False):
+    net = make_net(seed, bn=bn)
     fm = FunctionalModule(net)
     bs = batches(T, seed)
     xv, yv = batches(1, seed + 100, n=16)[0]
@@ -80,7 +80,7 @@ def weighted_setup(opt_name, T=4, seed=0):
 
     def hand(phi, truncate=None):
         """Hand-unrolled reference with plain autograd on nn.Parameters."""
-        ref = make_net(seed)
+        ref = make_net(seed, bn=bn)
         ps = [p.detach().clone().requires_grad_(True) for p in ref.parameters()]
         names = [n for n, _ in ref.named_parameters()]
         m = [torch.zeros_like(p) for p in ps]
@@ -113,8 +113,10 @@ def weighted_setup(opt_name, T=4, seed=0):
 
 
 @pytest.mark.parametrize("opt_name", ["sgd", "momentum", "adam"])
-def test_bptt_matches_hand_unrolled_and_finite_differences(opt_name):
-    phi0, meta_loss, hand = weighted_setup(opt_name)
+@pytest.mark.parametrize("bn", [False, True], ids=["plain", "batchnorm"])
+def test_bptt_matches_hand_unrolled_and_finite_differences(opt_name, bn):
+    # bn: BatchNorm1d in training mode (batch statistics) inside every differentiated step
+    phi0, meta_loss, hand = weighted_setup(opt_name, bn=bn)
     phi = phi0.clone().requires_grad_(True)
     g = torch.autograd.grad(meta_loss(phi), phi)[0]
     phi_h = phi0.clone().requires_grad_(True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ..ops.channel import channel_combine, channel_sums
 
@@ -65,6 +66,7 @@ class BatchNormTrain(torch.autograd.Function):
         x, weight, _, eps = inputs
         _, xhat, rstd = output
         ctx.mark_non_differentiable(xhat, rstd)
+        ctx.set_materialize_grads(False)  # no activation-sized zeros for the unused x̂ gradient
         ctx.save_for_backward(x, weight, xhat, rstd)
         ctx.save_for_forward(weight, xhat, rstd)
         ctx.eps = eps
@@ -72,6 +74,8 @@ class BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, _gxhat, _grstd):
         x, weight, xhat, rstd = ctx.saved_tensors
+        if gy is None:
+            return None, None, None, None
         gx, gw, gb = BatchNormTrainBackward.apply(gy, x, weight, xhat, rstd)
         return gx, gw, gb, None
 
@@ -90,9 +94,12 @@ class BatchNormTrain(torch.autograd.Function):
 
 class BatchNormTrainBackward(torch.autograd.Function):
     """``(gx, gweight, gbias)`` of :class:`BatchNormTrain` from ``(gy, x, weight, x̂, rstd)``
-    (``x`` for its tangent; ``x̂`` and ``rstd`` are not differentiated: the rule accounts for
-    them); forward-mode rule above.  Its own backward is not defined: the engine never
-    differentiates it twice in reverse mode (double backward uses the stock operator)."""
+    (``x`` for its tangent and its gradient; ``x̂`` and ``rstd`` are not differentiated: the
+    rules account for them).  Forward-mode rule above; the reverse-mode rule (a double
+    backward through these functions, e.g. reverse-over-reverse inside :func:`batch_norm_rules`)
+    in :meth:`backward`.  Backpropagation through training keeps the stock operator: routed
+    through these functions, the Python glue of each inner step cost more than the shorter
+    double backward saved (BENCHMARKS.md)."""
 
     @staticmethod
     def forward(gy, x, weight, xhat, rstd):
@@ -107,10 +114,39 @@ class BatchNormTrainBackward(torch.autograd.Function):
         gy, x, weight, xhat, rstd = inputs
         _, gw, gb = output
         ctx.save_for_forward(gy, weight, xhat, rstd, gw, gb)
+        ctx.save_for_backward(gy, weight, xhat, rstd, gw, gb)
 
     @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError("BatchNormTrainBackward is differentiated in forward mode only")
+    @once_differentiable
+    def backward(ctx, u, ugw, ugb):
+        # Cotangents u (of gx), ugw, ugb.  With A = Σgy/M, B = Σ(gy x̂)/M, wr = w rstd and
+        # P = gy - A - x̂ B (so gx = wr P):
+        #   d/dgy = wr (u - Σu/M - x̂ Σ(u x̂)/M) + ugw x̂ + ugb
+        #   d/dw  = rstd Σ(u P)
+        #   d/dx  = rstd (q - Σq/M - x̂ Σ(q x̂)/M) - wr rstd Σ(u P)/M x̂,  q = -wr B u + (ugw - wr Σ(u x̂)/M) gy
+        # (from pairing the forward-mode rule's d(gx), d(gw) with the cotangents): one pass for
+        # the sums, one combination per input gradient.
+        gy, weight, xhat, rstd, gw, gb = ctx.saved_tensors
+        m = xhat.numel() // xhat.shape[1]
+        u = _zeros_if_none(u, gy)
+        ugw = _zeros_if_none(ugw, gw)
+        ugb = _zeros_if_none(ugb, gb)
+        s = channel_sums([u, u, u], [None, xhat, gy])
+        su, sux, sug = s[0], s[1], s[2]
+        wr = weight * rstd
+        A, B = gb / m, gw / m
+        sup = sug - A * su - B * sux  # Σ(u P)
+        ggy = gx_in = gw_in = None
+        if ctx.needs_input_grad[0]:
+            ggy = channel_combine([u, xhat], torch.stack([wr, ugw - wr * sux / m]), ugb - wr * su / m)
+        if ctx.needs_input_grad[1]:
+            cu, cg = -wr * B, ugw - wr * sux / m  # q = cu u + cg gy
+            sq, sqx = cu * su + cg * gb, cu * sux + cg * gw
+            gx_in = channel_combine([u, gy, xhat], torch.stack([rstd * cu, rstd * cg, -rstd * (sqx + wr * sup) / m]),
+                                    -rstd * sq / m)
+        if ctx.needs_input_grad[2]:
+            gw_in = rstd * sup
+        return ggy, gx_in, gw_in, None, None
 
     @staticmethod
     def jvp(ctx, dgy, dx, dweight, _dxhat, _drstd):

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
 
 def _t(x, like):
@@ -217,21 +216,7 @@ def unroll(
     losses = []
 
     def one_step(params, state, buffers, batch, create_graph):
-        with torch.enable_grad():
-            if not create_graph:
-                params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-            else:
-                params = {k: (v if v.requires_grad else v.detach().requires_grad_(True)) for k, v in params.items()}
-            loss, new_buffers = _call_loss(loss_fn, params, buffers, hparams, batch)
-            gs = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, allow_unused=True)
-            gs = _reduce_grads(grad_reduce, gs)
-        grads = dict(zip(params, gs))
-        if not create_graph:
-            with torch.no_grad():
-                new_p, new_s = optimizer.step({k: v.detach() for k, v in params.items()}, grads, state)
-            return new_p, new_s, {k: v.detach() for k, v in new_buffers.items()}, loss.detach()
-        new_p, new_s = optimizer.step(params, grads, state)
-        return new_p, new_s, {k: v.detach() for k, v in new_buffers.items()}, loss.detach()
+        return _step(loss_fn, optimizer, params, state, buffers, hparams, batch, create_graph, grad_reduce)
 
     # free (untracked) prefix
     for i in range(n_free):
