@@ -30,6 +30,7 @@ from torch.func import jvp as fjvp
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .batchnorm import batch_norm_rules
+from .pooling import pool_channels_last
 
 _FALLBACK_CACHE: dict = {}  # key -> _Traced
 MAX_ENTRIES = 8
@@ -75,6 +76,7 @@ class _Traced:
             gm = make_fx(f, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
         self.gm = gm
         self.uses_batch_norm_rules = rules.calls > 0
+        self.pooled_channels_last = pool_channels_last(gm)
         self.lowered_input_grads = _lower_input_grads(gm)
         self._split(gm)
 
