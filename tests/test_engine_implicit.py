@@ -580,3 +580,26 @@ def test_convolution_input_gradients_by_fold_match_double_backward(monkeypatch, 
     for a, b in zip(lin.mixed(c), db.mixed(c)):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
     LZ.clear_cache()
+
+
+def test_zero_tangent_adds_are_dropped_from_the_trace():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from commentaries_ext.engine.linearize import _drop_zero_adds
+
+    def f(x, y):
+        z = torch.zeros_like(x)
+        kept = x * 2 + z                   # dropped: x * 2 has the sum's shape and dtype
+        bcast = y + torch.zeros_like(x)     # kept: the sum broadcasts y to x's shape
+        inplace = x * 3 + torch.zeros_like(x)
+        inplace.add_(1.0)                   # kept: the sum is written in place
+        return kept, bcast, inplace
+
+    x, y = torch.randn(4, 5), torch.randn(5)
+    gm = make_fx(f)(x, y)
+    adds = lambda: sum(n.target is torch.ops.aten.add.Tensor for n in gm.graph.nodes)  # noqa: E731
+    before = adds()
+    assert _drop_zero_adds(gm) == 1
+    assert adds() == before - 1
+    for a, b in zip(gm(x, y), f(x, y)):
+        assert torch.equal(a, b)

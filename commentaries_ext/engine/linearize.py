@@ -76,6 +76,7 @@ class _Traced:
             gm = make_fx(f, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
         self.gm = gm
         self.uses_batch_norm_rules = rules.calls > 0
+        self.dropped_zero_adds = _drop_zero_adds(gm)
         self.pooled_channels_last = pool_channels_last(gm)
         self.lowered_input_grads = _lower_input_grads(gm)
         self._split(gm)
@@ -151,6 +152,36 @@ class _Traced:
         for m in (self.primal_gm, self.hvp_gm, self.mix_gm):
             if m is not None:
                 _narrow_outputs(m)
+
+
+_ZEROS = (torch.ops.aten.zeros_like.default, torch.ops.aten.zeros.default)
+
+
+def _drop_zero_adds(gm: fx.GraphModule) -> int:
+    """Replace ``a + zeros`` by ``a`` where the sum has ``a``'s shape and dtype.  Forward-mode
+    formulas add a zero tangent for an argument that has none (e.g. the ``self`` of
+    ``threshold_backward``): on the ConvNet a fill and an add over a 3.2 MB activation per
+    product."""
+    changed = 0
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target is not torch.ops.aten.add.Tensor or n.kwargs.get("alpha", 1) != 1:
+            continue
+        if len(n.args) != 2 or not all(isinstance(a, fx.Node) for a in n.args):
+            continue
+        a, b = n.args
+        keep = b if a.target in _ZEROS else a if b.target in _ZEROS else None
+        out, kv = n.meta.get("val"), keep.meta.get("val") if keep is not None else None
+        if keep is None or out is None or kv is None or kv.shape != out.shape or kv.dtype != out.dtype:
+            continue
+        if any(getattr(getattr(u.target, "_schema", None), "is_mutable", False) for u in list(n.users) + list(keep.users)):
+            continue  # written in place: the sum must stay a separate tensor
+        n.replace_all_uses_with(keep)
+        gm.graph.erase_node(n)
+        changed += 1
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
 
 
 _CONV_BWD = torch.ops.aten.convolution_backward.default
