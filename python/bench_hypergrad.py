@@ -5,6 +5,7 @@ training step (forward, backward, torch.optim.Adam) of the same student.
     python python/bench_hypergrad.py                  # everything, both students
     python python/bench_hypergrad.py --quick          # smoke run
     python python/bench_hypergrad.py --malloc mmap    # re-exec with MALLOC_MMAP_THRESHOLD_=65536, MALLOC_TRIM_THRESHOLD_=0
+    python python/bench_hypergrad.py --malloc keep    # re-exec with glibc keeping freed memory (no page faults)
 
 Problem (IFT): blending commentary phi in R^{CxC} (init -1); partner j from a
 permutation of the batch; lam = 1 - 0.5 sigmoid(phi[y_i, y_j]);
@@ -36,7 +37,10 @@ warnings.filterwarnings("ignore")
 
 
 def _maybe_reexec(mode: str) -> None:
-    want = {"mmap": {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}}.get(mode)
+    want = {"mmap": {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"},
+            # glibc keeps freed memory (the largest mmap threshold it accepts, 32 MB): no page
+            # faults on reuse for any method, the plain training step included
+            "keep": {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184"}}.get(mode)
     if want and any(os.environ.get(k) != v for k, v in want.items()):
         env = dict(os.environ, **want)
         os.execve(sys.executable, [sys.executable] + sys.argv, env)
@@ -410,7 +414,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--bptt-rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
-    ap.add_argument("--malloc", choices=["default", "mmap"], default="default",
+    ap.add_argument("--malloc", choices=["default", "mmap", "keep"], default="default",
                     help="allocator for the timings (peak memory is always measured in child processes with mmap)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)

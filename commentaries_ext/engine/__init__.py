@@ -54,6 +54,12 @@ K <= 2), the linearised form otherwise, and double backward whenever the loss
 cannot be traced (data-dependent Python control flow).  Pass the same loss
 callable every hyper-step so that the trace is reused.
 
+CPU fast paths (same values and derivatives): ``implicit_hypergradient`` runs
+inside ``commentaries_ext.memory.reuse_cpu_memory()`` (its products reuse freed
+blocks instead of faulting in fresh pages); max pooling goes through ATen's
+channels-last kernel (``engine/pooling.py``); BatchNorm's forward-mode rules are
+``engine/batchnorm.py``.
+
 Several processes: ``implicit_hypergradient(..., reduce=ShardReducer(...))``
 (``commentaries_ext.distributed``) combines ``v``, every Hessian-vector product,
 the mixed term and the solvers' scalars over the ranks, so that the result is
