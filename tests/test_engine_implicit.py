@@ -603,3 +603,29 @@ def test_zero_tangent_adds_are_dropped_from_the_trace():
     assert adds() == before - 1
     for a, b in zip(gm(x, y), f(x, y)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1)])
+def test_two_input_gradients_of_a_convolution_are_merged(stride, padding):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from commentaries_ext.engine.linearize import _CONV_BWD, _merge_input_grads
+
+    g = torch.Generator().manual_seed(stride)
+    x = torch.randn(3, 5, 9, 9, generator=g, dtype=torch.float64)
+    W, V = (torch.randn(7, 5, 3, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    out_hw = (9 + 2 * padding - 3) // stride + 1
+    a, b = (torch.randn(3, 7, out_hw, out_hw, generator=g, dtype=torch.float64) for _ in range(2))
+    args = ([stride, stride], [padding, padding], [1, 1], False, [0, 0], 1)
+
+    def f(a, b, x, W, V):
+        ga = _CONV_BWD(a, x, W, [7], *args, [True, False, False])[0]
+        gb = _CONV_BWD(b, x, V, [7], *args, [True, False, False])[0]
+        gw = _CONV_BWD(b, x, W, [7], *args, [False, True, False])[1]  # a weight gradient: not merged
+        return ga + gb, gw
+
+    gm = make_fx(f)(a, b, x, W, V)
+    assert _merge_input_grads(gm) == 1
+    assert sum(n.target is _CONV_BWD for n in gm.graph.nodes) == 2
+    for got, want in zip(gm(a, b, x, W, V), f(a, b, x, W, V)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

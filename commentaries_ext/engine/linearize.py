@@ -79,6 +79,7 @@ class _Traced:
         self.dropped_zero_adds = _drop_zero_adds(gm)
         self.pooled_channels_last = pool_channels_last(gm)
         self.lowered_input_grads = _lower_input_grads(gm)
+        self.merged_input_grads = _merge_input_grads(gm)  # those left to oneDNN
         self._split(gm)
 
     def _split(self, gm):
@@ -209,6 +210,57 @@ def _fold_is_faster(key) -> bool:
         fold = best_seconds(lambda: _input_grad_by_fold(go, w, in_shape[2:], w_shape[2:], stride, padding, dilation))
         _FOLD_FASTER[key] = fold < 0.8 * native
     return _FOLD_FASTER[key]
+
+
+def _merge_input_grads(gm: fx.GraphModule) -> int:
+    """``conv_T(a, W) + conv_T(b, V)`` (two input gradients of one convolution, as the tangent
+    of a backward pass has: ``dgy`` through ``W`` plus ``gy`` through ``dW``) as one input
+    gradient with the grad-outputs concatenated over channels and the weights over output
+    channels: one oneDNN call instead of two and an add (~0.27 ms of a 6.4 ms ConvNet
+    product)."""
+    import operator
+
+    def only_input_grad(g):
+        if not (isinstance(g, fx.Node) and g.op == "call_function" and g.target is operator.getitem and g.args[1] == 0):
+            return None
+        c = g.args[0]
+        if c.op != "call_function" or c.target is not _CONV_BWD or len(c.args) != 11 or c.kwargs:
+            return None
+        if len(g.users) != 1 or not c.args[10][0] or c.args[7] or c.args[9] != 1:  # input grad, transposed, groups
+            return None
+        if any(u is not g and (u.target is not operator.getitem or u.users) for u in c.users):
+            return None  # another output is used (unused getitems are left by make_fx)
+        return c
+
+    changed = 0
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target is not torch.ops.aten.add.Tensor or n.kwargs or len(n.args) != 2:
+            continue
+        ca, cb = (only_input_grad(a) for a in n.args)
+        if ca is None or cb is None or ca is cb or ca.args[4:10] != cb.args[4:10]:
+            continue
+        va, vb = ([a.meta.get("val") if isinstance(a, fx.Node) else None for a in c.args[:3]] for c in (ca, cb))
+        if any(v is None for v in va + vb) or any(x.shape != y.shape or x.dtype != y.dtype for x, y in zip(va, vb)):
+            continue
+        if va[0].device.type != "cpu":
+            continue
+        with gm.graph.inserting_before(n):
+            go = gm.graph.call_function(torch.ops.aten.cat.default, ([ca.args[0], cb.args[0]], 1))
+            w = gm.graph.call_function(torch.ops.aten.cat.default, ([ca.args[2], cb.args[2]], 0))
+            merged = gm.graph.call_function(_CONV_BWD, (go, ca.args[1], w, None, *ca.args[4:10], [True, False, False]))
+            grad = gm.graph.call_function(operator.getitem, (merged, 0))
+        grad.meta.update(n.meta)
+        n.replace_all_uses_with(grad)
+        gm.graph.erase_node(n)
+        for c in (ca, cb):
+            for g in list(c.users):
+                gm.graph.erase_node(g)
+            gm.graph.erase_node(c)
+        changed += 1
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
 
 
 def _lower_input_grads(gm: fx.GraphModule) -> int:
