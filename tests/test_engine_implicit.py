@@ -629,3 +629,28 @@ def test_two_input_gradients_of_a_convolution_are_merged(stride, padding):
     assert sum(n.target is _CONV_BWD for n in gm.graph.nodes) == 2
     for got, want in zip(gm(a, b, x, W, V), f(a, b, x, W, V)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_two_folded_input_gradients_are_merged():
+    from commentaries_ext.engine.linearize import _input_grad_by_fold, _merge_input_grads
+
+    g = torch.Generator().manual_seed(0)
+    W, V = (torch.randn(6, 1, 5, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    a, b = (torch.randn(3, 6, 7, 7, generator=g, dtype=torch.float64) for _ in range(2))
+    geom = ((14, 14), (5, 5), (2, 2), (2, 2), (1, 1))
+
+    def f(a, b, W, V):
+        return _input_grad_by_fold(a, W, *geom) + _input_grad_by_fold(b, V, *geom)
+
+    # in the engine the lowering pass inserts the helper as graph nodes; build such a graph
+    graph = torch.fx.Graph()
+    pa, pb, pW, pV = (graph.placeholder(n) for n in "abWV")
+    ga = graph.call_function(_input_grad_by_fold, (pa, pW, *geom))
+    gb = graph.call_function(_input_grad_by_fold, (pb, pV, *geom))
+    graph.output(graph.call_function(torch.ops.aten.add.Tensor, (ga, gb)))
+    for node, val in zip((pa, pb, pW, pV), (a, b, W, V)):
+        node.meta["val"] = val
+    gm = torch.fx.GraphModule({}, graph)
+    assert _merge_input_grads(gm) == 1
+    assert sum(n.target is _input_grad_by_fold for n in gm.graph.nodes) == 1
+    torch.testing.assert_close(gm(a, b, W, V), f(a, b, W, V), rtol=1e-12, atol=1e-12)
