@@ -91,6 +91,16 @@ def _inner_opt(spec, lr):
     return spec
 
 
+def _draw_batch(x, y, batch_size, gen, device, rank=0, world=1):
+    """This rank's share of a random global batch: ``(x, y, index)``."""
+    idx = _sample(x.shape[0], batch_size, gen)
+    idx = idx[rank * (batch_size // world):(rank + 1) * (batch_size // world)]
+    xb, yb = x[idx], y[idx]
+    if device is not None:
+        xb, yb, idx = xb.to(device), yb.to(device), idx.to(device)
+    return xb, yb, idx
+
+
 def _val_batches(xv, yv, val_batch_size, gen):
     if val_batch_size is None or val_batch_size >= xv.shape[0]:
         return xv, yv
@@ -235,12 +245,7 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
             params0, buffers0 = fm.params(), {k: v.detach().clone() for k, v in fm.buffers().items()}
             batches = []
             for t in range(inner_steps):
-                idx = _sample(x.shape[0], batch_size, gen)
-                if dist_on:  # this rank's share of the global batch
-                    idx = idx[rank * (batch_size // world):(rank + 1) * (batch_size // world)]
-                xb, yb = x[idx], y[idx]
-                if device is not None:
-                    xb, yb, idx = xb.to(device), yb.to(device), idx.to(device)
+                xb, yb, idx = _draw_batch(x, y, batch_size, gen, device, rank, world)
                 batches.append(commentary.prepare(xb, yb, index=idx, progress=t / inner_steps, generator=gen))
             hparams = {n: p for n, p in commentary.named_parameters() if n in hnames}
 
@@ -358,13 +363,7 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
         "solver": repr(teacher._solver()) if solver is None else repr(solver), "curvature": curvature, "seed": seed})
 
     def draw():
-        idx = _sample(x.shape[0], batch_size, gen)
-        if dist_on:  # this rank's share of the global batch
-            idx = idx[rank * (batch_size // world):(rank + 1) * (batch_size // world)]
-        xb, yb = x[idx], y[idx]
-        if device is not None:
-            xb, yb, idx = xb.to(device), yb.to(device), idx.to(device)
-        return xb, yb, idx
+        return _draw_batch(x, y, batch_size, gen, device, rank, world)
 
     ck = make_checkpointer(checkpoint_path, "learn_ift", lambda: {
         "steps": steps, "batch_size": batch_size, "student_optimizer": optimizer_config(student_optimizer),

@@ -155,6 +155,14 @@ class _Traced:
                 _narrow_outputs(m)
 
 
+def recompiled(gm: fx.GraphModule, changed: int) -> int:
+    """The end of a graph rewrite: check and regenerate ``gm`` if it changed; returns ``changed``."""
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
 _ZEROS = (torch.ops.aten.zeros_like.default, torch.ops.aten.zeros.default)
 
 
@@ -179,10 +187,7 @@ def _drop_zero_adds(gm: fx.GraphModule) -> int:
         n.replace_all_uses_with(keep)
         gm.graph.erase_node(n)
         changed += 1
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-    return changed
+    return recompiled(gm, changed)
 
 
 _CONV_BWD = torch.ops.aten.convolution_backward.default
@@ -275,10 +280,7 @@ def _merge_input_grads(gm: fx.GraphModule) -> int:
                 graph.erase_node(g)
             graph.erase_node(c)
         changed += 1
-    if changed:
-        graph.lint()
-        gm.recompile()
-    return changed
+    return recompiled(gm, changed)
 
 
 def _lower_input_grads(gm: fx.GraphModule) -> int:
@@ -314,10 +316,7 @@ def _lower_input_grads(gm: fx.GraphModule) -> int:
         if not n.users:
             gm.graph.erase_node(n)
         changed += 1
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-    return changed
+    return recompiled(gm, changed)
 
 
 def _narrow_outputs(gm: fx.GraphModule) -> int:

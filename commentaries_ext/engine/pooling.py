@@ -103,6 +103,8 @@ def pool_channels_last(gm: fx.GraphModule) -> int:
     """Rewrite each ``max_pool2d_with_indices`` of a traced graph whose input is an
     NCHW-contiguous CPU float tensor with >= 8 channels into the channels-last round trip;
     returns how many were rewritten."""
+    from .linearize import recompiled  # linearize imports this module
+
     graph = gm.graph
     changed = 0
     for n in list(graph.nodes):
@@ -128,7 +130,4 @@ def pool_channels_last(gm: fx.GraphModule) -> int:
             graph.erase_node(u)
         graph.erase_node(n)
         changed += 1
-    if changed:
-        graph.lint()
-        gm.recompile()
-    return changed
+    return recompiled(gm, changed)

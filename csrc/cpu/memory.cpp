@@ -39,26 +39,28 @@ class ScopedCachingCPUAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
     if (n == 0) return {nullptr, nullptr, &release, c10::Device(c10::DeviceType::CPU)};
-    // Small blocks keep their exact size and are never cached (size 0 in live_
-    // means "release at once"): glibc's bins already serve them well.
-    const size_t size = n < kMinCachedBytes ? n : (n + kRounding - 1) / kRounding * kRounding;
-    void* block = nullptr;
-    if (n >= kMinCachedBytes) {
+    const bool cacheable = n >= kMinCachedBytes;
+    const size_t size = cacheable ? (n + kRounding - 1) / kRounding * kRounding : n;
+    if (cacheable) {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = free_.find(size);
-      if (it != free_.end() && !it->second.empty()) {
-        block = it->second.back();
+      if (it != free_.end() && !it->second.empty()) {  // a hit: one lock for the whole call
+        void* block = it->second.back();
         it->second.pop_back();
         cached_bytes_ -= size;
         ++hits_;
-      } else {
-        ++misses_;
+        live_[block] = size;
+        c10::profiledCPUMemoryReporter().New(block, n);
+        return {block, block, &release, c10::Device(c10::DeviceType::CPU)};
       }
+      ++misses_;
     }
-    if (block == nullptr) block = c10::alloc_cpu(size);
+    void* block = c10::alloc_cpu(size);
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      live_[block] = n < kMinCachedBytes ? 0 : size;
+      // Small blocks are never cached (size 0 in live_ means "release at once"):
+      // glibc's bins already serve them well.
+      live_[block] = cacheable ? size : 0;
     }
     c10::profiledCPUMemoryReporter().New(block, n);
     return {block, block, &release, c10::Device(c10::DeviceType::CPU)};
