@@ -173,3 +173,86 @@ def test_lr_as_differentiable_hyperparameter():
     with torch.no_grad():
         fd = (meta(lr + 1e-6) - meta(lr - 1e-6)) / 2e-6
     assert abs(float(g) - float(fd)) < 1e-6
+
+
+# ----------------------------------------------------------------- the fused Adam node
+
+
+def _adam_inputs(k=3, seed=0, zero_v=False):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(5,), (3, 4), (2, 1, 3)][:k]
+    p = [torch.randn(s, generator=g, dtype=DT) for s in shapes]
+    gr = [torch.randn(s, generator=g, dtype=DT) for s in shapes]
+    m = [0.1 * torch.randn(s, generator=g, dtype=DT) for s in shapes]
+    v = [torch.rand(s, generator=g, dtype=DT) + 0.1 for s in shapes]
+    if zero_v:  # entries whose v' is 0: sqrt is not differentiable there (derivative taken as 0)
+        gr[0][:2] = 0
+        v[0][:2] = 0
+        m[0][:2] = 0
+    return p, gr, m, v
+
+
+def _generic_adam(opt, params, grads, state):
+    import importlib
+
+    U = importlib.import_module("commentaries_ext.engine.unroll")
+    orig = U._fused_adam_applies
+    U._fused_adam_applies = lambda *a: False
+    try:
+        return opt.step(params, grads, state)
+    finally:
+        U._fused_adam_applies = orig
+
+
+@pytest.mark.parametrize("zero_v", [False, True])
+def test_fused_adam_node_gradcheck_and_matches_the_generic_graph(zero_v):
+    from commentaries_ext.engine.unroll import _AdamStep
+
+    p, gr, m, v = _adam_inputs(zero_v=zero_v)
+    hp = (0.05, 0.8, 0.99, 1e-6, 1 - 0.8**3, 1 - 0.99**3)
+    ts = [t.clone().requires_grad_() for t in p + gr + m + v]
+    k = len(p)
+    if not zero_v:  # gradcheck's finite differences cross sqrt's kink at v' = 0
+        assert torch.autograd.gradcheck(lambda *t: _AdamStep.apply(hp, k, *t), ts)
+        assert torch.autograd.gradgradcheck(lambda *t: _AdamStep.apply(hp, k, *t), ts)
+    # against the stock-op graph of the generic step, on random cotangents (some outputs unused)
+    opt = Adam(lr=0.05, betas=(0.8, 0.99), eps=1e-6)
+    names = [f"w{i}" for i in range(k)]
+    state = {"step": 2, "m": dict(zip(names, ts[2 * k:3 * k])), "v": dict(zip(names, ts[3 * k:]))}
+    params, grads = dict(zip(names, ts[:k])), dict(zip(names, ts[k:2 * k]))
+    new_f, st_f = opt.step(params, grads, state)
+    new_g, st_g = _generic_adam(opt, params, grads, state)
+    assert "AdamStep" in type(new_f["w0"].grad_fn).__name__ and "AdamStep" not in type(new_g["w0"].grad_fn).__name__
+    gen = torch.Generator().manual_seed(1)
+    outs_f = [new_f[n] for n in names] + [st_f["m"]["w1"], st_f["v"]["w2"]]
+    outs_g = [new_g[n] for n in names] + [st_g["m"]["w1"], st_g["v"]["w2"]]
+    for a, b in zip(outs_f, outs_g):
+        assert torch.allclose(a, b, rtol=1e-14, atol=1e-15)
+    cot = [torch.randn(o.shape, generator=gen, dtype=DT) for o in outs_f]
+    gf = torch.autograd.grad(outs_f, ts, cot, allow_unused=True)
+    gg = torch.autograd.grad(outs_g, ts, cot, allow_unused=True)
+    for i, (a, b) in enumerate(zip(gf, gg)):
+        a = torch.zeros_like(ts[i]) if a is None else a
+        b = torch.zeros_like(ts[i]) if b is None else b
+        assert torch.isfinite(a).all()
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), i
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(weight_decay=0.01), dict(maximize=True)])
+def test_fused_adam_matches_torch_optim_float32(opts):
+    # the fused node runs torch.optim.Adam's arithmetic: same float32 parameters over several steps
+    torch.manual_seed(3)
+    ps = [torch.randn(7, 3), torch.randn(11)]
+    ref = [p.clone().requires_grad_() for p in ps]
+    topt = torch.optim.Adam(ref, lr=3e-2, **opts)
+    spec = Adam(lr=3e-2, **opts)
+    params = {str(i): p.clone() for i, p in enumerate(ps)}
+    state = spec.init(params)
+    for t in range(5):
+        grads = {str(i): torch.randn_like(p) for i, p in enumerate(ps)}
+        for i, r in enumerate(ref):
+            r.grad = grads[str(i)].clone()
+        topt.step()
+        params, state = spec.step(params, grads, state)
+        for i, r in enumerate(ref):
+            assert torch.equal(params[str(i)], r.detach()), (t, i)

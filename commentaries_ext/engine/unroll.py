@@ -79,6 +79,8 @@ class Adam:
         t = state["step"] + 1
         bc1 = 1 - b1**t
         bc2 = 1 - b2**t
+        if _fused_adam_applies(self, grads):
+            return self._fused_step(params, grads, state, t, bc1, bc2)
         new_p, m_new, v_new, vmax_new = {}, {}, {}, {}
         for k, p in params.items():
             g = grads[k]
@@ -108,6 +110,105 @@ class Adam:
         if self.amsgrad:
             st["vmax"] = vmax_new
         return new_p, st
+
+    def _fused_step(self, params, grads, state, t, bc1, bc2):
+        """The step as one autograd node (:class:`_AdamStep`) over the parameters that have a gradient."""
+        keys = [k for k in params if grads[k] is not None]
+        gs = []
+        for k in keys:
+            g = -grads[k] if self.maximize else grads[k]
+            gs.append(g + self.weight_decay * params[k] if self.weight_decay else g)
+        n = len(keys)
+        hp = (float(self.lr), float(self.betas[0]), float(self.betas[1]), float(self.eps), bc1, bc2)
+        out = _AdamStep.apply(hp, n, *[params[k] for k in keys], *gs, *[state["m"][k] for k in keys],
+                              *[state["v"][k] for k in keys]) if n else ()
+        new_p, m_new, v_new = dict(params), dict(state["m"]), dict(state["v"])
+        for i, k in enumerate(keys):
+            new_p[k], m_new[k], v_new[k] = out[i], out[n + i], out[2 * n + i]
+        return new_p, {"step": t, "m": m_new, "v": v_new}
+
+
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
+def _fused_adam_applies(opt, grads) -> bool:
+    """Float hyperparameters, no amsgrad, outside torch.func transforms (a classic autograd.Function)."""
+    hyper = (opt.lr, opt.betas[0], opt.betas[1], opt.eps, opt.weight_decay)
+    return (not opt.amsgrad and not any(torch.is_tensor(h) for h in hyper) and not _functorch_active()
+            and any(g is not None for g in grads.values()))
+
+
+class _AdamStep(torch.autograd.Function):
+    """``torch.optim.Adam``'s update (its arithmetic, op for op) for k
+    parameters as one autograd node.
+
+    Inputs ``hp = (lr, beta1, beta2, eps, bc1, bc2)``, ``k``, then ``p, g, m, v`` (k tensors each);
+    outputs ``p', m', v'``.  With ``a = lr / bc1``, ``d = sqrt(v') / sqrt(bc2) + eps``:
+    ``m' = m + (1 - b1)(g - m)``, ``v' = b2 v + (1 - b2) g^2``, ``p' = p - a m' / d``.  Reverse mode,
+    for incoming ``P, M, V`` (grads of p', m', v'):
+
+        M~ = M - a P / d          V~ = V + a P m' / (2 sqrt(bc2) sqrt(v') d^2)   (0 where v' = 0)
+        dp = P   dm = b1 M~   dv = b2 V~   dg = (1 - b1) M~ + 2 (1 - b2) g V~
+
+    The graph the stock ops would record keeps about six tensors per parameter and a dozen nodes;
+    this keeps ``g, m', v'`` and one node, which is most of the inner step of a small student (MLP
+    BPTT: about half its time).  The backward is built from differentiable ops, so a double
+    backward through it works."""
+
+    @staticmethod
+    def forward(ctx, hp, k, *ts):
+        lr, b1, b2, eps, bc1, bc2 = hp
+        p, g, m, v = ts[:k], ts[k:2 * k], ts[2 * k:3 * k], ts[3 * k:]
+        m_new = torch._foreach_lerp(m, g, 1 - b1)
+        v_new = torch._foreach_mul(v, b2)
+        torch._foreach_addcmul_(v_new, g, g, value=1 - b2)
+        denom = torch._foreach_sqrt(v_new)
+        torch._foreach_div_(denom, bc2**0.5)
+        torch._foreach_add_(denom, eps)
+        p_new = torch._foreach_addcdiv(p, m_new, denom, value=-(lr / bc1))
+        ctx.hp, ctx.k = hp, k
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*g, *m_new, *v_new)
+        return (*p_new, *m_new, *v_new)
+
+    @staticmethod
+    def backward(ctx, *grad_out):
+        lr, b1, b2, eps, bc1, bc2 = ctx.hp
+        k = ctx.k
+        saved = ctx.saved_tensors
+        g, m_new, v_new = saved[:k], saved[k:2 * k], saved[2 * k:]
+        P, M, V = list(grad_out[:k]), list(grad_out[k:2 * k]), list(grad_out[2 * k:])
+        a, rs = lr / bc1, bc2**0.5
+        hp_idx = [i for i in range(k) if P[i] is not None]
+        if hp_idx:  # the paths through p' = p - a m' / d
+            vs = [v_new[i] for i in hp_idx]
+            sq = torch._foreach_sqrt(vs)
+            d = torch._foreach_div(sq, rs)
+            torch._foreach_add_(d, eps)
+            q = torch._foreach_div([P[i] for i in hp_idx], d)  # P / d
+            dm = torch._foreach_mul(q, -a)
+            q2 = torch._foreach_mul(q, [m_new[i] for i in hp_idx])
+            torch._foreach_div_(q2, d)
+            torch._foreach_div_(q2, sq)
+            torch._foreach_mul_(q2, a / (2 * rs))  # a P m' / (2 sqrt(bc2) sqrt(v') d^2)
+            for j, i in enumerate(hp_idx):
+                dv = torch.where(vs[j] > 0, q2[j], 0.0)  # sqrt's derivative at 0: taken as 0 (as _safe_sqrt)
+                M[i] = dm[j] if M[i] is None else M[i] + dm[j]
+                V[i] = dv if V[i] is None else V[i] + dv
+        need = ctx.needs_input_grad[2:]
+        d_p = [P[i] if need[i] else None for i in range(k)]
+        d_g, d_m, d_v = [None] * k, [None] * k, [None] * k
+        for i in range(k):
+            if M[i] is None and V[i] is None:
+                continue
+            mt = M[i] if M[i] is not None else torch.zeros_like(g[i])
+            if need[2 * k + i]:
+                d_m[i] = b1 * mt
+            if need[3 * k + i] and V[i] is not None:
+                d_v[i] = b2 * V[i]
+            if need[k + i]:
+                d_g[i] = (1 - b1) * mt if V[i] is None else torch.addcmul((1 - b1) * mt, g[i], V[i], value=2 * (1 - b2))
+        return (None, None, *d_p, *d_g, *d_m, *d_v)
 
 
 def _safe_sqrt(x):
