@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_hypergrad
 from commentaries_ext.engine.batchnorm import batch_norm_rules  # noqa: E402
-from commentaries_ext.engine.linearize import _CONV_BWD  # noqa: E402
+from commentaries_ext.engine.conv import CONV_BWD  # noqa: E402
 from commentaries_ext.engine.pooling import pool_rules  # noqa: E402
 from commentaries_ext.memory import reuse_cpu_memory  # noqa: E402
 
@@ -90,10 +90,10 @@ def bench_merge(rounds):
     args = ([2, 2], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])
 
     def separate():
-        return _CONV_BWD(dgy, x, W, None, *args)[0] + _CONV_BWD(gy, x, dW, None, *args)[0]
+        return CONV_BWD(dgy, x, W, None, *args)[0] + CONV_BWD(gy, x, dW, None, *args)[0]
 
     def merged():
-        return _CONV_BWD(torch.cat([dgy, gy], 1), x, torch.cat([W, dW], 0), None, *args)[0]
+        return CONV_BWD(torch.cat([dgy, gy], 1), x, torch.cat([W, dW], 0), None, *args)[0]
 
     with reuse_cpu_memory():
         med = round_robin({"two calls + add": separate, "merged": merged}, rounds)

@@ -558,7 +558,7 @@ def test_convolution_input_gradients_by_fold_match_double_backward(monkeypatch, 
     from commentaries_ext.engine import FunctionalModule
     from commentaries_ext.engine import linearize as LZ
 
-    monkeypatch.setattr(LZ, "_fold_is_faster", lambda *a, **k: True)
+    monkeypatch.setattr(LZ, "fold_is_faster", lambda *a, **k: True)
     LZ.clear_cache()
     torch.manual_seed(1)
     net = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
@@ -609,7 +609,8 @@ def test_zero_tangent_adds_are_dropped_from_the_trace():
 def test_two_input_gradients_of_a_convolution_are_merged(stride, padding):
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from commentaries_ext.engine.linearize import _CONV_BWD, _merge_input_grads
+    from commentaries_ext.engine.conv import CONV_BWD
+    from commentaries_ext.engine.linearize import _merge_input_grads
 
     g = torch.Generator().manual_seed(stride)
     x = torch.randn(3, 5, 9, 9, generator=g, dtype=torch.float64)
@@ -619,20 +620,21 @@ def test_two_input_gradients_of_a_convolution_are_merged(stride, padding):
     args = ([stride, stride], [padding, padding], [1, 1], False, [0, 0], 1)
 
     def f(a, b, x, W, V):
-        ga = _CONV_BWD(a, x, W, [7], *args, [True, False, False])[0]
-        gb = _CONV_BWD(b, x, V, [7], *args, [True, False, False])[0]
-        gw = _CONV_BWD(b, x, W, [7], *args, [False, True, False])[1]  # a weight gradient: not merged
+        ga = CONV_BWD(a, x, W, [7], *args, [True, False, False])[0]
+        gb = CONV_BWD(b, x, V, [7], *args, [True, False, False])[0]
+        gw = CONV_BWD(b, x, W, [7], *args, [False, True, False])[1]  # a weight gradient: not merged
         return ga + gb, gw
 
     gm = make_fx(f)(a, b, x, W, V)
     assert _merge_input_grads(gm) == 1
-    assert sum(n.target is _CONV_BWD for n in gm.graph.nodes) == 2
+    assert sum(n.target is CONV_BWD for n in gm.graph.nodes) == 2
     for got, want in zip(gm(a, b, x, W, V), f(a, b, x, W, V)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_two_folded_input_gradients_are_merged():
-    from commentaries_ext.engine.linearize import _input_grad_by_fold, _merge_input_grads
+    from commentaries_ext.engine.conv import input_grad_by_fold
+    from commentaries_ext.engine.linearize import _merge_input_grads
 
     g = torch.Generator().manual_seed(0)
     W, V = (torch.randn(6, 1, 5, 5, generator=g, dtype=torch.float64) for _ in range(2))
@@ -640,17 +642,17 @@ def test_two_folded_input_gradients_are_merged():
     geom = ((14, 14), (5, 5), (2, 2), (2, 2), (1, 1))
 
     def f(a, b, W, V):
-        return _input_grad_by_fold(a, W, *geom) + _input_grad_by_fold(b, V, *geom)
+        return input_grad_by_fold(a, W, *geom) + input_grad_by_fold(b, V, *geom)
 
     # in the engine the lowering pass inserts the helper as graph nodes; build such a graph
     graph = torch.fx.Graph()
     pa, pb, pW, pV = (graph.placeholder(n) for n in "abWV")
-    ga = graph.call_function(_input_grad_by_fold, (pa, pW, *geom))
-    gb = graph.call_function(_input_grad_by_fold, (pb, pV, *geom))
+    ga = graph.call_function(input_grad_by_fold, (pa, pW, *geom))
+    gb = graph.call_function(input_grad_by_fold, (pb, pV, *geom))
     graph.output(graph.call_function(torch.ops.aten.add.Tensor, (ga, gb)))
     for node, val in zip((pa, pb, pW, pV), (a, b, W, V)):
         node.meta["val"] = val
     gm = torch.fx.GraphModule({}, graph)
     assert _merge_input_grads(gm) == 1
-    assert sum(n.target is _input_grad_by_fold for n in gm.graph.nodes) == 1
+    assert sum(n.target is input_grad_by_fold for n in gm.graph.nodes) == 1
     torch.testing.assert_close(gm(a, b, W, V), f(a, b, W, V), rtol=1e-12, atol=1e-12)

@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .batchnorm import batch_norm_rules
 from .pooling import pool_channels_last
+from .conv import CONV_BWD, fold_is_faster, input_grad_by_fold
 
 _FALLBACK_CACHE: dict = {}  # key -> _Traced
 MAX_ENTRIES = 8
@@ -190,33 +191,6 @@ def _drop_zero_adds(gm: fx.GraphModule) -> int:
     return recompiled(gm, changed)
 
 
-_CONV_BWD = torch.ops.aten.convolution_backward.default
-_FOLD_FASTER: dict = {}  # convolution shapes -> whether matmul + col2im beat convolution_backward
-
-
-def _input_grad_by_fold(go, weight, in_hw, kernel, stride, padding, dilation):
-    """The input gradient of a 2-D convolution as ``col2im(W^T @ grad_out)``."""
-    n, cout = go.shape[0], go.shape[1]
-    cols = torch.matmul(weight.reshape(cout, -1).t(), go.reshape(n, cout, -1))
-    return torch.ops.aten.col2im(cols, list(in_hw), list(kernel), list(dilation), list(padding), list(stride))
-
-
-def _fold_is_faster(key) -> bool:
-    """Timed once per shape: oneDNN's input gradient is slow for some shapes on the CPU (a
-    first layer with one input channel: ~3x slower than the matmul)."""
-    if key not in _FOLD_FASTER:
-        from .vector import best_seconds
-
-        go_shape, in_shape, w_shape, dtype, stride, padding, dilation = key
-        g = torch.Generator().manual_seed(0)
-        go, x, w = (torch.randn(sh, generator=g, dtype=dtype) for sh in (go_shape, in_shape, w_shape))
-        native = best_seconds(lambda: _CONV_BWD(go, x, w, None, list(stride), list(padding), list(dilation), False,
-                                                [0, 0], 1, [True, False, False]))
-        fold = best_seconds(lambda: _input_grad_by_fold(go, w, in_shape[2:], w_shape[2:], stride, padding, dilation))
-        _FOLD_FASTER[key] = fold < 0.8 * native
-    return _FOLD_FASTER[key]
-
-
 def _merge_input_grads(gm: fx.GraphModule) -> int:
     """``conv_T(a, W) + conv_T(b, V)`` (two input gradients of one convolution, as the tangent
     of a backward pass has: ``dgy`` through ``W`` plus ``gy`` through ``dW``) as one input
@@ -230,7 +204,7 @@ def _merge_input_grads(gm: fx.GraphModule) -> int:
         if not (isinstance(g, fx.Node) and g.op == "call_function" and g.target is operator.getitem and g.args[1] == 0):
             return None
         c = g.args[0]
-        if c.op != "call_function" or c.target is not _CONV_BWD or len(c.args) != 11 or c.kwargs:
+        if c.op != "call_function" or c.target is not CONV_BWD or len(c.args) != 11 or c.kwargs:
             return None
         if len(g.users) != 1 or not c.args[10][0] or c.args[7] or c.args[9] != 1:  # input grad, transposed, groups
             return None
@@ -239,7 +213,7 @@ def _merge_input_grads(gm: fx.GraphModule) -> int:
         return c
 
     def folded_input_grad(g):
-        ok = isinstance(g, fx.Node) and g.op == "call_function" and g.target is _input_grad_by_fold and len(g.users) == 1
+        ok = isinstance(g, fx.Node) and g.op == "call_function" and g.target is input_grad_by_fold and len(g.users) == 1
         return g if ok else None
 
     def same_tensors(xs, ys):
@@ -260,7 +234,7 @@ def _merge_input_grads(gm: fx.GraphModule) -> int:
             with graph.inserting_before(n):
                 go = graph.call_function(torch.ops.aten.cat.default, ([ca.args[0], cb.args[0]], 1))
                 w = graph.call_function(torch.ops.aten.cat.default, ([ca.args[2], cb.args[2]], 0))
-                merged = graph.call_function(_CONV_BWD, (go, ca.args[1], w, None, *ca.args[4:10], [True, False, False]))
+                merged = graph.call_function(CONV_BWD, (go, ca.args[1], w, None, *ca.args[4:10], [True, False, False]))
                 grad = graph.call_function(operator.getitem, (merged, 0))
             dead = [ca, cb]
         elif fa is not None and fb is not None and fa is not fb and fa.args[2:] == fb.args[2:] \
@@ -268,7 +242,7 @@ def _merge_input_grads(gm: fx.GraphModule) -> int:
             with graph.inserting_before(n):
                 go = graph.call_function(torch.ops.aten.cat.default, ([fa.args[0], fb.args[0]], 1))
                 w = graph.call_function(torch.ops.aten.cat.default, ([fa.args[1], fb.args[1]], 0))
-                grad = graph.call_function(_input_grad_by_fold, (go, w, *fa.args[2:]))
+                grad = graph.call_function(input_grad_by_fold, (go, w, *fa.args[2:]))
             dead = [fa, fb]
         else:
             continue
@@ -290,7 +264,7 @@ def _lower_input_grads(gm: fx.GraphModule) -> int:
 
     changed = 0
     for n in list(gm.graph.nodes):
-        if n.op != "call_function" or n.target is not _CONV_BWD or len(n.args) != 11 or n.kwargs:
+        if n.op != "call_function" or n.target is not CONV_BWD or len(n.args) != 11 or n.kwargs:
             continue
         go, x, w, _, stride, padding, dilation, transposed, _, groups, mask = n.args
         vals = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in (go, x, w)]
@@ -303,10 +277,10 @@ def _lower_input_grads(gm: fx.GraphModule) -> int:
         users0 = [u for u in n.users if u.args[1] == 0]
         key = (tuple(vals[0].shape), tuple(vals[1].shape), tuple(vals[2].shape), vals[0].dtype,
                tuple(stride), tuple(padding), tuple(dilation))
-        if not users0 or not _fold_is_faster(key):
+        if not users0 or not fold_is_faster(key):
             continue
         with gm.graph.inserting_after(n):
-            new = gm.graph.call_function(_input_grad_by_fold, (go, w, tuple(vals[1].shape[2:]), tuple(vals[2].shape[2:]),
+            new = gm.graph.call_function(input_grad_by_fold, (go, w, tuple(vals[1].shape[2:]), tuple(vals[2].shape[2:]),
                                                                tuple(stride), tuple(padding), tuple(dilation)))
         new.meta["val"] = vals[1]
         for u in users0:
@@ -327,7 +301,7 @@ def _narrow_outputs(gm: fx.GraphModule) -> int:
 
     changed = 0
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target is _CONV_BWD:
+        if n.op == "call_function" and n.target is CONV_BWD:
             if any(u.op != "call_function" or u.target is not operator.getitem for u in n.users):
                 continue
             used = {u.args[1] for u in n.users}

@@ -24,6 +24,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from .conv import conv_rules
+from .pooling import pool_rules
+
 
 def _t(x, like):
     return x if torch.is_tensor(x) else torch.as_tensor(x, dtype=like.dtype, device=like.device)
@@ -377,7 +380,9 @@ def _reduce_grads(grad_reduce, gs):
 
 
 def _step(loss_fn, optimizer, params, state, buffers, hparams, batch, create_graph, grad_reduce=None):
-    with torch.enable_grad():
+    # the CPU fast paths of engine/pooling.py and engine/conv.py (with create_graph the
+    # backward graph they build is the one the outer backward differentiates)
+    with torch.enable_grad(), pool_rules(), conv_rules():
         if create_graph:
             params = {k: (v if v.requires_grad else v.detach().requires_grad_(True)) for k, v in params.items()}
         else:
