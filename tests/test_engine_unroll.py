@@ -239,8 +239,10 @@ def test_fused_adam_node_gradcheck_and_matches_the_generic_graph(zero_v):
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(weight_decay=0.01), dict(maximize=True)])
-def test_fused_adam_matches_torch_optim_float32(opts):
-    # the fused node runs torch.optim.Adam's arithmetic: same float32 parameters over several steps
+def test_fused_adam_reference_backend_is_torch_optim_bit_for_bit(opts):
+    # the reference kernels are torch.optim.Adam's own ops: the same float32 parameters over several steps
+    from commentaries_ext import backend
+
     torch.manual_seed(3)
     ps = [torch.randn(7, 3), torch.randn(11)]
     ref = [p.clone().requires_grad_() for p in ps]
@@ -248,11 +250,80 @@ def test_fused_adam_matches_torch_optim_float32(opts):
     spec = Adam(lr=3e-2, **opts)
     params = {str(i): p.clone() for i, p in enumerate(ps)}
     state = spec.init(params)
-    for t in range(5):
-        grads = {str(i): torch.randn_like(p) for i, p in enumerate(ps)}
-        for i, r in enumerate(ref):
-            r.grad = grads[str(i)].clone()
-        topt.step()
-        params, state = spec.step(params, grads, state)
-        for i, r in enumerate(ref):
-            assert torch.equal(params[str(i)], r.detach()), (t, i)
+    with backend.use("reference"):
+        for t in range(5):
+            grads = {str(i): torch.randn_like(p) for i, p in enumerate(ps)}
+            for i, r in enumerate(ref):
+                r.grad = grads[str(i)].clone()
+            topt.step()
+            params, state = spec.step(params, grads, state)
+            for i, r in enumerate(ref):
+                assert torch.equal(params[str(i)], r.detach()), (t, i)
+
+
+def _adam_lists(dtype, sizes, seed, zero_v=False):
+    g = torch.Generator().manual_seed(seed)
+    p, gr, m = ([torch.randn(n, generator=g, dtype=dtype) for n in sizes] for _ in range(3))
+    v = [torch.rand(n, generator=g, dtype=dtype) for n in sizes]
+    if zero_v:
+        for t in (gr[0], m[0], v[0]):
+            t[::3] = 0
+    return p, gr, m, v
+
+
+cpp_kernels = pytest.mark.skipif(not hasattr(torch.ops.commentaries_ext, "cpp_adam_step"),
+                                 reason="compiled extension without the Adam kernels")
+
+
+@cpp_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sizes", [[1], [5, 16, 33], [40000, 7]], ids=["one", "odd", "chunks"])
+def test_adam_step_cpp_kernel_against_float64(dtype, sizes):
+    from commentaries_ext import backend
+
+    p, g, m, v = _adam_lists(dtype, sizes, 7)
+    hp = (3e-2, 0.8, 0.99, 1e-6, 1 - 0.8**4, 1 - 0.99**4)
+    prev = backend.set_poison_outputs(True)
+    try:
+        outs = torch.ops.commentaries_ext.cpp_adam_step(p, g, m, v, *hp)
+    finally:
+        backend.set_poison_outputs(prev)
+    from commentaries_ext.reference.solver import adam_step
+
+    want = adam_step(*([t.double() for t in ts] for ts in (p, g, m, v)), *hp)
+    tol = dict(rtol=4e-7, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-15, atol=1e-16)
+    for got_list, want_list in zip(outs, want):
+        for a, b in zip(got_list, want_list):
+            assert a.dtype == dtype and torch.allclose(a.double(), b, **tol)
+
+
+@cpp_kernels
+@pytest.mark.parametrize("present", ["PMV", "P", "MV", "PV"])
+@pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, True)])
+def test_adam_step_backward_cpp_kernel_against_the_reference(present, mask):
+    from commentaries_ext.reference.solver import adam_step, adam_step_backward
+
+    sizes = [37, 16, 5]
+    p, g, m, v = _adam_lists(torch.float64, sizes, 8, zero_v=True)
+    hp = (3e-2, 0.8, 0.99, 1e-6, 1 - 0.8**4, 1 - 0.99**4)
+    _, m_new, v_new = adam_step(p, g, m, v, *hp)
+    gen = torch.Generator().manual_seed(9)
+    inc = {c: [torch.randn(n, generator=gen, dtype=torch.float64) if (c in present and i != 1) else None
+               for i, n in enumerate(sizes)] for c in "PMV"}  # tensor 1 gets no incoming grad at all
+    got = torch.ops.commentaries_ext.cpp_adam_step_backward(inc["P"], inc["M"], inc["V"], g, m_new, v_new, *hp,
+                                                           list(mask))
+    want = adam_step_backward(inc["P"], inc["M"], inc["V"], g, m_new, v_new, *hp, mask)
+    for on, a_list, b_list in zip(mask, got, want):
+        assert len(a_list) == (len(sizes) if on else 0) == len(b_list)
+        for a, b in zip(a_list, b_list):
+            assert torch.isfinite(a).all() and torch.allclose(a, b, rtol=1e-13, atol=1e-15)
+
+
+@cpp_kernels
+def test_adam_kernel_ops_opcheck():
+    from torch.library import opcheck
+
+    p, g, m, v = _adam_lists(torch.float64, [5, 6], 10)
+    hp = (3e-2, 0.9, 0.999, 1e-8, 0.1, 0.001)
+    opcheck(torch.ops.commentaries_ext.cpp_adam_step, (p, g, m, v, *hp))
+    opcheck(torch.ops.commentaries_ext.cpp_adam_step_backward, (p, [None, m[1]], v, g, m, v, *hp, [True, False, True]))

@@ -142,33 +142,20 @@ def _fused_adam_applies(opt, grads) -> bool:
 
 
 class _AdamStep(torch.autograd.Function):
-    """``torch.optim.Adam``'s update (its arithmetic, op for op) for k
-    parameters as one autograd node.
+    """``torch.optim.Adam``'s update for k parameters as one autograd node: the kernel ops
+    ``adam_step`` / ``adam_step_backward`` (``ops/solver.py``; the C++ kernel on the CPU, one
+    pass over all the tensors each).
 
     Inputs ``hp = (lr, beta1, beta2, eps, bc1, bc2)``, ``k``, then ``p, g, m, v`` (k tensors each);
-    outputs ``p', m', v'``.  With ``a = lr / bc1``, ``d = sqrt(v') / sqrt(bc2) + eps``:
-    ``m' = m + (1 - b1)(g - m)``, ``v' = b2 v + (1 - b2) g^2``, ``p' = p - a m' / d``.  Reverse mode,
-    for incoming ``P, M, V`` (grads of p', m', v'):
-
-        M~ = M - a P / d          V~ = V + a P m' / (2 sqrt(bc2) sqrt(v') d^2)   (0 where v' = 0)
-        dp = P   dm = b1 M~   dv = b2 V~   dg = (1 - b1) M~ + 2 (1 - b2) g V~
-
-    The graph the stock ops would record keeps about six tensors per parameter and a dozen nodes;
-    this keeps ``g, m', v'`` and one node, which is most of the inner step of a small student (MLP
-    BPTT: about half its time).  The backward is built from differentiable ops, so a double
-    backward through it works."""
+    outputs ``p', m', v'``.  The graph the stock ops would record keeps about six tensors per
+    parameter and a dozen nodes; this keeps ``g, m', v'`` and one node, which was most of the
+    inner step of a small student (MLP BPTT: about half its time).  A backward with
+    ``create_graph`` runs the reference backward, which is built from differentiable ops."""
 
     @staticmethod
     def forward(ctx, hp, k, *ts):
-        lr, b1, b2, eps, bc1, bc2 = hp
         p, g, m, v = ts[:k], ts[k:2 * k], ts[2 * k:3 * k], ts[3 * k:]
-        m_new = torch._foreach_lerp(m, g, 1 - b1)
-        v_new = torch._foreach_mul(v, b2)
-        torch._foreach_addcmul_(v_new, g, g, value=1 - b2)
-        denom = torch._foreach_sqrt(v_new)
-        torch._foreach_div_(denom, bc2**0.5)
-        torch._foreach_add_(denom, eps)
-        p_new = torch._foreach_addcdiv(p, m_new, denom, value=-(lr / bc1))
+        p_new, m_new, v_new = _adam_kernel("adam_step", ts)(list(p), list(g), list(m), list(v), *hp)
         ctx.hp, ctx.k = hp, k
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*g, *m_new, *v_new)
@@ -176,42 +163,32 @@ class _AdamStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_out):
-        lr, b1, b2, eps, bc1, bc2 = ctx.hp
         k = ctx.k
         saved = ctx.saved_tensors
-        g, m_new, v_new = saved[:k], saved[k:2 * k], saved[2 * k:]
+        g, m_new, v_new = list(saved[:k]), list(saved[k:2 * k]), list(saved[2 * k:])
         P, M, V = list(grad_out[:k]), list(grad_out[k:2 * k]), list(grad_out[2 * k:])
-        a, rs = lr / bc1, bc2**0.5
-        hp_idx = [i for i in range(k) if P[i] is not None]
-        if hp_idx:  # the paths through p' = p - a m' / d
-            vs = [v_new[i] for i in hp_idx]
-            sq = torch._foreach_sqrt(vs)
-            d = torch._foreach_div(sq, rs)
-            torch._foreach_add_(d, eps)
-            q = torch._foreach_div([P[i] for i in hp_idx], d)  # P / d
-            dm = torch._foreach_mul(q, -a)
-            q2 = torch._foreach_mul(q, [m_new[i] for i in hp_idx])
-            torch._foreach_div_(q2, d)
-            torch._foreach_div_(q2, sq)
-            torch._foreach_mul_(q2, a / (2 * rs))  # a P m' / (2 sqrt(bc2) sqrt(v') d^2)
-            for j, i in enumerate(hp_idx):
-                dv = torch.where(vs[j] > 0, q2[j], 0.0)  # sqrt's derivative at 0: taken as 0 (as _safe_sqrt)
-                M[i] = dm[j] if M[i] is None else M[i] + dm[j]
-                V[i] = dv if V[i] is None else V[i] + dv
         need = ctx.needs_input_grad[2:]
+        mask = [any(need[k:2 * k]), any(need[2 * k:3 * k]), any(need[3 * k:])]
+        if torch.is_grad_enabled():  # create_graph: the differentiable reference
+            from ..reference.solver import adam_step_backward as bwd
+        else:
+            bwd = _adam_kernel("adam_step_backward", [*g, *m_new, *v_new, *(t for t in P + M + V if t is not None)])
+        dg, dm, dv = bwd(P, M, V, g, m_new, v_new, *ctx.hp, mask)
         d_p = [P[i] if need[i] else None for i in range(k)]
-        d_g, d_m, d_v = [None] * k, [None] * k, [None] * k
-        for i in range(k):
-            if M[i] is None and V[i] is None:
-                continue
-            mt = M[i] if M[i] is not None else torch.zeros_like(g[i])
-            if need[2 * k + i]:
-                d_m[i] = b1 * mt
-            if need[3 * k + i] and V[i] is not None:
-                d_v[i] = b2 * V[i]
-            if need[k + i]:
-                d_g[i] = (1 - b1) * mt if V[i] is None else torch.addcmul((1 - b1) * mt, g[i], V[i], value=2 * (1 - b2))
-        return (None, None, *d_p, *d_g, *d_m, *d_v)
+        pick = lambda xs, off: [xs[i] if (xs and need[off + i]) else None for i in range(k)]  # noqa: E731
+        return (None, None, *d_p, *pick(dg, k), *pick(dm, 2 * k), *pick(dv, 3 * k))
+
+
+def _adam_kernel(op, tensors):
+    """The backend kernel of ``op``; the reference where the C++ contract (contiguous tensors of
+    one float dtype) does not hold."""
+    from .. import backend
+    from ..ops import solver  # noqa: F401  (registers the kernel ops)
+
+    t0 = tensors[0]
+    if t0.device.type == "cpu" and not all(t.is_contiguous() and t.dtype == t0.dtype for t in tensors):
+        return backend._kernels["reference"][op]
+    return backend.kernel(op, t0.device)
 
 
 def _safe_sqrt(x):

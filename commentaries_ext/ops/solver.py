@@ -53,7 +53,7 @@ try:  # Triton kernels (another engineer's file); optional
 except Exception:  # pragma: no cover
     _triton = None
 
-KERNEL_OPS = ("neumann_step", "axpy_dot", "cg_update", "multi_dot")
+KERNEL_OPS = ("neumann_step", "axpy_dot", "cg_update", "multi_dot", "adam_step", "adam_step_backward")
 _compiled.register_kernel_ops(KERNEL_OPS)
 
 _FLOATS_CPU = (torch.float32, torch.float64)
@@ -73,6 +73,14 @@ for _prefix in ("cpp_", "cuda_"):
         for _name in ("axpy_dot", "cg_update", "multi_dot"):
             if _compiled._has_op(_prefix + _name):
                 torch.library.register_fake("commentaries_ext::" + _prefix + _name)(_fake_scalar)
+        if _compiled._has_op(_prefix + "adam_step"):
+            torch.library.register_fake("commentaries_ext::" + _prefix + "adam_step")(
+                lambda p, g, m, v, *hp: ([t.new_empty(t.shape) for t in p], [t.new_empty(t.shape) for t in m],
+                                         [t.new_empty(t.shape) for t in v]))
+        if _compiled._has_op(_prefix + "adam_step_backward"):
+            torch.library.register_fake("commentaries_ext::" + _prefix + "adam_step_backward")(
+                lambda gp, gm, gv, g, m, v, *hp_mask: tuple(
+                    [t.new_empty(t.shape) for t in like] if on else [] for like, on in zip((g, m, v), hp_mask[-1])))
         if _compiled._has_op(_prefix + "neumann_step"):
             torch.library.register_fake("commentaries_ext::" + _prefix + "neumann_step")(lambda c, p, h, alpha: None)
 

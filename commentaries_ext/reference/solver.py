@@ -53,7 +53,57 @@ def multi_dot(x: list[torch.Tensor], y: list[torch.Tensor]) -> torch.Tensor:
     return _sum_dots(x, x if not y else y)
 
 
+def adam_step(p, g, m, v, lr, beta1, beta2, eps, bc1, bc2):
+    """``(p', m', v')`` of ``torch.optim.Adam``'s step, with its arithmetic (its foreach ops)."""
+    m_new = torch._foreach_lerp(m, g, 1 - beta1)
+    v_new = torch._foreach_mul(v, beta2)
+    torch._foreach_addcmul_(v_new, g, g, value=1 - beta2)
+    denom = torch._foreach_sqrt(v_new)
+    torch._foreach_div_(denom, bc2**0.5)
+    torch._foreach_add_(denom, eps)
+    p_new = torch._foreach_addcdiv(p, m_new, denom, value=-(lr / bc1))
+    return p_new, m_new, v_new
+
+
+def adam_step_backward(gp, gm, gv, g, m, v, lr, beta1, beta2, eps, bc1, bc2, output_mask):
+    """Reverse mode of :func:`adam_step` for incoming ``gp, gm, gv`` (lists with None for zero),
+    from ``g`` and the step's outputs ``m = m'``, ``v = v'``; ``(dg, dm, dv)``, each an empty list
+    unless asked for.  Built from differentiable ops (a double backward goes through it)::
+
+        q = P / d,  M~ = M - (lr / bc1) q,  V~ = V + q m' / (d sqrt(v')) lr / (bc1 2 sqrt(bc2))  (0 at v' = 0)
+        dg = (1 - b1) M~ + 2 (1 - b2) g V~,  dm = b1 M~,  dv = b2 V~
+    """
+    k = len(g)
+    a, rs = lr / bc1, bc2**0.5
+    M, V = list(gm), list(gv)
+    idx = [i for i in range(k) if gp[i] is not None]
+    if idx:  # the paths through p' = p - a m' / d
+        vs = [v[i] for i in idx]
+        sq = torch._foreach_sqrt(vs)
+        d = torch._foreach_div(sq, rs)
+        torch._foreach_add_(d, eps)
+        q = torch._foreach_div([gp[i] for i in idx], d)
+        dm = torch._foreach_mul(q, -a)
+        q2 = torch._foreach_mul(q, [m[i] for i in idx])
+        torch._foreach_div_(q2, d)
+        torch._foreach_div_(q2, sq)
+        torch._foreach_mul_(q2, a / (2 * rs))
+        for j, i in enumerate(idx):
+            dv = torch.where(vs[j] > 0, q2[j], 0.0)  # sqrt's derivative at 0 taken as 0
+            M[i] = dm[j] if M[i] is None else M[i] + dm[j]
+            V[i] = dv if V[i] is None else V[i] + dv
+    Mt = [M[i] if M[i] is not None else torch.zeros_like(g[i]) for i in range(k)]
+    Vt = [V[i] if V[i] is not None else torch.zeros_like(g[i]) for i in range(k)]
+    dg = [torch.addcmul((1 - beta1) * Mt[i], g[i], Vt[i], value=2 * (1 - beta2)) for i in range(k)] \
+        if output_mask[0] else []
+    dmo = [beta1 * t for t in Mt] if output_mask[1] else []
+    dvo = [beta2 * t for t in Vt] if output_mask[2] else []
+    return dg, dmo, dvo
+
+
 backend.register("reference", "neumann_step", neumann_step)
+backend.register("reference", "adam_step", adam_step)
+backend.register("reference", "adam_step_backward", adam_step_backward)
 backend.register("reference", "axpy_dot", axpy_dot)
 backend.register("reference", "cg_update", cg_update)
 backend.register("reference", "multi_dot", multi_dot)

@@ -16,8 +16,11 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <limits>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
@@ -280,6 +283,141 @@ at::Tensor cpp_multi_dot(at::TensorList x, at::TensorList y) {
   return scalar_out(x[0], res);
 }
 
+
+// -------------------------------------------------------------- adam_step (engine/unroll.py's inner Adam)
+
+// torch.optim.Adam's arithmetic, op for op (ATen's lerp for a weight < 0.5 is one fma; the
+// rest are separate roundings, as this file is compiled without contraction):
+//   m' = m + (1 - b1)(g - m); v' = (v b2) + ((1 - b2) g) g; d = sqrt(v') / sqrt(bc2) + eps;
+//   p' = p + (-(lr / bc1) m') / d.  Tails run the same vector code on partial vectors.
+struct AdamHyper {
+  double lr, b1, b2, eps, bc1, bc2;
+};
+
+std::vector<at::Tensor> new_like(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(new_output(t.sizes(), t.options()));
+  return out;
+}
+
+template <typename T>
+void adam_impl(at::TensorList p, at::TensorList g, at::TensorList m, at::TensorList v, const AdamHyper& h,
+               std::vector<at::Tensor>& po, std::vector<at::Tensor>& mo, std::vector<at::Tensor>& vo) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const auto chunks = make_chunks(p);
+  const auto pp = ptrs<T>(p), pg = ptrs<T>(g), pm = ptrs<T>(m), pv = ptrs<T>(v);
+  const auto opp = mut_ptrs<T>(po), opm = mut_ptrs<T>(mo), opv = mut_ptrs<T>(vo);
+  const Vec w(static_cast<T>(1 - h.b1)), b2(static_cast<T>(h.b2)), c2(static_cast<T>(1 - h.b2));
+  const Vec rs(static_cast<T>(std::sqrt(h.bc2))), eps(static_cast<T>(h.eps)), step(static_cast<T>(-(h.lr / h.bc1)));
+  for_chunks(chunks, [&](int64_t, const Chunk& ch) {
+    const int t = ch.tensor;
+    for (int64_t i = ch.begin; i < ch.end; i += W) {
+      const int64_t n = std::min<int64_t>(W, ch.end - i);
+      const Vec gi = Vec::loadu(pg[t] + i, n), mi = Vec::loadu(pm[t] + i, n);
+      const Vec vi = Vec::loadu(pv[t] + i, n), pi = Vec::loadu(pp[t] + i, n);
+      const Vec mn = at::vec::fmadd(w, gi - mi, mi);
+      const Vec vn = vi * b2 + c2 * gi * gi;
+      const Vec d = vn.sqrt() / rs + eps;
+      const Vec pn = pi + step * mn / d;
+      mn.store(opm[t] + i, n);
+      vn.store(opv[t] + i, n);
+      pn.store(opp[t] + i, n);
+    }
+  });
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> cpp_adam_step(
+    at::TensorList p, at::TensorList g, at::TensorList m, at::TensorList v, double lr, double beta1, double beta2,
+    double eps, double bc1, double bc2) {
+  check_lists("adam_step", {p, g, m, v});
+  auto po = new_like(p), mo = new_like(m), vo = new_like(v);
+  const AdamHyper h{lr, beta1, beta2, eps, bc1, bc2};
+  AT_DISPATCH_FLOATING_TYPES(p[0].scalar_type(), "cpp_adam_step",
+                             [&] { adam_impl<scalar_t>(p, g, m, v, h, po, mo, vo); });
+  return {po, mo, vo};
+}
+
+// Reverse mode of adam_step (not differentiable itself: a double backward uses the reference):
+// for incoming P, M, V (grads of p', m', v'; an undefined one is zero),
+//   q = P / d;  M~ = M + (-(lr / bc1)) q;  V~ = V + ((q m') / d) / sqrt(v') (lr / bc1 / (2 sqrt(bc2)))
+//   (0 where v' = 0);  dg = (1 - b1) M~ + (2 (1 - b2) g) V~;  dm = b1 M~;  dv = b2 V~.
+template <typename T>
+void adam_backward_impl(const std::vector<const T*>& P, const std::vector<const T*>& M,
+                        const std::vector<const T*>& V, at::TensorList g, at::TensorList mn, at::TensorList vn,
+                        const AdamHyper& h, const std::vector<T*>& dg, const std::vector<T*>& dm,
+                        const std::vector<T*>& dv) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const auto chunks = make_chunks(g);
+  const auto pg = ptrs<T>(g), pm = ptrs<T>(mn), pv = ptrs<T>(vn);
+  const double a = h.lr / h.bc1;
+  const Vec rs(static_cast<T>(std::sqrt(h.bc2))), eps(static_cast<T>(h.eps)), na(static_cast<T>(-a));
+  const Vec cv(static_cast<T>(a / (2 * std::sqrt(h.bc2)))), zero(0);
+  const Vec b1(static_cast<T>(h.b1)), c1(static_cast<T>(1 - h.b1)), b2(static_cast<T>(h.b2));
+  const Vec c2(static_cast<T>(2 * (1 - h.b2)));
+  for_chunks(chunks, [&](int64_t, const Chunk& ch) {
+    const int t = ch.tensor;
+    for (int64_t i = ch.begin; i < ch.end; i += W) {
+      const int64_t n = std::min<int64_t>(W, ch.end - i);
+      Vec mt = M[t] ? Vec::loadu(M[t] + i, n) : zero;
+      Vec vt = V[t] ? Vec::loadu(V[t] + i, n) : zero;
+      if (P[t]) {
+        const Vec vi = Vec::loadu(pv[t] + i, n), sq = vi.sqrt();
+        const Vec d = sq / rs + eps;
+        const Vec q = Vec::loadu(P[t] + i, n) / d;
+        mt = mt + na * q;
+        const Vec dvv = q * Vec::loadu(pm[t] + i, n) / d / sq * cv;
+        vt = vt + Vec::blendv(zero, dvv, vi > zero);  // sqrt's derivative at 0 taken as 0
+      }
+      if (!dg.empty()) (c1 * mt + c2 * Vec::loadu(pg[t] + i, n) * vt).store(dg[t] + i, n);
+      if (!dm.empty()) (b1 * mt).store(dm[t] + i, n);
+      if (!dv.empty()) (b2 * vt).store(dv[t] + i, n);
+    }
+  });
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> cpp_adam_step_backward(
+    const c10::List<std::optional<at::Tensor>>& gp, const c10::List<std::optional<at::Tensor>>& gm,
+    const c10::List<std::optional<at::Tensor>>& gv, at::TensorList g, at::TensorList m, at::TensorList v, double lr,
+    double beta1, double beta2, double eps, double bc1, double bc2, std::array<bool, 3> output_mask) {
+  check_lists("adam_step_backward", {g, m, v});
+  const size_t k = g.size();
+  TORCH_CHECK(gp.size() == k && gm.size() == k && gv.size() == k, "adam_step_backward: lists of different lengths");
+  std::vector<at::Tensor> keep;  // the defined incoming grads, checked like the other lists
+  auto check = [&](const c10::List<std::optional<at::Tensor>>& l) {
+    for (size_t i = 0; i < k; ++i) {
+      const std::optional<at::Tensor> t = l[i];
+      if (!t.has_value() || !t->defined()) continue;
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == g[0].scalar_type() && t->is_contiguous() &&
+                      t->numel() == g[i].numel(),
+                  "adam_step_backward: incoming gradient ", i, " must be a contiguous CPU tensor like g");
+    }
+  };
+  check(gp);
+  check(gm);
+  check(gv);
+  std::vector<at::Tensor> dg = output_mask[0] ? new_like(g) : std::vector<at::Tensor>{};
+  std::vector<at::Tensor> dm = output_mask[1] ? new_like(m) : std::vector<at::Tensor>{};
+  std::vector<at::Tensor> dv = output_mask[2] ? new_like(v) : std::vector<at::Tensor>{};
+  const AdamHyper h{lr, beta1, beta2, eps, bc1, bc2};
+  AT_DISPATCH_FLOATING_TYPES(g[0].scalar_type(), "cpp_adam_step_backward", [&] {
+    using T = scalar_t;
+    auto opt_ptrs = [&](const c10::List<std::optional<at::Tensor>>& l) {
+      std::vector<const T*> out(k, nullptr);
+      for (size_t i = 0; i < k; ++i) {
+        const std::optional<at::Tensor> t = l[i];
+        if (t.has_value() && t->defined()) out[i] = t->const_data_ptr<T>();
+      }
+      return out;
+    };
+    adam_backward_impl<T>(opt_ptrs(gp), opt_ptrs(gm), opt_ptrs(gv), g, m, v, h, mut_ptrs<T>(dg), mut_ptrs<T>(dm),
+                          mut_ptrs<T>(dv));
+  });
+  return {dg, dm, dv};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(commentaries_ext, m) {
@@ -287,6 +425,11 @@ TORCH_LIBRARY_FRAGMENT(commentaries_ext, m) {
   m.def("cpp_axpy_dot(Tensor(a!)[] y, Tensor a, Tensor[] x, Tensor[] z) -> Tensor");
   m.def("cpp_cg_update(Tensor(a!)[] x, Tensor(b!)[] r, Tensor[] d, Tensor[] q, Tensor a) -> Tensor");
   m.def("cpp_multi_dot(Tensor[] x, Tensor[] y) -> Tensor");
+  m.def("cpp_adam_step(Tensor[] p, Tensor[] g, Tensor[] m, Tensor[] v, float lr, float beta1, float beta2, "
+        "float eps, float bc1, float bc2) -> (Tensor[], Tensor[], Tensor[])");
+  m.def("cpp_adam_step_backward(Tensor?[] gp, Tensor?[] gm, Tensor?[] gv, Tensor[] g, Tensor[] m, Tensor[] v, "
+        "float lr, float beta1, float beta2, float eps, float bc1, float bc2, bool[3] output_mask) "
+        "-> (Tensor[], Tensor[], Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(commentaries_ext, CPU, m) {
@@ -294,6 +437,8 @@ TORCH_LIBRARY_IMPL(commentaries_ext, CPU, m) {
   m.impl("cpp_axpy_dot", &cpp_axpy_dot);
   m.impl("cpp_cg_update", &cpp_cg_update);
   m.impl("cpp_multi_dot", &cpp_multi_dot);
+  m.impl("cpp_adam_step", &cpp_adam_step);
+  m.impl("cpp_adam_step_backward", &cpp_adam_step_backward);
 }
 
 }  // namespace commentaries_ext
