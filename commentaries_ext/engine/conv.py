@@ -142,8 +142,9 @@ def _pair(v):
 
 class conv_rules(torch.overrides.TorchFunctionMode):
     """Within this context ``F.conv2d`` with grad enabled on 4-D CPU float tensors (groups 1,
-    numeric padding) whose input gradient measured faster by the fold runs through
-    :class:`Conv2dRules`; ``calls`` counts them."""
+    numeric padding) whose input requires grad and whose input gradient measured faster by
+    the fold runs through :class:`Conv2dRules`; ``calls`` counts them.  (Without an input
+    gradient, first or second order, there is nothing to gain.)"""
 
     _NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
@@ -159,7 +160,7 @@ class conv_rules(torch.overrides.TorchFunctionMode):
             x, w, padding = a["input"], a["weight"], a.get("padding", 0)
             if (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and x.dim() == 4 and w.dim() == 4
                     and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and w.dtype == x.dtype
-                    and a.get("groups", 1) == 1 and not isinstance(padding, str) and (x.requires_grad or w.requires_grad)):
+                    and a.get("groups", 1) == 1 and not isinstance(padding, str) and x.requires_grad):
                 conf = (_pair(a.get("stride", 1)), _pair(padding), _pair(a.get("dilation", 1)))
                 out_hw = [(x.shape[2 + i] + 2 * conf[1][i] - conf[2][i] * (w.shape[2 + i] - 1) - 1) // conf[0][i] + 1
                           for i in range(2)]
