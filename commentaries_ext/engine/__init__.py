@@ -57,7 +57,9 @@ callable every hyper-step so that the trace is reused.
 CPU fast paths (same values and derivatives): ``implicit_hypergradient`` runs
 inside ``commentaries_ext.memory.reuse_cpu_memory()`` (its products reuse freed
 blocks instead of faulting in fresh pages); max pooling goes through ATen's
-channels-last kernel (``engine/pooling.py``); BatchNorm's forward-mode rules are
+channels-last kernel (``engine/pooling.py``); a convolution's input gradient by
+matmul + col2im where oneDNN's is measured slower for the shape, also inside graphs
+that are differentiated twice (``engine/conv.py``); BatchNorm's forward-mode rules are
 ``engine/batchnorm.py``.
 
 Several processes: ``implicit_hypergradient(..., reduce=ShardReducer(...))``
@@ -87,6 +89,9 @@ Backpropagation through training
 
 ``hparams`` tensors that require grad are differentiated through the whole
 (tracked) trajectory; the inner optimisers reproduce ``torch.optim`` step by step.
+Adam (float hyperparameters, no amsgrad) is one autograd node per step over all
+parameters, on the ``adam_step`` kernel ops (``ops/solver.py``); the inner steps run
+under the pooling and convolution fast paths above.
 """
 from .functional import FunctionalModule
 from .hvp import ReducedOperator, SplitLoss, WeightedLoss, make_operator
