@@ -327,3 +327,17 @@ def test_adam_kernel_ops_opcheck():
     hp = (3e-2, 0.9, 0.999, 1e-8, 0.1, 0.001)
     opcheck(torch.ops.commentaries_ext.cpp_adam_step, (p, g, m, v, *hp))
     opcheck(torch.ops.commentaries_ext.cpp_adam_step_backward, (p, [None, m[1]], v, g, m, v, *hp, [True, False, True]))
+
+
+def test_fused_adam_non_contiguous_tensors_take_the_reference():
+    # a transposed parameter (or a channels-last gradient) breaks the C++ contract: same values anyway
+    p, g, m, v = _adam_lists(torch.float64, [12], 11)
+    pt = [p[0].view(3, 4).t()]  # non-contiguous
+    gt, mt, vt = ([t[0].view(3, 4).t().contiguous()] for t in (g, m, v))
+    spec = Adam(lr=0.05)
+    state = {"step": 2, "m": {"w": mt[0]}, "v": {"w": vt[0]}}
+    a, sa = spec.step({"w": pt[0]}, {"w": gt[0]}, state)
+    b, sb = spec.step({"w": pt[0].contiguous()}, {"w": gt[0]}, state)
+    # (reference vs C++ kernel: the same formula, rounding apart)
+    assert torch.allclose(a["w"], b["w"], rtol=1e-15, atol=0)
+    assert torch.allclose(sa["v"]["w"], sb["v"]["w"], rtol=1e-15, atol=0)

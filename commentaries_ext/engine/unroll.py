@@ -24,6 +24,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from .. import backend
+from ..ops import solver as _solver_ops  # noqa: F401  (registers the adam_step kernel ops)
+from ..reference import solver as _reference_solver
 from .conv import conv_rules
 from .pooling import pool_rules
 
@@ -170,24 +173,23 @@ class _AdamStep(torch.autograd.Function):
         need = ctx.needs_input_grad[2:]
         mask = [any(need[k:2 * k]), any(need[2 * k:3 * k]), any(need[3 * k:])]
         if torch.is_grad_enabled():  # create_graph: the differentiable reference
-            from ..reference.solver import adam_step_backward as bwd
+            bwd = _reference_solver.adam_step_backward
         else:
             bwd = _adam_kernel("adam_step_backward", [*g, *m_new, *v_new, *(t for t in P + M + V if t is not None)])
         dg, dm, dv = bwd(P, M, V, g, m_new, v_new, *ctx.hp, mask)
-        d_p = [P[i] if need[i] else None for i in range(k)]
-        pick = lambda xs, off: [xs[i] if (xs and need[off + i]) else None for i in range(k)]  # noqa: E731
-        return (None, None, *d_p, *pick(dg, k), *pick(dm, 2 * k), *pick(dv, 3 * k))
+
+        def wanted(grads, first):  # the grads of inputs first .. first + k - 1, None where not needed
+            return [grads[i] if (grads and need[first + i]) else None for i in range(k)]
+
+        return (None, None, *wanted(P, 0), *wanted(dg, k), *wanted(dm, 2 * k), *wanted(dv, 3 * k))
 
 
 def _adam_kernel(op, tensors):
     """The backend kernel of ``op``; the reference where the C++ contract (contiguous tensors of
     one float dtype) does not hold."""
-    from .. import backend
-    from ..ops import solver  # noqa: F401  (registers the kernel ops)
-
     t0 = tensors[0]
     if t0.device.type == "cpu" and not all(t.is_contiguous() and t.dtype == t0.dtype for t in tensors):
-        return backend._kernels["reference"][op]
+        return getattr(_reference_solver, op)
     return backend.kernel(op, t0.device)
 
 
