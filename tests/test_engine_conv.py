@@ -12,7 +12,9 @@ from torch import nn
 from commentaries_ext.engine import conv as C
 
 DT = torch.float64
-CONFS = [((1, 1), (0, 0), (1, 1)), ((2, 1), (1, 2), (1, 1)), ((2, 2), (1, 0), (2, 1))]
+# the last two leave input rows/columns that no window reaches (col2im must still give the input's size)
+CONFS = [((1, 1), (0, 0), (1, 1)), ((2, 1), (1, 2), (1, 1)), ((2, 2), (1, 0), (2, 1)), ((2, 2), (0, 0), (1, 1)),
+         ((3, 2), (0, 1), (1, 2))]
 
 
 @pytest.fixture
@@ -122,3 +124,46 @@ def test_bptt_through_conv_pool_batchnorm_matches_stock_autograd(fold_always, mo
     monkeypatch.setattr(U, "pool_rules", contextlib.nullcontext)
     ref = meta_grad()
     assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-13 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("case", ["channels_last", "batch1", "weight_no_grad", "keywords", "one_element_tuples"])
+def test_rules_in_the_mode_match_stock_autograd(case, fold_always):
+    # second-order meta-gradient through the mode against the stock operator, for input variants
+    x, w, b = _inputs(6)
+    if case == "channels_last":
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    if case == "batch1":
+        x = x.detach()[:1].requires_grad_()
+    if case == "weight_no_grad":
+        w = w.detach()
+
+    def conv(x, w, b):
+        if case == "keywords":
+            return F.conv2d(input=x, weight=w, bias=b, stride=2, padding=(1, 0), dilation=1)
+        if case == "one_element_tuples":
+            return F.conv2d(x, w, b, (2,), (1,))
+        return F.conv2d(x, w, b, 2, 1)
+
+    def meta(mode):
+        with mode:
+            y = conv(x, w, b)
+            ins = [t for t in (x, w) if t.requires_grad]
+            g = torch.autograd.grad((y ** 2).sum(), ins, create_graph=True)
+        return torch.autograd.grad(sum((gi * gi).sum() for gi in g), [x] + ([w] if w.requires_grad else []))
+
+    with C.conv_rules() as m:
+        pass
+    ours = meta(m)
+    assert m.calls == 1
+    ref = meta(contextlib.nullcontext())
+    for a, r in zip(ours, ref):
+        assert torch.allclose(a, r, rtol=1e-12, atol=1e-12 * float(r.abs().max()))
+
+
+def test_mode_passes_through_torch_func():
+    # classic autograd.Functions have no vmap/jvp rules: under torch.func the stock operator runs
+    x, w, b = _inputs(7)
+    with C.conv_rules() as mode:
+        gx = torch.func.grad(lambda t: F.conv2d(t, w.detach(), None).square().sum())(x.detach())
+    assert mode.calls == 0
+    assert torch.allclose(gx, torch.autograd.grad(F.conv2d(x, w.detach()).square().sum(), x)[0])

@@ -1,5 +1,7 @@
 """BPTT engine: differentiable optimisers vs torch.optim, meta-gradients vs a
 hand-unrolled autograd reference and central finite differences (float64)."""
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -229,13 +231,23 @@ def test_fused_adam_node_gradcheck_and_matches_the_generic_graph(zero_v):
     for a, b in zip(outs_f, outs_g):
         assert torch.allclose(a, b, rtol=1e-14, atol=1e-15)
     cot = [torch.randn(o.shape, generator=gen, dtype=DT) for o in outs_f]
-    gf = torch.autograd.grad(outs_f, ts, cot, allow_unused=True)
-    gg = torch.autograd.grad(outs_g, ts, cot, allow_unused=True)
+    gf = torch.autograd.grad(outs_f, ts, cot, allow_unused=True, create_graph=True)
+    gg = torch.autograd.grad(outs_g, ts, cot, allow_unused=True, create_graph=True)
     for i, (a, b) in enumerate(zip(gf, gg)):
         a = torch.zeros_like(ts[i]) if a is None else a
         b = torch.zeros_like(ts[i]) if b is None else b
         assert torch.isfinite(a).all()
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), i
+    # second order (a double backward through the node), also where v' = 0
+    sf = sum((a * a).sum() for a in gf if a is not None)
+    sg = sum((b * b).sum() for b in gg if b is not None)
+    hf = torch.autograd.grad(sf, ts, allow_unused=True)
+    hg = torch.autograd.grad(sg, ts, allow_unused=True)
+    for i, (a, b) in enumerate(zip(hf, hg)):
+        a = torch.zeros_like(ts[i]) if a is None else a
+        b = torch.zeros_like(ts[i]) if b is None else b
+        assert torch.isfinite(a).all(), i
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), i
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(weight_decay=0.01), dict(maximize=True)])
@@ -341,3 +353,49 @@ def test_fused_adam_non_contiguous_tensors_take_the_reference():
     # (reference vs C++ kernel: the same formula, rounding apart)
     assert torch.allclose(a["w"], b["w"], rtol=1e-15, atol=0)
     assert torch.allclose(sa["v"]["w"], sb["v"]["w"], rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("case", ["bfloat16", "forced triton", "forward AD"])
+def test_fused_adam_falls_back_where_the_kernels_do_not_apply(case):
+    # the step worked before the fused node in each of these cases and still does, with the same values
+    import torch.autograd.forward_ad as fwAD
+
+    from commentaries_ext import backend
+
+    dtype = torch.bfloat16 if case == "bfloat16" else DT
+    p, g, m, v = (t.to(dtype) for t in (ts[0] for ts in _adam_lists(DT, [9], 12)))
+    spec = Adam(lr=0.05)
+    state = {"step": 1, "m": {"w": m}, "v": {"w": v}}
+    want, _ = _generic_adam(spec, {"w": p}, {"w": g}, state)
+    if case == "forward AD":
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(g, torch.ones_like(g))
+            new, _ = spec.step({"w": p}, {"w": dual}, state)
+            got, tangent = fwAD.unpack_dual(new["w"])
+        assert tangent is not None and torch.isfinite(tangent).all()
+    else:
+        with backend.use("triton") if case == "forced triton" else contextlib.nullcontext():
+            new, _ = spec.step({"w": p}, {"w": g}, state)
+        got = new["w"]
+        assert "AdamStep" in type(got.grad_fn).__name__ if got.requires_grad else True
+    assert got.dtype == dtype and torch.allclose(got.double(), want["w"].double(), rtol=1e-15, atol=0)
+
+
+@cpp_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adam_step_backward_cpp_kernel_chunks_and_float32(dtype):
+    from commentaries_ext.reference.solver import adam_step, adam_step_backward
+
+    sizes = [40000, 3]  # over the 16384-element chunks, and a tail
+    p, g, m, v = _adam_lists(dtype, sizes, 13, zero_v=True)
+    hp = (3e-2, 0.9, 0.999, 1e-8, 1 - 0.9**2, 1 - 0.999**2)
+    _, m_new, v_new = adam_step(p, g, m, v, *hp)
+    gen = torch.Generator().manual_seed(14)
+    inc = [[torch.randn(n, generator=gen, dtype=dtype) for n in sizes] for _ in range(3)]
+    got = torch.ops.commentaries_ext.cpp_adam_step_backward(*inc, g, m_new, v_new, *hp, [True, True, True])
+    want = adam_step_backward(*([t.double() for t in ts] for ts in inc), [t.double() for t in g],
+                              [t.double() for t in m_new], [t.double() for t in v_new], *hp, (True, True, True))
+    tol = dict(rtol=2e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-14, atol=1e-15)
+    for a_list, b_list in zip(got, want):
+        for a, b in zip(a_list, b_list):
+            assert torch.allclose(a.double(), b, **tol)

@@ -137,7 +137,17 @@ class Conv2dRules(torch.autograd.Function):
 
 
 def _pair(v):
-    return (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v)
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(a) for a in v)
+    return v * 2 if len(v) == 1 else v  # F.conv2d takes a 1-element sequence for both dimensions
+
+
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
+def _dual_level_active() -> bool:
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 class conv_rules(torch.overrides.TorchFunctionMode):
@@ -154,7 +164,8 @@ class conv_rules(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.conv2d and torch.is_grad_enabled():
+        # classic autograd.Functions without jvp / vmap rules: not under torch.func or forward AD
+        if func is F.conv2d and torch.is_grad_enabled() and not _functorch_active() and not _dual_level_active():
             a = dict(zip(self._NAMES, args))
             a.update(kwargs)
             x, w, padding = a["input"], a["weight"], a.get("padding", 0)
@@ -165,7 +176,7 @@ class conv_rules(torch.overrides.TorchFunctionMode):
                 out_hw = [(x.shape[2 + i] + 2 * conf[1][i] - conf[2][i] * (w.shape[2 + i] - 1) - 1) // conf[0][i] + 1
                           for i in range(2)]
                 key = ((x.shape[0], w.shape[0], *out_hw), tuple(x.shape), tuple(w.shape), x.dtype, *conf)
-                if fold_is_faster(key):
+                if min(out_hw) > 0 and x.shape[1] == w.shape[1] and fold_is_faster(key):  # else conv2d's own error
                     self.calls += 1
                     return Conv2dRules.apply(x, w, a.get("bias"), conf)
         return func(*args, **kwargs)

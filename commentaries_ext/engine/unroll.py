@@ -138,10 +138,15 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 
 
 def _fused_adam_applies(opt, grads) -> bool:
-    """Float hyperparameters, no amsgrad, outside torch.func transforms (a classic autograd.Function)."""
+    """Float hyperparameters, no amsgrad, outside torch.func transforms and forward-mode AD (a
+    classic autograd.Function without a jvp)."""
     hyper = (opt.lr, opt.betas[0], opt.betas[1], opt.eps, opt.weight_decay)
     return (not opt.amsgrad and not any(torch.is_tensor(h) for h in hyper) and not _functorch_active()
-            and any(g is not None for g in grads.values()))
+            and not _dual_level_active() and any(g is not None for g in grads.values()))
+
+
+def _dual_level_active() -> bool:
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 class _AdamStep(torch.autograd.Function):
@@ -172,6 +177,8 @@ class _AdamStep(torch.autograd.Function):
         P, M, V = list(grad_out[:k]), list(grad_out[k:2 * k]), list(grad_out[2 * k:])
         need = ctx.needs_input_grad[2:]
         mask = [any(need[k:2 * k]), any(need[2 * k:3 * k]), any(need[3 * k:])]
+        if not any(mask):  # only p's gradient (the identity) is asked for
+            return (None, None, *[P[i] if need[i] else None for i in range(k)], *([None] * (3 * k)))
         if torch.is_grad_enabled():  # create_graph: the differentiable reference
             bwd = _reference_solver.adam_step_backward
         else:
@@ -188,7 +195,11 @@ def _adam_kernel(op, tensors):
     """The backend kernel of ``op``; the reference where the C++ contract (contiguous tensors of
     one float dtype) does not hold."""
     t0 = tensors[0]
-    if t0.device.type == "cpu" and not all(t.is_contiguous() and t.dtype == t0.dtype for t in tensors):
+    if t0.device.type == "cpu" and not (t0.dtype in (torch.float32, torch.float64)
+                                        and all(t.is_contiguous() and t.dtype == t0.dtype for t in tensors)):
+        return getattr(_reference_solver, op)
+    forced = backend.forced()  # a forced backend without this op (triton, cuda): the reference
+    if forced is not None and forced not in backend.candidates(op, t0.device.type):
         return getattr(_reference_solver, op)
     return backend.kernel(op, t0.device)
 

@@ -76,22 +76,19 @@ def adam_step_backward(gp, gm, gv, g, m, v, lr, beta1, beta2, eps, bc1, bc2, out
     k = len(g)
     a, rs = lr / bc1, bc2**0.5
     M, V = list(gm), list(gv)
-    idx = [i for i in range(k) if gp[i] is not None]
-    if idx:  # the paths through p' = p - a m' / d
-        vs = [v[i] for i in idx]
-        sq = torch._foreach_sqrt(vs)
-        d = torch._foreach_div(sq, rs)
-        torch._foreach_add_(d, eps)
-        q = torch._foreach_div([gp[i] for i in idx], d)
-        dm = torch._foreach_mul(q, -a)
-        q2 = torch._foreach_mul(q, [m[i] for i in idx])
-        torch._foreach_div_(q2, d)
-        torch._foreach_div_(q2, sq)
-        torch._foreach_mul_(q2, a / (2 * rs))
-        for j, i in enumerate(idx):
-            dv = torch.where(vs[j] > 0, q2[j], 0.0)  # sqrt's derivative at 0 taken as 0
-            M[i] = dm[j] if M[i] is None else M[i] + dm[j]
-            V[i] = dv if V[i] is None else V[i] + dv
+    for i in range(k):
+        if gp[i] is None:
+            continue
+        # the paths through p' = p - a m' / d. Where v' = 0, sqrt has no derivative (taken as 0): the
+        # divisor goes through where() too, so that a double backward sees no 0/0 there either
+        pos = v[i] > 0
+        sq = torch.sqrt(torch.where(pos, v[i], torch.ones_like(v[i])))
+        d = torch.where(pos, sq, torch.zeros_like(sq)) / rs + eps
+        q = gp[i] / d
+        dm = q * -a
+        dv = torch.where(pos, q * m[i] / d / sq * (a / (2 * rs)), torch.zeros_like(q))
+        M[i] = dm if M[i] is None else M[i] + dm
+        V[i] = dv if V[i] is None else V[i] + dv
     Mt = [M[i] if M[i] is not None else torch.zeros_like(g[i]) for i in range(k)]
     Vt = [V[i] if V[i] is not None else torch.zeros_like(g[i]) for i in range(k)]
     dg = [torch.addcmul((1 - beta1) * Mt[i], g[i], Vt[i], value=2 * (1 - beta2)) for i in range(k)] \

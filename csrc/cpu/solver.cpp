@@ -286,8 +286,10 @@ at::Tensor cpp_multi_dot(at::TensorList x, at::TensorList y) {
 
 // -------------------------------------------------------------- adam_step (engine/unroll.py's inner Adam)
 
-// torch.optim.Adam's arithmetic, op for op (ATen's lerp for a weight < 0.5 is one fma; the
-// rest are separate roundings, as this file is compiled without contraction):
+// torch.optim.Adam's formula, op for op (ATen's lerp for a weight < 0.5 is one fma; the rest
+// are separate roundings, as this file is compiled without contraction). Not the same bits in
+// every element: sqrt here is correctly rounded (ATen's float32 sqrt is not always), and ATen's
+// lerp switches to another form for a weight >= 0.5 (beta1 <= 0.5), which is not done here:
 //   m' = m + (1 - b1)(g - m); v' = (v b2) + ((1 - b2) g) g; d = sqrt(v') / sqrt(bc2) + eps;
 //   p' = p + (-(lr / bc1) m') / d.  Tails run the same vector code on partial vectors.
 struct AdamHyper {
