@@ -10,7 +10,8 @@ ATen's generic transposed convolution (~1.1 ms).  The choice is made per shape, 
 
 * :func:`input_grad_by_fold`, the lowering the linearised trace uses (``linearize.py``);
 * :class:`conv_rules`, a ``TorchFunctionMode`` for eager autograd with ``create_graph``
-  (backpropagation through training): ``F.conv2d`` of such a layer runs oneDNN's forward
+  (the inner steps of backpropagation through training, the IFT engine's double-backward
+  graphs): ``F.conv2d`` of such a layer runs oneDNN's forward
   with a backward of two nodes, :class:`ConvWeightGrad` (oneDNN's weight gradient) and
   :class:`ConvInputGrad` (the fold), each with a reverse rule made of the same three
   kinds of op (a convolution forward, one of the two nodes), so that every input gradient
@@ -21,6 +22,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .._transforms import dual_level_active as _dual_level_active
+from .._transforms import functorch_active as _functorch_active
 
 CONV_BWD = torch.ops.aten.convolution_backward.default
 _FOLD_FASTER: dict = {}  # convolution shapes -> whether matmul + col2im beat convolution_backward
@@ -143,11 +147,7 @@ def _pair(v):
     return v * 2 if len(v) == 1 else v  # F.conv2d takes a 1-element sequence for both dimensions
 
 
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
-
-def _dual_level_active() -> bool:
-    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 class conv_rules(torch.overrides.TorchFunctionMode):

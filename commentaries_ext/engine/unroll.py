@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from .. import backend
+from .._transforms import dual_level_active as _dual_level_active
+from .._transforms import functorch_active as _functorch_active
 from ..ops import solver as _solver_ops  # noqa: F401  (registers the adam_step kernel ops)
 from ..reference import solver as _reference_solver
 from .conv import conv_rules
@@ -134,7 +136,6 @@ class Adam:
         return new_p, {"step": t, "m": m_new, "v": v_new}
 
 
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
 def _fused_adam_applies(opt, grads) -> bool:
@@ -144,9 +145,6 @@ def _fused_adam_applies(opt, grads) -> bool:
     return (not opt.amsgrad and not any(torch.is_tensor(h) for h in hyper) and not _functorch_active()
             and not _dual_level_active() and any(g is not None for g in grads.values()))
 
-
-def _dual_level_active() -> bool:
-    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 class _AdamStep(torch.autograd.Function):

@@ -58,6 +58,7 @@ import torch
 from torch import Tensor
 
 from .. import _compiled, backend
+from .._transforms import functorch_active as _functorch_active
 from ..reference import blend as _reference  # noqa: F401  (registers the reference backend)
 
 try:  # Triton kernels (another engineer's file); optional
@@ -221,9 +222,6 @@ class _EagerBlendClassic(torch.autograd.Function):
 
     backward = _EagerBlend.backward
     jvp = _EagerBlend.jvp
-
-
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
 # ----------------------------------------------------------------- public function

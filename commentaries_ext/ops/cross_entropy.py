@@ -51,6 +51,8 @@ import torch
 from torch import Tensor
 
 from .. import _compiled, backend
+from .._transforms import dual_level_active as _dual_level_active
+from .._transforms import functorch_active as _functorch_active
 from ..reference import cross_entropy as _reference  # noqa: F401  (registers the reference backend)
 
 try:  # Triton kernels (another engineer's file); optional
@@ -222,14 +224,6 @@ def _k(op: str, device) -> callable:
     if fn is None:
         fn = _KCACHE[key] = backend.kernel(op, device)
     return fn
-
-
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
-import torch.autograd.forward_ad as _fwad  # noqa: E402
-
-
-def _dual_level_active() -> bool:
-    return getattr(_fwad, "_current_level", 0) >= 0
 
 
 def _eager(setup_cls, op: str):
