@@ -91,7 +91,9 @@ Backpropagation through training
 (tracked) trajectory; the inner optimisers reproduce ``torch.optim`` step by step.
 Adam (float hyperparameters, no amsgrad) is one autograd node per step over all
 parameters, on the ``adam_step`` kernel ops (``ops/solver.py``); the inner steps run
-under the pooling and convolution fast paths above.
+under the pooling and convolution fast paths above, and their ReLUs keep a bool mask
+instead of their output (``engine/activation.py``: ~16 % less memory per unrolled step
+of the reference ConvNet for ~2 % more time).
 """
 from .functional import FunctionalModule
 from .hvp import ReducedOperator, SplitLoss, WeightedLoss, make_operator

@@ -54,13 +54,17 @@ class MaxPool2dChannelsLast(torch.autograd.Function):
         _, idx = output
         ctx.mark_non_differentiable(idx)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, idx)
+        ctx.x_shape = x.shape  # the backward reads only the input's shape: x itself is not kept
+        ctx.save_for_backward(idx)
 
     @staticmethod
     def backward(ctx, gout, _gidx):
         if gout is None:
             return (None,) * 6
-        x, idx = ctx.saved_tensors
+        idx, = ctx.saved_tensors
+        # ATen's backward scatters gout by the indices and reads only the sizes of its `self`: a
+        # stride-0 stand-in, also in the graph a double backward keeps (no activation held for it)
+        x = gout.new_zeros(()).expand(ctx.x_shape)
         gx = torch.ops.aten.max_pool2d_with_indices_backward(gout, x, ctx.kernel_size, ctx.stride, ctx.padding,
                                                              ctx.dilation, ctx.ceil_mode, idx)
         return gx, None, None, None, None, None

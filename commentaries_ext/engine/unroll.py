@@ -29,6 +29,7 @@ from .._transforms import dual_level_active as _dual_level_active
 from .._transforms import functorch_active as _functorch_active
 from ..ops import solver as _solver_ops  # noqa: F401  (registers the adam_step kernel ops)
 from ..reference import solver as _reference_solver
+from .activation import relu_rules
 from .conv import conv_rules
 from .pooling import pool_rules
 
@@ -368,9 +369,10 @@ def _reduce_grads(grad_reduce, gs):
 
 
 def _step(loss_fn, optimizer, params, state, buffers, hparams, batch, create_graph, grad_reduce=None):
-    # the CPU fast paths of engine/pooling.py and engine/conv.py (with create_graph the
-    # backward graph they build is the one the outer backward differentiates)
-    with torch.enable_grad(), pool_rules(), conv_rules():
+    # the CPU fast paths of engine/pooling.py and engine/conv.py, and the mask-keeping ReLU of
+    # engine/activation.py (with create_graph the backward graph they build is the one the
+    # outer backward differentiates, kept for every step)
+    with torch.enable_grad(), pool_rules(), conv_rules(), relu_rules():
         if create_graph:
             params = {k: (v if v.requires_grad else v.detach().requires_grad_(True)) for k, v in params.items()}
         else:
