@@ -4,6 +4,7 @@ import contextlib
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from commentaries_ext.engine import SGD, Adam, FunctionalModule, from_torch, unroll
@@ -399,3 +400,40 @@ def test_adam_step_backward_cpp_kernel_chunks_and_float32(dtype):
     for a_list, b_list in zip(got, want):
         for a, b in zip(a_list, b_list):
             assert torch.allclose(a.double(), b, **tol)
+
+
+_adam_sizes = st.lists(st.sampled_from([1, 7, 16, 33, 16384 + 5]), min_size=1, max_size=3)
+
+
+@cpp_kernels
+@settings(max_examples=25, deadline=None)
+@given(sizes=_adam_sizes, dtype=st.sampled_from((torch.float32, torch.float64)), seed=st.integers(0, 2**31 - 1),
+       b1=st.floats(0.0, 0.99), b2=st.floats(0.5, 0.9999), t=st.integers(1, 50), scale=st.sampled_from([1e-6, 1.0, 1e4]))
+def test_adam_kernels_against_float64_on_random_inputs(sizes, dtype, seed, b1, b2, t, scale):
+    # fresh random lists, outputs poisoned before the kernels write them; incoming grads with None entries
+    from commentaries_ext import backend
+    from commentaries_ext.reference.solver import adam_step, adam_step_backward
+
+    p, g, m, v = _adam_lists(dtype, sizes, seed, zero_v=seed % 2 == 0)
+    g = [x * scale for x in g]
+    v = [x * scale * scale for x in v]
+    hp = (1e-2, b1, b2, 1e-8, 1 - b1**t, 1 - b2**t)
+    dbl = lambda xs: [x.double() for x in xs]  # noqa: E731
+    gen = torch.Generator().manual_seed(seed + 1)
+    inc = [[torch.randn(n, generator=gen, dtype=dtype) if (i + j) % 3 else None for i, n in enumerate(sizes)]
+           for j in range(3)]
+    prev = backend.set_poison_outputs(True)
+    try:
+        got_f = torch.ops.commentaries_ext.cpp_adam_step(p, g, m, v, *hp)
+        _, m1, v1 = adam_step(p, g, m, v, *hp)
+        got_b = torch.ops.commentaries_ext.cpp_adam_step_backward(*inc, g, m1, v1, *hp, [True, True, True])
+    finally:
+        backend.set_poison_outputs(prev)
+    want_f = adam_step(dbl(p), dbl(g), dbl(m), dbl(v), *hp)
+    want_b = adam_step_backward(*([None if x is None else x.double() for x in l] for l in inc), dbl(g), dbl(m1),
+                                dbl(v1), *hp, (True, True, True))
+    rtol = 2e-6 if dtype == torch.float32 else 1e-13
+    for got, want in zip(list(got_f) + list(got_b), list(want_f) + list(want_b)):
+        for a, b in zip(got, want):
+            assert a.dtype == dtype and torch.isfinite(a).all()
+            assert torch.allclose(a.double(), b, rtol=rtol, atol=rtol * float(b.abs().max()) + 1e-30)

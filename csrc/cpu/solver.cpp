@@ -286,11 +286,11 @@ at::Tensor cpp_multi_dot(at::TensorList x, at::TensorList y) {
 
 // -------------------------------------------------------------- adam_step (engine/unroll.py's inner Adam)
 
-// torch.optim.Adam's formula, op for op (ATen's lerp for a weight < 0.5 is one fma; the rest
-// are separate roundings, as this file is compiled without contraction). Not the same bits in
-// every element: sqrt here is correctly rounded (ATen's float32 sqrt is not always), and ATen's
-// lerp switches to another form for a weight >= 0.5 (beta1 <= 0.5), which is not done here:
-//   m' = m + (1 - b1)(g - m); v' = (v b2) + ((1 - b2) g) g; d = sqrt(v') / sqrt(bc2) + eps;
+// torch.optim.Adam's formula, op for op (ATen's lerp is one fma, from the nearer end: start
+// for a weight < 0.5, end otherwise, so that beta1 near 0 keeps g's precision; the rest are
+// separate roundings, as this file is compiled without contraction). Not the same bits in every
+// element: sqrt here is correctly rounded (ATen's float32 sqrt is not always):
+//   m' = m + (1 - b1)(g - m) [= g - b1 (g - m)]; v' = (v b2) + ((1 - b2) g) g; d = sqrt(v') / sqrt(bc2) + eps;
 //   p' = p + (-(lr / bc1) m') / d.  Tails run the same vector code on partial vectors.
 struct AdamHyper {
   double lr, b1, b2, eps, bc1, bc2;
@@ -311,7 +311,9 @@ void adam_impl(at::TensorList p, at::TensorList g, at::TensorList m, at::TensorL
   const auto chunks = make_chunks(p);
   const auto pp = ptrs<T>(p), pg = ptrs<T>(g), pm = ptrs<T>(m), pv = ptrs<T>(v);
   const auto opp = mut_ptrs<T>(po), opm = mut_ptrs<T>(mo), opv = mut_ptrs<T>(vo);
-  const Vec w(static_cast<T>(1 - h.b1)), b2(static_cast<T>(h.b2)), c2(static_cast<T>(1 - h.b2));
+  const T w = static_cast<T>(1 - h.b1);
+  const bool from_start = w < T(0.5);
+  const Vec coeff(from_start ? w : w - T(1)), b2(static_cast<T>(h.b2)), c2(static_cast<T>(1 - h.b2));
   const Vec rs(static_cast<T>(std::sqrt(h.bc2))), eps(static_cast<T>(h.eps)), step(static_cast<T>(-(h.lr / h.bc1)));
   for_chunks(chunks, [&](int64_t, const Chunk& ch) {
     const int t = ch.tensor;
@@ -319,7 +321,7 @@ void adam_impl(at::TensorList p, at::TensorList g, at::TensorList m, at::TensorL
       const int64_t n = std::min<int64_t>(W, ch.end - i);
       const Vec gi = Vec::loadu(pg[t] + i, n), mi = Vec::loadu(pm[t] + i, n);
       const Vec vi = Vec::loadu(pv[t] + i, n), pi = Vec::loadu(pp[t] + i, n);
-      const Vec mn = at::vec::fmadd(w, gi - mi, mi);
+      const Vec mn = at::vec::fmadd(coeff, gi - mi, from_start ? mi : gi);
       const Vec vn = vi * b2 + c2 * gi * gi;
       const Vec d = vn.sqrt() / rs + eps;
       const Vec pn = pi + step * mn / d;
