@@ -147,9 +147,6 @@ def _pair(v):
     return v * 2 if len(v) == 1 else v  # F.conv2d takes a 1-element sequence for both dimensions
 
 
-
-
-
 class conv_rules(torch.overrides.TorchFunctionMode):
     """Within this context ``F.conv2d`` with grad enabled on 4-D CPU float tensors (groups 1,
     numeric padding) whose input requires grad and whose input gradient measured faster by

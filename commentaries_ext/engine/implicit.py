@@ -19,7 +19,6 @@ import torch
 from . import vector as V
 from ..memory import reuse_cpu_memory
 from .hvp import make_operator
-from .conv import conv_rules
 from .pooling import pool_rules
 
 
@@ -293,7 +292,7 @@ def _check_state(name: str, d) -> dict:
 def _val_grads(val_loss, params, hparams, batch):
     th = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     ph = {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
-    with torch.enable_grad(), pool_rules(), conv_rules():  # the CPU fast paths (engine/pooling.py, conv.py)
+    with torch.enable_grad(), pool_rules():  # ATen's NCHW max-pool is slow on the CPU (engine/pooling.py)
         L = val_loss(th, ph, batch)
         gs = torch.autograd.grad(L, list(th.values()) + list(ph.values()), allow_unused=True)
     n = len(th)

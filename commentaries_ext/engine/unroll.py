@@ -137,15 +137,12 @@ class Adam:
         return new_p, {"step": t, "m": m_new, "v": v_new}
 
 
-
-
 def _fused_adam_applies(opt, grads) -> bool:
     """Float hyperparameters, no amsgrad, outside torch.func transforms and forward-mode AD (a
     classic autograd.Function without a jvp)."""
     hyper = (opt.lr, opt.betas[0], opt.betas[1], opt.eps, opt.weight_decay)
     return (not opt.amsgrad and not any(torch.is_tensor(h) for h in hyper) and not _functorch_active()
             and not _dual_level_active() and any(g is not None for g in grads.values()))
-
 
 
 class _AdamStep(torch.autograd.Function):
