@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .._transforms import dual_level_active, functorch_active
+from . import recompute
 
 
 class ReluMask(torch.autograd.Function):
@@ -27,7 +28,12 @@ class ReluMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         mask, = ctx.saved_tensors
-        return g * mask  # (ATen's where / masked_fill with a bool mask are ~6x slower on the CPU)
+        # the mask read as bytes: a float-by-uint8 product is ~3x faster on the CPU than by bool (and
+        # ATen's where / masked_fill with a bool mask slower still); the same values
+        mask = mask.view(torch.uint8)
+        gx = g * mask
+        recompute.register(gx, torch.mul, g, mask)
+        return gx
 
 
 class relu_rules(torch.overrides.TorchFunctionMode):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .._transforms import dual_level_active as _dual_level_active
 from .._transforms import functorch_active as _functorch_active
+from . import recompute
 
 CONV_BWD = torch.ops.aten.convolution_backward.default
 _FOLD_FASTER: dict = {}  # convolution shapes -> whether matmul + col2im beat convolution_backward
@@ -119,6 +120,12 @@ class ConvInputGrad(torch.autograd.Function):
         return d_gy, d_w, None, None
 
 
+def _cheap_to_recompute(x, w, y) -> bool:
+    # a first layer: a few multiply-adds per output element, an output much larger than the
+    # input (which the graph keeps anyway)
+    return w.shape[1] * w.shape[2] * w.shape[3] <= 64 and y.numel() >= 2 * x.numel()
+
+
 class Conv2dRules(torch.autograd.Function):
     """``F.conv2d`` (oneDNN's forward) whose backward is :class:`ConvInputGrad` and
     :class:`ConvWeightGrad`, so that a graph built with ``create_graph=True`` holds them."""
@@ -128,7 +135,10 @@ class Conv2dRules(torch.autograd.Function):
         ctx.conf = conf
         ctx.has_bias = b is not None
         ctx.save_for_backward(x, w)
-        return F.conv2d(x, w, b, *conf)
+        y = F.conv2d(x, w, b, *conf)
+        if recompute.active() and _cheap_to_recompute(x, w, y):
+            recompute.register(y, lambda x, w, b: F.conv2d(x, w, b, *conf), x, w, b)
+        return y
 
     @staticmethod
     def backward(ctx, gy):

@@ -25,6 +25,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from . import recompute
+
 _MAXPOOL = torch.ops.aten.max_pool2d_with_indices.default
 _MIN_CHANNELS = 8  # the channels-last kernel vectorises over channels
 
@@ -55,19 +57,31 @@ class MaxPool2dChannelsLast(torch.autograd.Function):
         ctx.mark_non_differentiable(idx)
         ctx.set_materialize_grads(False)
         ctx.x_shape = x.shape  # the backward reads only the input's shape: x itself is not kept
-        ctx.save_for_backward(idx)
+        # in an unrolled loop, int32 positions in the input plane: half the bytes kept (ATen's
+        # backward takes int64: the copy it is given is registered as recomputable)
+        narrow = recompute.active() and x.shape[-2] * x.shape[-1] < 2**31
+        ctx.save_for_backward(idx.to(torch.int32) if narrow else idx)
 
     @staticmethod
     def backward(ctx, gout, _gidx):
         if gout is None:
             return (None,) * 6
         idx, = ctx.saved_tensors
-        # ATen's backward scatters gout by the indices and reads only the sizes of its `self`: a
-        # stride-0 stand-in, also in the graph a double backward keeps (no activation held for it)
-        x = gout.new_zeros(()).expand(ctx.x_shape)
-        gx = torch.ops.aten.max_pool2d_with_indices_backward(gout, x, ctx.kernel_size, ctx.stride, ctx.padding,
-                                                             ctx.dilation, ctx.ceil_mode, idx)
+        conf = (ctx.kernel_size, ctx.stride, ctx.padding, ctx.dilation, ctx.ceil_mode)
+        if idx.dtype != torch.int64:
+            idx32, idx = idx, idx.long()
+            recompute.register(idx, torch.Tensor.long, idx32)
+        gx = _scatter_to_input(gout, idx, ctx.x_shape, conf)
+        shape = ctx.x_shape
+        recompute.register(gx, lambda gout, idx: _scatter_to_input(gout, idx, shape, conf), gout, idx)
         return gx, None, None, None, None, None
+
+
+def _scatter_to_input(gout, idx, x_shape, conf):
+    # ATen's backward scatters gout by the indices and reads only the sizes of its `self`: a
+    # stride-0 stand-in, also in the graph a double backward keeps (no activation held for it)
+    x = gout.new_zeros(()).expand(x_shape)
+    return torch.ops.aten.max_pool2d_with_indices_backward(gout, x, *conf, idx)
 
 
 def _pair(v, default=None):

@@ -18,6 +18,7 @@ gives the new running statistics of BatchNorm out of place).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
@@ -32,6 +33,7 @@ from ..reference import solver as _reference_solver
 from .activation import relu_rules
 from .conv import conv_rules
 from .pooling import pool_rules
+from .recompute import recompute_cheap
 
 
 def _t(x, like):
@@ -368,8 +370,10 @@ def _reduce_grads(grad_reduce, gs):
 def _step(loss_fn, optimizer, params, state, buffers, hparams, batch, create_graph, grad_reduce=None):
     # the CPU fast paths of engine/pooling.py and engine/conv.py, and the mask-keeping ReLU of
     # engine/activation.py (with create_graph the backward graph they build is the one the
-    # outer backward differentiates, kept for every step)
-    with torch.enable_grad(), pool_rules(), conv_rules(), relu_rules():
+    # outer backward differentiates, kept for every step); in that graph, the tensors they
+    # register as cheap to recompute are kept as recipes (engine/recompute.py)
+    keep_less = recompute_cheap() if create_graph and not _functorch_active() else contextlib.nullcontext()
+    with torch.enable_grad(), keep_less, pool_rules(), conv_rules(), relu_rules():
         if create_graph:
             params = {k: (v if v.requires_grad else v.detach().requires_grad_(True)) for k, v in params.items()}
         else:
