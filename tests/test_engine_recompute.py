@@ -1,0 +1,114 @@
+"""engine/recompute.py: saved tensors kept as recipes and recomputed by the backward -- the
+gradients are unchanged (bit for bit through unroll on a ConvNet), a recipe is re-run only
+once its step's context has closed, in-place changes to its inputs are caught, and small
+tensors are left alone."""
+import contextlib
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from commentaries_ext.engine import Adam, FunctionalModule, unroll
+from commentaries_ext.engine import recompute
+from commentaries_ext.engine.recompute import recompute_cheap
+
+_unroll_module = sys.modules["commentaries_ext.engine.unroll"]
+
+
+def _counted(fn, calls):
+    def run(*a):
+        calls.append(1)
+        return fn(*a)
+    return run
+
+
+def test_registered_tensor_is_recomputed_after_the_context_closes():
+    a = torch.randn(300, 300, dtype=torch.float64, requires_grad=True)  # 720 KB: above MIN_BYTES
+    calls = []
+    with recompute_cheap():
+        b = a.detach() * 2
+        recompute.register(b, _counted(lambda x: x * 2, calls), a.detach())
+        b.requires_grad_(True)
+        c = b.sin()  # keeps b: as its recipe
+        gb, = torch.autograd.grad(c.sum(), b, retain_graph=True)  # within the context: the held value
+        assert calls == []
+    del b
+    # after the context, reading the saved tensor recomputes it
+    saved = c.grad_fn._saved_self
+    assert calls == [1]
+    assert torch.equal(saved, a.detach() * 2)
+    assert torch.equal(gb, torch.cos(a.detach() * 2))
+
+
+def test_inplace_change_of_a_recipe_input_raises():
+    a = torch.randn(300, 300, dtype=torch.float64)
+    with recompute_cheap():
+        b = (a * 2).requires_grad_(True)
+        recompute.register(b, lambda x: x * 2, a)
+        c = b.sin()
+    del b
+    a.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        c.sum().backward()
+
+
+def test_small_tensors_and_outside_the_context_are_kept():
+    calls = []
+    small = torch.randn(10, 10)
+    with recompute_cheap():
+        b = (small * 2).requires_grad_(True)
+        recompute.register(b, _counted(lambda x: x * 2, calls), small)
+        c = b.sin()
+    big = torch.randn(300, 300, dtype=torch.float64)
+    b2 = (big * 2).requires_grad_(True)
+    recompute.register(b2, _counted(lambda x: x * 2, calls), big)  # no context: a no-op
+    c2 = b2.sin()
+    assert not recompute.active()
+    c.sum().backward()
+    c2.sum().backward()
+    assert calls == []
+
+
+def _convnet_problem():
+    torch.manual_seed(0)
+    # a first convolution cheap to recompute (1 input channel, 5x5) with an output above MIN_BYTES
+    net = nn.Sequential(nn.Conv2d(1, 16, 5, 1, 2), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(3, 2),
+                        nn.Conv2d(16, 8, 3, 2, 1), nn.Flatten(), nn.Linear(8 * 8 * 8, 5)).train()
+    fm = FunctionalModule(net)
+    batches = [(torch.randn(16, 1, 32, 32), torch.randint(0, 5, (16,))) for _ in range(3)]
+    phi = torch.zeros(16, requires_grad=True)  # per-example log-weights
+
+    def loss_fn(p, buf, h, b):
+        out, nb = fm.call_update(p, buf, b[0] * (1 + 0.1 * torch.tanh(h["phi"])).view(-1, 1, 1, 1))
+        w = torch.softmax(h["phi"], 0) * len(b[1])
+        return (w * F.cross_entropy(out, b[1], reduction="none")).mean(), nb
+
+    def meta_grad():
+        res = unroll(loss_fn, fm.params(), Adam(lr=1e-2), batches, hparams={"phi": phi}, buffers=fm.buffers())
+        val = F.cross_entropy(fm(res.params, batches[0][0]), batches[0][1])
+        return torch.autograd.grad(val, phi)[0]
+
+    return meta_grad
+
+
+def test_unroll_meta_gradient_is_bit_identical_with_recipes(monkeypatch):
+    meta_grad = _convnet_problem()
+    packed = []
+    pack = recompute._pack
+
+    def counting_pack(t):
+        r = pack(t)
+        if r is not t:
+            packed.append(tuple(t.shape))
+        return r
+
+    monkeypatch.setattr(recompute, "_pack", counting_pack)
+    with_recipes = meta_grad()
+    assert packed, "no saved tensor was kept as a recipe"
+    assert (16, 16, 32, 32) in packed  # the ReLU-masked pool gradient (and the conv output where the rule runs)
+    monkeypatch.setattr(_unroll_module, "recompute_cheap", contextlib.nullcontext)
+    without = meta_grad()
+    assert torch.isfinite(without).all() and without.abs().sum() > 0
+    assert torch.equal(with_recipes, without)
