@@ -112,3 +112,29 @@ def test_unroll_meta_gradient_is_bit_identical_with_recipes(monkeypatch):
     without = meta_grad()
     assert torch.isfinite(without).all() and without.abs().sum() > 0
     assert torch.equal(with_recipes, without)
+
+
+def test_mlp_weight_gradients_kept_as_recipes_match_the_stock_graph(monkeypatch):
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(300, 256), nn.ReLU(), nn.Linear(256, 3)).double()  # 600 KB weight
+    fm = FunctionalModule(net)
+    batches = [(torch.randn(8, 300, dtype=torch.float64), torch.randint(0, 3, (8,))) for _ in range(3)]
+    phi = torch.zeros(8, dtype=torch.float64, requires_grad=True)
+
+    def loss_fn(p, buf, h, b):
+        out = fm(p, b[0] * (1 + 0.1 * torch.tanh(h["phi"])).view(-1, 1))
+        return (torch.softmax(h["phi"], 0) * F.cross_entropy(out, b[1], reduction="none")).sum(), {}
+
+    def meta_grad():
+        res = unroll(loss_fn, fm.params(), Adam(lr=1e-2), batches, hparams={"phi": phi})
+        return torch.autograd.grad(F.cross_entropy(fm(res.params, batches[0][0]), batches[0][1]), phi)[0]
+
+    packed = []
+    pack = recompute._pack
+    monkeypatch.setattr(recompute, "_pack", lambda t: (lambda r: (packed.append(tuple(t.shape)) if r is not t else None) or r)(pack(t)))
+    with_recipes = meta_grad()
+    assert (256, 300) in packed  # the first layer's weight gradient, kept by the Adam step as its recipe
+    monkeypatch.setattr(_unroll_module, "recompute_cheap", contextlib.nullcontext)
+    without = meta_grad()
+    assert without.abs().sum() > 0
+    torch.testing.assert_close(with_recipes, without, rtol=1e-12, atol=1e-15)

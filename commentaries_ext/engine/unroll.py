@@ -32,6 +32,7 @@ from ..ops import solver as _solver_ops  # noqa: F401  (registers the adam_step 
 from ..reference import solver as _reference_solver
 from .activation import relu_rules
 from .conv import conv_rules
+from .linear import linear_rules
 from .pooling import pool_rules
 from .recompute import recompute_cheap
 
@@ -370,24 +371,26 @@ def _reduce_grads(grad_reduce, gs):
 def _step(loss_fn, optimizer, params, state, buffers, hparams, batch, create_graph, grad_reduce=None):
     # the CPU fast paths of engine/pooling.py and engine/conv.py, and the mask-keeping ReLU of
     # engine/activation.py (with create_graph the backward graph they build is the one the
-    # outer backward differentiates, kept for every step); in that graph, the tensors they
-    # register as cheap to recompute are kept as recipes (engine/recompute.py)
+    # outer backward differentiates, kept for every step); in that graph and in the optimiser
+    # step's, the tensors they register as cheap to recompute are kept as recipes
+    # (engine/recompute.py; the weight gradients of engine/linear.py, which the step keeps)
     keep_less = recompute_cheap() if create_graph and not _functorch_active() else contextlib.nullcontext()
-    with torch.enable_grad(), keep_less, pool_rules(), conv_rules(), relu_rules():
+    with keep_less:
+        with torch.enable_grad(), pool_rules(), conv_rules(), relu_rules(), linear_rules():
+            if create_graph:
+                params = {k: (v if v.requires_grad else v.detach().requires_grad_(True)) for k, v in params.items()}
+            else:
+                params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            loss, new_buffers = _call_loss(loss_fn, params, buffers, hparams, batch)
+            gs = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, allow_unused=True)
+            gs = _reduce_grads(grad_reduce, gs)
+        grads = dict(zip(params, gs))
+        new_buffers = {k: v.detach() for k, v in new_buffers.items()}
         if create_graph:
-            params = {k: (v if v.requires_grad else v.detach().requires_grad_(True)) for k, v in params.items()}
+            new_p, new_s = optimizer.step(params, grads, state)
         else:
-            params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        loss, new_buffers = _call_loss(loss_fn, params, buffers, hparams, batch)
-        gs = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, allow_unused=True)
-        gs = _reduce_grads(grad_reduce, gs)
-    grads = dict(zip(params, gs))
-    new_buffers = {k: v.detach() for k, v in new_buffers.items()}
-    if create_graph:
-        new_p, new_s = optimizer.step(params, grads, state)
-    else:
-        with torch.no_grad():
-            new_p, new_s = optimizer.step({k: v.detach() for k, v in params.items()}, grads, state)
+            with torch.no_grad():
+                new_p, new_s = optimizer.step({k: v.detach() for k, v in params.items()}, grads, state)
     return new_p, new_s, new_buffers, loss.detach()
 
 
