@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .._transforms import dual_level_active, functorch_active
 from ..ops.channel import channel_combine, channel_sums
+from ..reference import channel as _reference_channel
 
 
 def _normalise(x: torch.Tensor, weight, bias, eps: float):
@@ -47,6 +49,40 @@ def _normalise(x: torch.Tensor, weight, bias, eps: float):
 
 def _zeros_if_none(t, like):
     return torch.zeros_like(like) if t is None else t
+
+
+def _reverse_rule(u, ugw, ugb, gy, weight, xhat, rstd, gw, gb, needs, sums=channel_sums, combine=channel_combine):
+    """The double backward of batch normalisation's backward ``(gx, gw, gb)(gy, x, weight)``:
+    the gradients w.r.t. ``(gy, x, weight)`` (None where ``needs`` is False) for the
+    cotangents ``u`` (of gx), ``ugw``, ``ugb`` (None: zero).
+
+    With A = Σgy/M, B = Σ(gy x̂)/M, wr = w rstd and P = gy - A - x̂ B (so gx = wr P):
+      d/dgy = wr (u - Σu/M - x̂ Σ(u x̂)/M) + ugw x̂ + ugb
+      d/dw  = rstd Σ(u P)
+      d/dx  = rstd (q - Σq/M - x̂ Σ(q x̂)/M) - wr rstd Σ(u P)/M x̂,  q = -wr B u + (ugw - wr Σ(u x̂)/M) gy
+    (from pairing the forward-mode rule's d(gx), d(gw) with the cotangents): one pass for the
+    sums, one combination per input gradient.  ``sums`` and ``combine`` are the channel kernels,
+    or differentiable ones for a derivative of this rule."""
+    m = xhat.numel() // xhat.shape[1]
+    u = _zeros_if_none(u, gy)
+    ugw = _zeros_if_none(ugw, gw)
+    ugb = _zeros_if_none(ugb, gb)
+    s = sums([u, u, u], [None, xhat, gy])
+    su, sux, sug = s[0], s[1], s[2]
+    wr = weight * rstd
+    A, B = gb / m, gw / m
+    sup = sug - A * su - B * sux  # Σ(u P)
+    ggy = gx_in = gw_in = None
+    if needs[0]:
+        ggy = combine([u, xhat], torch.stack([wr, ugw - wr * sux / m]), ugb - wr * su / m)
+    if needs[1]:
+        cu, cg = -wr * B, ugw - wr * sux / m  # q = cu u + cg gy
+        sq, sqx = cu * su + cg * gb, cu * sux + cg * gw
+        gx_in = combine([u, gy, xhat], torch.stack([rstd * cu, rstd * cg, -rstd * (sqx + wr * sup) / m]),
+                                -rstd * sq / m)
+    if needs[2]:
+        gw_in = rstd * sup
+    return ggy, gx_in, gw_in
 
 
 # A Function may keep only its inputs and outputs for its rules, so that a trace computes each
@@ -97,9 +133,8 @@ class BatchNormTrainBackward(torch.autograd.Function):
     (``x`` for its tangent and its gradient; ``x̂`` and ``rstd`` are not differentiated: the
     rules account for them).  Forward-mode rule above; the reverse-mode rule (a double
     backward through these functions, e.g. reverse-over-reverse inside :func:`batch_norm_rules`)
-    in :meth:`backward`.  Backpropagation through training keeps the stock operator: routed
-    through these functions, the Python glue of each inner step cost more than the shorter
-    double backward saved (BENCHMARKS.md)."""
+    in :meth:`backward`.  Backpropagation through training uses :class:`BatchNormTrainRunning`
+    instead, which keeps ATen's forward and backward kernels and only shares the reverse rule."""
 
     @staticmethod
     def forward(gy, x, weight, xhat, rstd):
@@ -119,33 +154,8 @@ class BatchNormTrainBackward(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, u, ugw, ugb):
-        # Cotangents u (of gx), ugw, ugb.  With A = Σgy/M, B = Σ(gy x̂)/M, wr = w rstd and
-        # P = gy - A - x̂ B (so gx = wr P):
-        #   d/dgy = wr (u - Σu/M - x̂ Σ(u x̂)/M) + ugw x̂ + ugb
-        #   d/dw  = rstd Σ(u P)
-        #   d/dx  = rstd (q - Σq/M - x̂ Σ(q x̂)/M) - wr rstd Σ(u P)/M x̂,  q = -wr B u + (ugw - wr Σ(u x̂)/M) gy
-        # (from pairing the forward-mode rule's d(gx), d(gw) with the cotangents): one pass for
-        # the sums, one combination per input gradient.
         gy, weight, xhat, rstd, gw, gb = ctx.saved_tensors
-        m = xhat.numel() // xhat.shape[1]
-        u = _zeros_if_none(u, gy)
-        ugw = _zeros_if_none(ugw, gw)
-        ugb = _zeros_if_none(ugb, gb)
-        s = channel_sums([u, u, u], [None, xhat, gy])
-        su, sux, sug = s[0], s[1], s[2]
-        wr = weight * rstd
-        A, B = gb / m, gw / m
-        sup = sug - A * su - B * sux  # Σ(u P)
-        ggy = gx_in = gw_in = None
-        if ctx.needs_input_grad[0]:
-            ggy = channel_combine([u, xhat], torch.stack([wr, ugw - wr * sux / m]), ugb - wr * su / m)
-        if ctx.needs_input_grad[1]:
-            cu, cg = -wr * B, ugw - wr * sux / m  # q = cu u + cg gy
-            sq, sqx = cu * su + cg * gb, cu * sux + cg * gw
-            gx_in = channel_combine([u, gy, xhat], torch.stack([rstd * cu, rstd * cg, -rstd * (sqx + wr * sup) / m]),
-                                    -rstd * sq / m)
-        if ctx.needs_input_grad[2]:
-            gw_in = rstd * sup
+        ggy, gx_in, gw_in = _reverse_rule(u, ugw, ugb, gy, weight, xhat, rstd, gw, gb, ctx.needs_input_grad[:3])
         return ggy, gx_in, gw_in, None, None
 
     @staticmethod
@@ -199,4 +209,97 @@ class batch_norm_rules(torch.overrides.TorchFunctionMode):
                 b = a["bias"] if a["bias"] is not None else x.new_zeros(c)
                 self.calls += 1
                 return BatchNormTrain.apply(x, w, b, float(a["eps"]))[0]
+        return func(*args, **kwargs)
+
+
+# ----------------------------------------------------------------- reverse-over-reverse (BPTT)
+#
+# Backpropagation through training differentiates each inner step's backward once more, in
+# reverse mode.  The stock double backward of ``native_batch_norm_backward`` is some forty
+# elementwise operations over the activation; on the reference ConvNet it was a quarter of a
+# BPTT outer step.  Here the forward and the backward keep ATen's fused kernels and what the
+# stock nodes keep (x, weight, the batch statistics; gy), and only the double backward is the
+# rule above: x̂ rebuilt in one pass, one pass of sums, one combination per input.
+
+
+def _differentiable_rule(u, ugw, ugb, gy, x, weight, eps, needs):
+    """:func:`_reverse_rule` from differentiable operations, with ``x̂``, ``rstd``, ``gw`` and
+    ``gb`` recomputed as functions of ``x`` and ``gy``: a double backward that can itself be
+    differentiated (a third derivative)."""
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    rstd = (x.var(dims, unbiased=False) + eps).rsqrt()
+    xhat = (x - x.mean(dims, keepdim=True)) * rstd.view(shape)
+    gb, gw = gy.sum(dims), (gy * xhat).sum(dims)
+    return _reverse_rule(u, ugw, ugb, gy, weight, xhat, rstd, gw, gb, needs,
+                         sums=_reference_channel.channel_sums, combine=_reference_channel.channel_combine)
+
+
+class BatchNormGrad(torch.autograd.Function):
+    """``(gx, gweight, gbias)`` of batch normalisation with batch statistics (ATen's
+    ``native_batch_norm_backward``), from ``(gy, x, weight, mean, rstd)``; its backward is
+    :func:`_reverse_rule` (``mean`` and ``rstd`` are functions of ``x`` that the rule accounts
+    for; they are not differentiated)."""
+
+    @staticmethod
+    def forward(ctx, gy, x, weight, mean, rstd, eps):
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(gy, x, weight, None, None, mean, rstd, True, eps,
+                                                                [True, True, True])
+        ctx.save_for_backward(gy, x, weight, mean, rstd, gw, gb)
+        ctx.eps = eps
+        return gx, gw, gb
+
+    @staticmethod
+    def backward(ctx, u, ugw, ugb):
+        gy, x, weight, mean, rstd, gw, gb = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph: a rule that can be differentiated again
+            out = _differentiable_rule(u, ugw, ugb, gy, x, weight, ctx.eps, needs)
+        else:
+            xhat = channel_combine([x], rstd.view(1, -1), -mean * rstd)  # contiguous, as are the results
+            out = _reverse_rule(u, ugw, ugb, gy, weight, xhat, rstd, gw, gb, needs)
+        return out[0], out[1], out[2], None, None, None
+
+
+class BatchNormTrainRunning(torch.autograd.Function):
+    """``F.batch_norm`` in training mode, running statistics (if any) updated in place as ATen
+    does; the backward is :class:`BatchNormGrad`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        y, mean, rstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        gx, gw, gb = BatchNormGrad.apply(gy, x, weight, mean, rstd, ctx.eps)
+        return gx, gw, gb, None, None, None, None
+
+
+class batch_norm_reverse_rules(torch.overrides.TorchFunctionMode):
+    """Within this context ``F.batch_norm`` in training mode of an affine BatchNorm on 2- to
+    5-D float32/float64 CPU tensors, with grad enabled, runs through
+    :class:`BatchNormTrainRunning` (running statistics or not); outside ``torch.func``
+    transforms and forward-mode AD (no ``jvp`` rule).  ``calls`` counts them."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm and torch.is_grad_enabled() and not functorch_active() and not dual_level_active():
+            a = _batch_norm_args(args, kwargs)
+            x, w, b = a["input"], a["weight"], a["bias"]
+            if (a["training"] and a["momentum"] is not None and isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor)
+                    and isinstance(b, torch.Tensor) and 2 <= x.dim() <= 5 and x.numel() > x.shape[1]
+                    and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+                    and w.dtype == x.dtype and b.dtype == x.dtype and w.shape == b.shape == (x.shape[1],)):
+                self.calls += 1
+                return BatchNormTrainRunning.apply(x, w, b, a["running_mean"], a["running_var"],
+                                                   float(a["momentum"]),
+                                                   float(a["eps"]))
         return func(*args, **kwargs)

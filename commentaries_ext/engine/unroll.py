@@ -31,6 +31,7 @@ from .._transforms import functorch_active as _functorch_active
 from ..ops import solver as _solver_ops  # noqa: F401  (registers the adam_step kernel ops)
 from ..reference import solver as _reference_solver
 from .activation import relu_rules
+from .batchnorm import batch_norm_reverse_rules
 from .conv import conv_rules
 from .linear import linear_rules
 from .pooling import pool_rules
@@ -376,7 +377,8 @@ def _step(loss_fn, optimizer, params, state, buffers, hparams, batch, create_gra
     # (engine/recompute.py; the weight gradients of engine/linear.py, which the step keeps)
     keep_less = recompute_cheap() if create_graph and not _functorch_active() else contextlib.nullcontext()
     with keep_less:
-        with torch.enable_grad(), pool_rules(), conv_rules(), relu_rules(), linear_rules():
+        with torch.enable_grad(), pool_rules(), conv_rules(), relu_rules(), linear_rules(), \
+                batch_norm_reverse_rules():
             if create_graph:
                 params = {k: (v if v.requires_grad else v.detach().requires_grad_(True)) for k, v in params.items()}
             else:
