@@ -432,8 +432,15 @@ def test_adam_kernels_against_float64_on_random_inputs(sizes, dtype, seed, b1, b
     want_f = adam_step(dbl(p), dbl(g), dbl(m), dbl(v), *hp)
     want_b = adam_step_backward(*([None if x is None else x.double() for x in l] for l in inc), dbl(g), dbl(m1),
                                 dbl(v1), *hp, (True, True, True))
+    # torch.optim's own arithmetic in the kernels' dtype (the reference backend): where a result
+    # cancels (m' = b1 m + (1 - b1) g with the two terms nearly equal), no float32 computation
+    # is within 2e-6 of it relative to its own size; the C++ kernels must then be no further
+    # from float64 than torch.optim's float32 result is (a lerp from the far end, say, is)
+    ref_f = adam_step(p, g, m, v, *hp)
+    ref_b = adam_step_backward(*inc, g, m1, v1, *hp, (True, True, True))
     rtol = 2e-6 if dtype == torch.float32 else 1e-13
-    for got, want in zip(list(got_f) + list(got_b), list(want_f) + list(want_b)):
-        for a, b in zip(got, want):
+    for got, want, ref in zip(list(got_f) + list(got_b), list(want_f) + list(want_b), list(ref_f) + list(ref_b)):
+        for a, b, r in zip(got, want, ref):
             assert a.dtype == dtype and torch.isfinite(a).all()
-            assert torch.allclose(a.double(), b, rtol=rtol, atol=rtol * float(b.abs().max()) + 1e-30)
+            err, ref_err = (a.double() - b).abs(), (r.double() - b).abs()
+            assert (err <= 4 * ref_err + rtol * float(b.abs().max()) + 1e-30).all(), (err.max(), ref_err.max())
