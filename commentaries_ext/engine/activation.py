@@ -22,8 +22,9 @@ class ReluMask(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        ctx.save_for_backward(~(x <= 0))
-        return torch.relu(x)
+        out = torch.relu(x)
+        ctx.save_for_backward(out != 0)  # ~(x <= 0) in one pass: relu(NaN) is NaN, which != 0
+        return out
 
     @staticmethod
     def backward(ctx, g):
