@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from commentaries_ext import backend
-from commentaries_ext.ops.channel import channel_combine, channel_sums
+from commentaries_ext.ops.channel import batch_norm_reverse, channel_combine, channel_sums
 
 BACKENDS = backend.candidates("channel_sums", "cpu")
 
@@ -98,3 +98,80 @@ def test_bad_input_is_refused_with_the_argument_named():
         channel_combine([x], torch.randn(1, 3), torch.randn(4))
     with pytest.raises(ValueError, match="coef is torch.float64"):
         channel_combine([x], torch.randn(1, 3, dtype=torch.float64))
+
+
+@st.composite
+def bn_problems(draw):
+    n = draw(st.integers(1, 5))
+    c = draw(st.integers(1, 5))
+    spatial = draw(st.lists(st.integers(1, 19), min_size=0, max_size=2))
+    shape = (n, c, *spatial)
+    if n * int(torch.tensor(spatial).prod()) < 2 if spatial else n < 2:
+        shape = (n + 1, c, *spatial)
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    offset = draw(st.sampled_from([0.0, 5.0]))
+
+    def big():
+        t = torch.randn(shape, generator=g, dtype=torch.float64)
+        if draw(st.booleans()) and t.dim() >= 3:
+            t = t.transpose(0, 2).contiguous().transpose(0, 2)  # non-contiguous
+        return t
+
+    x = big() * scale + offset * scale
+    u, gy = big(), big()
+    small = [torch.randn(c, generator=g, dtype=torch.float64) for _ in range(3)]  # weight, ugw, ugb
+    needs = draw(st.lists(st.booleans(), min_size=3, max_size=3))
+    ugw, ugb = (t if draw(st.booleans()) else None for t in small[1:])
+    return x, u if draw(st.integers(0, 4)) else None, gy, small[0], ugw, ugb, needs, draw(
+        st.sampled_from([torch.float32, torch.float64]))
+
+
+@pytest.mark.parametrize("name", backend.candidates("batch_norm_reverse", "cpu"))
+@settings(max_examples=60, deadline=None)
+@given(prob=bn_problems())
+def test_batch_norm_reverse_matches_float64_autograd(name, prob):
+    # against the double backward of the composite batch norm in float64
+    x, u, gy, w, ugw, ugb, needs, dtype = prob
+    dims = [0] + list(range(2, x.dim()))
+    mean = x.mean(dims)
+    rstd = (x.var(dims, unbiased=False) + 1e-5).rsqrt()
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    xr, gyr, wr = (t.detach().clone().requires_grad_(True) for t in (x, gy, w))
+    m_, r_ = xr.mean(dims, keepdim=True), (xr.var(dims, unbiased=False, keepdim=True) + 1e-5).rsqrt()
+    xhat = (xr - m_) * r_
+    gb, gw = gyr.sum(dims), (gyr * xhat).sum(dims)
+    gx = wr.view(shape) * r_ * (gyr - gb.view(shape) / (x.numel() // x.shape[1]) - xhat * gw.view(shape) / (x.numel() // x.shape[1]))
+    pairs = [(o, c) for o, c in zip((gx, gw, gb), (u, ugw, ugb)) if c is not None]
+    want = torch.autograd.grad([o for o, _ in pairs], (gyr, xr, wr), [c for _, c in pairs], allow_unused=True) \
+        if pairs else (None, None, None)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    with backend.use(name):
+        got = batch_norm_reverse(cast(u), cast(gy), cast(x), cast(mean), cast(rstd), cast(w), cast(gw.detach()),
+                                 cast(gb.detach()), cast(ugw), cast(ugb), needs)
+    eps = torch.finfo(dtype).eps
+    m = x.numel() // x.shape[1]
+    for i, (a, e) in enumerate(zip(got, want)):
+        if not needs[i]:
+            assert a is None
+            continue
+        e = torch.zeros(a.shape, dtype=torch.float64) if e is None else e
+        assert a.dtype == dtype and a.shape == e.shape
+        # per-channel sums of m terms times rstd^2 (the x block), each term O(|u| |gy| |w|)
+        scale = float(e.abs().max()) + float(rstd.max()) ** 2 * (1 + float(w.abs().max())) * \
+            (1 + float(gy.abs().max())) * (1 + float(u.abs().max()) if u is not None else 1.0) * \
+            (1 + float(x.abs().max()) * float(rstd.max()))
+        torch.testing.assert_close(a.double(), e, rtol=64 * eps, atol=8 * m * eps * scale)
+
+
+def test_batch_norm_reverse_bad_input():
+    x = torch.randn(4, 3, 5)
+    c = torch.randn(3)
+    with pytest.raises(ValueError, match=r"\(u, gy, x\)\[1\] has shape"):
+        batch_norm_reverse(x, torch.randn(4, 3, 6), x, c, c, c, c, c)
+    with pytest.raises(ValueError, match=r"rstd must have shape \(3,\)"):
+        batch_norm_reverse(x, x, x, c, torch.randn(4), c, c, c)
+    with pytest.raises(ValueError, match="ugw is torch.float64"):
+        batch_norm_reverse(x, x, x, c, c, c, c, c, c.double())
+    with pytest.raises(ValueError, match="needs must have 3 entries"):
+        batch_norm_reverse(x, x, x, c, c, c, c, c, needs=(True, True))

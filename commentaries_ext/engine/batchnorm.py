@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .._transforms import dual_level_active, functorch_active
-from ..ops.channel import channel_combine, channel_sums
+from ..ops.channel import batch_norm_reverse, channel_combine, channel_sums
 from ..reference import channel as _reference_channel
 
 
@@ -49,40 +49,6 @@ def _normalise(x: torch.Tensor, weight, bias, eps: float):
 
 def _zeros_if_none(t, like):
     return torch.zeros_like(like) if t is None else t
-
-
-def _reverse_rule(u, ugw, ugb, gy, weight, xhat, rstd, gw, gb, needs, sums=channel_sums, combine=channel_combine):
-    """The double backward of batch normalisation's backward ``(gx, gw, gb)(gy, x, weight)``:
-    the gradients w.r.t. ``(gy, x, weight)`` (None where ``needs`` is False) for the
-    cotangents ``u`` (of gx), ``ugw``, ``ugb`` (None: zero).
-
-    With A = Σgy/M, B = Σ(gy x̂)/M, wr = w rstd and P = gy - A - x̂ B (so gx = wr P):
-      d/dgy = wr (u - Σu/M - x̂ Σ(u x̂)/M) + ugw x̂ + ugb
-      d/dw  = rstd Σ(u P)
-      d/dx  = rstd (q - Σq/M - x̂ Σ(q x̂)/M) - wr rstd Σ(u P)/M x̂,  q = -wr B u + (ugw - wr Σ(u x̂)/M) gy
-    (from pairing the forward-mode rule's d(gx), d(gw) with the cotangents): one pass for the
-    sums, one combination per input gradient.  ``sums`` and ``combine`` are the channel kernels,
-    or differentiable ones for a derivative of this rule."""
-    m = xhat.numel() // xhat.shape[1]
-    u = _zeros_if_none(u, gy)
-    ugw = _zeros_if_none(ugw, gw)
-    ugb = _zeros_if_none(ugb, gb)
-    s = sums([u, u, u], [None, xhat, gy])
-    su, sux, sug = s[0], s[1], s[2]
-    wr = weight * rstd
-    A, B = gb / m, gw / m
-    sup = sug - A * su - B * sux  # Σ(u P)
-    ggy = gx_in = gw_in = None
-    if needs[0]:
-        ggy = combine([u, xhat], torch.stack([wr, ugw - wr * sux / m]), ugb - wr * su / m)
-    if needs[1]:
-        cu, cg = -wr * B, ugw - wr * sux / m  # q = cu u + cg gy
-        sq, sqx = cu * su + cg * gb, cu * sux + cg * gw
-        gx_in = combine([u, gy, xhat], torch.stack([rstd * cu, rstd * cg, -rstd * (sqx + wr * sup) / m]),
-                                -rstd * sq / m)
-    if needs[2]:
-        gw_in = rstd * sup
-    return ggy, gx_in, gw_in
 
 
 # A Function may keep only its inputs and outputs for its rules, so that a trace computes each
@@ -155,7 +121,8 @@ class BatchNormTrainBackward(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, u, ugw, ugb):
         gy, weight, xhat, rstd, gw, gb = ctx.saved_tensors
-        ggy, gx_in, gw_in = _reverse_rule(u, ugw, ugb, gy, weight, xhat, rstd, gw, gb, ctx.needs_input_grad[:3])
+        ggy, gx_in, gw_in = _reference_channel.batch_norm_reverse_rule(
+            u, ugw, ugb, gy, weight, xhat, rstd, gw, gb, ctx.needs_input_grad[:3], channel_sums, channel_combine)
         return ggy, gx_in, gw_in, None, None
 
     @staticmethod
@@ -219,27 +186,29 @@ class batch_norm_rules(torch.overrides.TorchFunctionMode):
 # elementwise operations over the activation; on the reference ConvNet it was a quarter of a
 # BPTT outer step.  Here the forward and the backward keep ATen's fused kernels and what the
 # stock nodes keep (x, weight, the batch statistics; gy), and only the double backward is the
-# rule above: x̂ rebuilt in one pass, one pass of sums, one combination per input.
+# reverse rule (formulas in reference/channel.py), on the CPU one C++ kernel of two passes:
+# per-channel sums, then both activation-sized gradients (ops/channel.py batch_norm_reverse).
 
 
 def _differentiable_rule(u, ugw, ugb, gy, x, weight, eps, needs):
-    """:func:`_reverse_rule` from differentiable operations, with ``x̂``, ``rstd``, ``gw`` and
-    ``gb`` recomputed as functions of ``x`` and ``gy``: a double backward that can itself be
-    differentiated (a third derivative)."""
+    """The reverse rule (``reference/channel.py``) from differentiable operations, with ``x̂``,
+    ``rstd``, ``gw`` and ``gb`` recomputed as functions of ``x`` and ``gy``: a double backward
+    that can itself be differentiated (a third derivative)."""
     dims = [0] + list(range(2, x.dim()))
     shape = [1, -1] + [1] * (x.dim() - 2)
     rstd = (x.var(dims, unbiased=False) + eps).rsqrt()
     xhat = (x - x.mean(dims, keepdim=True)) * rstd.view(shape)
     gb, gw = gy.sum(dims), (gy * xhat).sum(dims)
-    return _reverse_rule(u, ugw, ugb, gy, weight, xhat, rstd, gw, gb, needs,
-                         sums=_reference_channel.channel_sums, combine=_reference_channel.channel_combine)
+    return _reference_channel.batch_norm_reverse_rule(u, ugw, ugb, gy, weight, xhat, rstd, gw, gb, needs,
+                                                      _reference_channel.channel_sums,
+                                                      _reference_channel.channel_combine)
 
 
 class BatchNormGrad(torch.autograd.Function):
     """``(gx, gweight, gbias)`` of batch normalisation with batch statistics (ATen's
     ``native_batch_norm_backward``), from ``(gy, x, weight, mean, rstd)``; its backward is
-    :func:`_reverse_rule` (``mean`` and ``rstd`` are functions of ``x`` that the rule accounts
-    for; they are not differentiated)."""
+    ``ops.channel.batch_norm_reverse`` (``mean`` and ``rstd`` are functions of ``x`` that the
+    rule accounts for; they are not differentiated)."""
 
     @staticmethod
     def forward(ctx, gy, x, weight, mean, rstd, eps):
@@ -256,8 +225,7 @@ class BatchNormGrad(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: a rule that can be differentiated again
             out = _differentiable_rule(u, ugw, ugb, gy, x, weight, ctx.eps, needs)
         else:
-            xhat = channel_combine([x], rstd.view(1, -1), -mean * rstd)  # contiguous, as are the results
-            out = _reverse_rule(u, ugw, ugb, gy, weight, xhat, rstd, gw, gb, needs)
+            out = batch_norm_reverse(u, gy, x, mean, rstd, weight, gw, gb, ugw, ugb, needs)
         return out[0], out[1], out[2], None, None, None
 
 

@@ -5,12 +5,19 @@ Public functions
 ----------------
 ``channel_sums(a, b)``            ``out[k, c] = sum_{n, *} a_k * b_k`` (``b_k`` None: ``sum a_k``), ``[K, C]``
 ``channel_combine(xs, coef, bias)`` ``out = sum_k coef[k, c] * xs_k + bias[c]``, ``xs_0``'s shape
+``batch_norm_reverse(u, gy, x, mean, rstd, weight, gw, gb, ugw, ugb, needs)``
+                                  the double backward of BatchNorm with batch statistics: the
+                                  gradients w.r.t. ``(gy, x, weight)`` of ``<u, gx> + <ugw, gw> +
+                                  <ugb, gb>``, ``(gx, gw, gb)`` its backward at ``(gy, x, weight)``
+                                  (``mean``, ``rstd``: the batch statistics of ``x``); two passes
 
 Kernel ops (backends ``reference`` and ``cpp``; on the GPU the reference runs)
 ------------------------------------------------------------------------------
 Validated input: 1 to 8 contiguous tensors of one shape ``[N, C, *]``, one dtype
 (float32/float64; bfloat16/float16 on the GPU) and device; ``coef`` ``[K, C]`` and
-``bias`` ``[C]`` contiguous, same dtype and device.  Sums accumulate in float64 on
+``bias`` ``[C]`` contiguous, same dtype and device; ``batch_norm_reverse``: ``u``, ``gy``,
+``x`` such tensors, the other seven ``[C]``, ``needs`` three bools; an output not asked for
+is an empty ``[0]`` (its reference, ``reference/channel.py``, holds the formulas).  Sums accumulate in float64 on
 the CPU (per-row vector sums in the data dtype).  Not differentiable.
 
 The public functions call the selected backend's kernel directly (no device-
@@ -28,7 +35,7 @@ from torch import Tensor
 from .. import _compiled, backend
 from ..reference import channel as _reference  # noqa: F401  (registers the reference backend)
 
-KERNEL_OPS = ("channel_sums", "channel_combine")
+KERNEL_OPS = ("channel_sums", "channel_combine", "batch_norm_reverse")
 _compiled.register_kernel_ops(KERNEL_OPS)
 MAX_TERMS = 8
 
@@ -46,6 +53,11 @@ if _compiled.loaded():
         torch.library.register_fake("commentaries_ext::cpp_channel_sums")(_fake_sums)
     if _compiled._has_op("cpp_channel_combine"):
         torch.library.register_fake("commentaries_ext::cpp_channel_combine")(_fake_combine)
+    if _compiled._has_op("cpp_batch_norm_reverse"):
+        @torch.library.register_fake("commentaries_ext::cpp_batch_norm_reverse")
+        def _fake_batch_norm_reverse(u, gy, x, mean, rstd, weight, gw, gb, ugw, ugb, needs):
+            return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) if n else x.new_empty(0)
+                         for n in needs[:2]) + (mean.new_empty(mean.shape) if needs[2] else x.new_empty(0),)
 
 
 def _check(fn: str, xs: Sequence, what: str) -> list[Tensor]:
@@ -106,3 +118,24 @@ def channel_combine(xs: Sequence[Tensor], coef: Tensor, bias: Optional[Tensor] =
     if bias is not None:
         bias = _check_small("channel_combine", "bias", bias, (xs[0].shape[1],), xs[0])
     return backend.kernel("channel_combine", xs[0].device)(xs, coef, bias)
+
+
+def batch_norm_reverse(u: Tensor, gy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, gw: Tensor,
+                       gb: Tensor, ugw: Optional[Tensor] = None, ugb: Optional[Tensor] = None,
+                       needs: Sequence[bool] = (True, True, True)) -> tuple:
+    """``(d/dgy, d/dx, d/dweight)`` of ``<u, gx> + <ugw, gw> + <ugb, gb>`` where ``(gx, gw, gb)``
+    is batch normalisation's backward at ``(gy, x, weight)`` with batch statistics ``mean``,
+    ``rstd``; None where ``needs`` is False (``u``/``ugw``/``ugb`` None: zero)."""
+    if u is None:
+        u = torch.zeros_like(gy)
+    u, gy, x = _check("batch_norm_reverse", [u, gy, x], "(u, gy, x)")
+    c = x.shape[1]
+    small = [mean, rstd, weight, gw, gb, torch.zeros_like(gw) if ugw is None else ugw,
+             torch.zeros_like(gb) if ugb is None else ugb]
+    small = [_check_small("batch_norm_reverse", n, t, (c,), x)
+             for n, t in zip(("mean", "rstd", "weight", "gw", "gb", "ugw", "ugb"), small)]
+    needs = [bool(v) for v in needs]
+    if len(needs) != 3:
+        raise ValueError("batch_norm_reverse: needs must have 3 entries")
+    out = backend.kernel("batch_norm_reverse", x.device)(u, gy, x, *small, needs)
+    return tuple(o if n else None for o, n in zip(out, needs))

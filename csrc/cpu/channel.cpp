@@ -17,7 +17,9 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
@@ -154,16 +156,138 @@ at::Tensor cpp_channel_combine(at::TensorList xs, const at::Tensor& coef, const 
   return out;
 }
 
+
+// The double backward of batch normalisation with batch statistics (engine/batchnorm.py,
+// _reverse_rule) in two passes over [N, C, S]: the sums Σu, Σu x̂, Σu gy per channel
+// (float64 partials over fixed chunks, as channel_sums), then gy's and x's gradients in one
+// pass that reads u, gy, x once and writes both; x̂ = (x - mean) rstd is never stored.
+// u, gy, x contiguous of one shape and dtype; mean, rstd, weight, gw, gb, ugw, ugb [C].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_batch_norm_reverse(
+    const at::Tensor& u, const at::Tensor& gy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+    const at::Tensor& weight, const at::Tensor& gw, const at::Tensor& gb, const at::Tensor& ugw,
+    const at::Tensor& ugb, std::array<bool, 3> needs) {
+  check_inputs("batch_norm_reverse", {u, gy, x});
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t S = C > 0 && N > 0 ? x.numel() / (N * C) : 0;
+  for (const at::Tensor* t : {&mean, &rstd, &weight, &gw, &gb, &ugw, &ugb})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == C && t->is_contiguous() && t->scalar_type() == x.scalar_type() &&
+                    t->device().is_cpu(),
+                "batch_norm_reverse: the per-channel tensors must be contiguous [C] CPU tensors of x's dtype");
+  const double M = static_cast<double>(N * S);
+  at::Tensor ggy = needs[0] ? new_output(x.sizes(), x.options()) : x.new_empty({0});
+  at::Tensor gx = needs[1] ? new_output(x.sizes(), x.options()) : x.new_empty({0});
+  at::Tensor gwi = needs[2] ? new_output({C}, x.options()) : x.new_empty({0});
+  if (!(needs[0] || needs[1] || needs[2]) || C == 0) return {ggy, gx, gwi};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cpp_batch_norm_reverse", [&] {
+    using T = scalar_t;
+    using Vec = at::vec::Vectorized<T>;
+    constexpr int64_t W = Vec::size();
+    const T *pu = u.const_data_ptr<T>(), *pg = gy.const_data_ptr<T>(), *px = x.const_data_ptr<T>();
+    const T* pmean = mean.const_data_ptr<T>();
+    // pass 1: per-channel sums of u, u (x - mean), u gy
+    const int64_t rows = N * C, per = std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1));
+    const int64_t chunks = (rows + per - 1) / per;
+    std::vector<double> part(static_cast<size_t>(chunks * 3 * C), 0.0);
+    at::parallel_for(0, chunks, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        double* pq = part.data() + q * 3 * C;
+        for (int64_t r = q * per; r < std::min(rows, (q + 1) * per); ++r) {
+          const int64_t c = r % C, off = r * S;
+          const Vec vm(pmean[c]);
+          Vec su(0), sux(0), sug(0);
+          int64_t s = 0;
+          for (; s + W <= S; s += W) {
+            const Vec vu = Vec::loadu(pu + off + s);
+            su = su + vu;
+            sux = at::vec::fmadd(vu, Vec::loadu(px + off + s) - vm, sux);
+            sug = at::vec::fmadd(vu, Vec::loadu(pg + off + s), sug);
+          }
+          if (s < S) {  // partial loads zero the missing lanes (of u: no term there)
+            const Vec vu = Vec::loadu(pu + off + s, S - s);
+            su = su + vu;
+            sux = at::vec::fmadd(vu, Vec::loadu(px + off + s, S - s) - vm, sux);
+            sug = at::vec::fmadd(vu, Vec::loadu(pg + off + s, S - s), sug);
+          }
+          const auto add = [](Vec& a, Vec& b) { return a + b; };
+          pq[c] += static_cast<double>(at::vec::vec_reduce_all<T>(add, su));
+          pq[C + c] += static_cast<double>(at::vec::vec_reduce_all<T>(add, sux));
+          pq[2 * C + c] += static_cast<double>(at::vec::vec_reduce_all<T>(add, sug));
+        }
+      }
+    });
+    // per-channel coefficients (float64): ggy = a_u u + a_x (x - mean) + a_0,
+    // gx = b_u u + b_g gy + b_x (x - mean) + b_0 (the formulas of _reverse_rule with x̂ expanded)
+    std::vector<double> coef(static_cast<size_t>(7 * C));
+    const T *pr = rstd.const_data_ptr<T>(), *pw = weight.const_data_ptr<T>(), *pgw = gw.const_data_ptr<T>(),
+            *pgb = gb.const_data_ptr<T>(), *pugw = ugw.const_data_ptr<T>(), *pugb = ugb.const_data_ptr<T>();
+    T* pwi = needs[2] ? gwi.mutable_data_ptr<T>() : nullptr;
+    for (int64_t c = 0; c < C; ++c) {
+      double su = 0, sux = 0, sug = 0;
+      for (int64_t q = 0; q < chunks; ++q) {
+        su += part[q * 3 * C + c];
+        sux += part[q * 3 * C + C + c];
+        sug += part[q * 3 * C + 2 * C + c];
+      }
+      const double r = pr[c], wr = static_cast<double>(pw[c]) * r, A = pgb[c] / M, B = pgw[c] / M;
+      sux *= r;  // Σ u x̂
+      const double sup = sug - A * su - B * sux;  // Σ u P, P = gy - A - x̂ B
+      const double k1 = pugw[c] - wr * sux / M;   // x̂'s coefficient in ggy; gy's in q
+      const double cu = -wr * B;                  // u's coefficient in q
+      const double sq = cu * su + k1 * pgb[c], sqx = cu * sux + k1 * pgw[c];
+      double* k = coef.data() + 7 * c;
+      k[0] = wr;                                  // ggy: u
+      k[1] = k1 * r;                              //      (x - mean)
+      k[2] = pugb[c] - wr * su / M;               //      constant
+      k[3] = r * cu;                              // gx:  u
+      k[4] = r * k1;                              //      gy
+      k[5] = -r * (sqx + wr * sup) / M * r;       //      (x - mean)
+      k[6] = -r * sq / M;                         //      constant
+      if (pwi) pwi[c] = static_cast<T>(r * sup);
+    }
+    // pass 2: both activation-sized gradients
+    T* o1 = needs[0] ? ggy.mutable_data_ptr<T>() : nullptr;
+    T* o2 = needs[1] ? gx.mutable_data_ptr<T>() : nullptr;
+    if (!o1 && !o2) return;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(S, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t c = r % C, off = r * S;
+        const double* k = coef.data() + 7 * c;
+        const Vec vm(pmean[c]), a_u(k[0]), a_x(k[1]), a_0(k[2]), b_u(k[3]), b_g(k[4]), b_x(k[5]), b_0(k[6]);
+        const auto row = [&](int64_t s, int64_t n) {
+          const Vec vu = n == W ? Vec::loadu(pu + off + s) : Vec::loadu(pu + off + s, n);
+          const Vec vx = (n == W ? Vec::loadu(px + off + s) : Vec::loadu(px + off + s, n)) - vm;
+          if (o1) {
+            const Vec v = at::vec::fmadd(a_u, vu, at::vec::fmadd(a_x, vx, a_0));
+            n == W ? v.store(o1 + off + s) : v.store(o1 + off + s, n);
+          }
+          if (o2) {
+            const Vec vg = n == W ? Vec::loadu(pg + off + s) : Vec::loadu(pg + off + s, n);
+            const Vec v = at::vec::fmadd(b_u, vu, at::vec::fmadd(b_g, vg, at::vec::fmadd(b_x, vx, b_0)));
+            n == W ? v.store(o2 + off + s) : v.store(o2 + off + s, n);
+          }
+        };
+        int64_t s = 0;
+        for (; s + W <= S; s += W) row(s, W);
+        if (s < S) row(s, S - s);
+      }
+    });
+  });
+  return {ggy, gx, gwi};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(commentaries_ext, m) {
   m.def("cpp_channel_sums(Tensor[] a, Tensor?[] b) -> Tensor");
   m.def("cpp_channel_combine(Tensor[] xs, Tensor coef, Tensor? bias) -> Tensor");
+  m.def("cpp_batch_norm_reverse(Tensor u, Tensor gy, Tensor x, Tensor mean, Tensor rstd, Tensor weight, Tensor gw, "
+        "Tensor gb, Tensor ugw, Tensor ugb, bool[3] needs) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(commentaries_ext, CPU, m) {
   m.impl("cpp_channel_sums", &cpp_channel_sums);
   m.impl("cpp_channel_combine", &cpp_channel_combine);
+  m.impl("cpp_batch_norm_reverse", &cpp_batch_norm_reverse);
 }
 
 }  // namespace commentaries_ext
