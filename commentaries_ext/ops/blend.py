@@ -58,6 +58,7 @@ import torch
 from torch import Tensor
 
 from .. import _compiled, backend
+from .._transforms import dual_level_active as _dual_level_active
 from .._transforms import functorch_active as _functorch_active
 from ..reference import blend as _reference  # noqa: F401  (registers the reference backend)
 
@@ -209,6 +210,15 @@ class _EagerBlend(torch.autograd.Function):
         return torch.empty_like(x_a).copy_(out)
 
 
+# The C++ kernels with their backward registered in C++ (csrc/cpu/blend.cpp, AutogradCPU): the
+# eager CPU path when the cpp backend runs blend_forward.  Forward-mode AD and torch.func use the
+# Python Functions below (jvp rule, setup_context).
+_CPP_AUTOGRAD = torch.ops.commentaries_ext.cpp_masked_blend.default \
+    if _compiled.loaded() and _compiled._has_op("cpp_masked_blend") else None
+if _CPP_AUTOGRAD is not None:
+    torch.library.register_fake("commentaries_ext::cpp_masked_blend")(_fake_forward)
+
+
 class _EagerBlendClassic(torch.autograd.Function):
     """:class:`_EagerBlend` as a classic ``forward(ctx, ...)`` Function, used outside
     ``torch.func`` transforms: its ``apply`` skips the argument binding
@@ -316,7 +326,12 @@ def masked_blend(x_a: Tensor, m: Tensor, x_b: Tensor | None = None, perm: Tensor
         return m * x_a + (1 - m) * partner
     if torch.compiler.is_compiling():
         return masked_blend_op(x_a, m, x_b, perm)
-    return (_EagerBlend if _functorch_active() else _EagerBlendClassic).apply(x_a, m, x_b, perm)
+    if _functorch_active():
+        return _EagerBlend.apply(x_a, m, x_b, perm)
+    if _CPP_AUTOGRAD is not None and dev.type == "cpu" and not _dual_level_active() \
+            and backend.select("blend_forward", dev)[0] == "cpp":
+        return _CPP_AUTOGRAD(x_a, m, x_b, perm)  # forward and backward in C++ (no Python frame per call)
+    return _EagerBlendClassic.apply(x_a, m, x_b, perm)
 
 
 __all__ = ["masked_blend", "masked_blend_op", "masked_blend_backward_op", "KERNEL_OPS"]
