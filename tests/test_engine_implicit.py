@@ -433,6 +433,14 @@ def _check_vector_ops(dtype):
     assert torch.allclose(flat(x0), fx + 0.5 * fy, atol=1e-6)
     assert torch.allclose(flat(r0), fy - fx, atol=1e-6)
     assert torch.allclose(rr.to(dtype), (fy - fx) @ (fy - fx), atol=1e-4)
+    # isfinite: the fused sum of squares first, the elementwise check where it is not finite
+    big = torch.finfo(dtype).max / 4  # finite, but its square overflows
+    assert V.isfinite(xs) and V.isfinite([]) and V.isfinite([None, torch.empty(0, dtype=dtype)])
+    assert V.isfinite(xs + [torch.full((3,), big, dtype=dtype)])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        ys_bad = V.clone(ys)
+        ys_bad[1][3] = bad
+        assert not V.isfinite(xs + ys_bad)
 
 
 def test_power_iteration_on_dense():

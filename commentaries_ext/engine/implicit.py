@@ -210,11 +210,6 @@ def conjugate_gradient(matvec: Callable, v: list, max_iter: int, tol: float = 1e
 # --------------------------------------------------------------------------- validation
 
 
-def _all_finite(xs) -> bool:
-    xs = [x for x in xs if x is not None and x.numel()]
-    return not xs or bool(torch.stack([torch.isfinite(x).all() for x in xs]).all())
-
-
 def _nonfinite_error(msg: str):
     from ..commentary.base import NonFiniteError  # the library's one error type for NaN/Inf in data or losses
 
@@ -227,7 +222,7 @@ def _check_grad_finite(op, what: str) -> None:
         g = op.grad()
     except Exception:  # noqa: BLE001 - only a diagnosis
         return
-    if not _all_finite(g):
+    if not V.isfinite(g):
         raise _nonfinite_error(f"implicit_hypergradient: the training loss gradient g_T contains NaN or Inf "
                                f"({what}); check the training batch and the loss")
 
@@ -457,7 +452,7 @@ def implicit_hypergradient(
             if reduce is not None:  # one collective for v, the direct term and the loss
                 red = reduce.val(list(v) + list(direct) + [Lv.reshape(1)])
                 v, direct, Lv = red[:len(v)], red[len(v):len(v) + len(direct)], red[-1].reshape(())
-            if not bool(torch.isfinite(Lv).all()) or not _all_finite(v):
+            if not bool(torch.isfinite(Lv).all()) or not V.isfinite(v):
                 raise _nonfinite_error(f"implicit_hypergradient: the validation loss ({float(Lv):g}) or its gradient "
                                        "contains NaN or Inf; check the validation batch")
         else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import math
 import time
 
 import torch
@@ -181,7 +182,16 @@ def norm(xs: Vec) -> torch.Tensor:
 
 
 def isfinite(xs: Vec) -> bool:
-    return bool(torch.isfinite(norm(xs)))
+    """Whether every element is finite (None entries and empty tensors skipped).  One fused pass
+    first: a sum of squares is finite when every element is (``torch.isfinite`` writes a bool
+    tensor, ~60 us per 0.8 MB on the CPU: 0.5 ms of a 9 ms MLP hyper-step); the exact elementwise
+    check only when that sum is not (a real NaN/Inf, or finite values whose squares overflow)."""
+    xs = [x for x in xs if x is not None and x.numel()]
+    if not xs:
+        return True
+    if math.isfinite(float(dot(xs, xs))):
+        return True
+    return all(bool(torch.isfinite(x).all()) for x in xs)
 
 
 def axpy_(ys: Vec, a, xs: Vec) -> None:
