@@ -169,6 +169,9 @@ def test_batch_norm_reverse_matches_float64_autograd(name, prob):
                  float((rstd.view(shape) * (wr_ * b_ * ua + (ugw_a + wr_ * sux_a / m) * gy.abs())
                         + wr_ * rstd.view(shape) * sup_a / m * xh).max()) * 4,
                  float((rstd.view(shape) * sup_a).max())]
+        # x rounded to the dtype moves x̂ by ~eps |x| rstd: a spread small against |x| is ill-conditioned
+        cond = 1 + float((x.abs() * rstd.view(shape)).max())
+        terms = [t * cond for t in terms]
     for i, (a, r, e) in enumerate(zip(got, ref, want)):
         if not needs[i]:
             assert a is None
@@ -179,7 +182,10 @@ def test_batch_norm_reverse_matches_float64_autograd(name, prob):
         # within a few eps of the result: a sum of m terms is within m eps of their size, and no
         # less accurate than the torch-op composition in the same dtype
         err, ref_err = float((a.double() - e).abs().max()), float((r.double() - e).abs().max())
-        assert err <= 4 * ref_err + 8 * m * eps * terms[i] + 1e-300, (i, err, ref_err, terms[i])
+        bound = 8 * m * eps * terms[i] + 1e-300
+        if name != "reference" and dtype == torch.float32:
+            bound += 4 * ref_err
+        assert err <= bound, (i, err, ref_err, terms[i])
 
 
 def test_batch_norm_reverse_bad_input():
@@ -193,3 +199,44 @@ def test_batch_norm_reverse_bad_input():
         batch_norm_reverse(x, x, x, c, c, c, c, c, c.double())
     with pytest.raises(ValueError, match="needs must have 3 entries"):
         batch_norm_reverse(x, x, x, c, c, c, c, c, needs=(True, True))
+
+
+def _composite_double_backward(u, gy, x, w, ugw, ugb):
+    dims = [0] + list(range(2, x.dim()))
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    m = x.numel() // x.shape[1]
+    xr, gyr, wr = (t.detach().clone().requires_grad_(True) for t in (x, gy, w))
+    xhat = (xr - xr.mean(dims, keepdim=True)) * (xr.var(dims, unbiased=False, keepdim=True) + 1e-5).rsqrt()
+    gb, gw = gyr.sum(dims), (gyr * xhat).sum(dims)
+    rstd = (xr.var(dims, unbiased=False, keepdim=True) + 1e-5).rsqrt()
+    gx = wr.view(shape) * rstd * (gyr - gb.view(shape) / m - xhat * gw.view(shape) / m)
+    want = torch.autograd.grad((gx, gw, gb), (gyr, xr, wr), (u, ugw, ugb))
+    return want, gw.detach(), gb.detach()
+
+
+@pytest.mark.parametrize("name", backend.candidates("batch_norm_reverse", "cpu"))
+@pytest.mark.parametrize("shape", [(7000, 3), (3, 2, 9000)], ids=["many-rows-S1", "long-rows"])
+def test_batch_norm_reverse_over_many_chunks(name, shape):
+    # more rows than one 16384-element chunk of the sums (BatchNorm1d: S = 1), and rows longer than a chunk
+    g = torch.Generator().manual_seed(9)
+    x, u, gy = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
+    c = shape[1]
+    w, ugw, ugb = (torch.randn(c, generator=g, dtype=torch.float64) for _ in range(3))
+    dims = [0] + list(range(2, x.dim()))
+    mean, rstd = x.mean(dims), (x.var(dims, unbiased=False) + 1e-5).rsqrt()
+    want, gw, gb = _composite_double_backward(u, gy, x, w, ugw, ugb)
+    with backend.use(name):
+        got = batch_norm_reverse(u, gy, x, mean, rstd, w, gw, gb, ugw, ugb)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9 * float(e.abs().max()))
+
+
+@pytest.mark.parametrize("name", backend.candidates("batch_norm_reverse", "cpu"))
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 3, 0), (4, 0, 2)])
+def test_batch_norm_reverse_of_empty_inputs_is_zero(name, shape):
+    x = torch.empty(shape)
+    c = torch.randn(shape[1])
+    with backend.use(name):
+        ggy, gx, gw = batch_norm_reverse(x, x, x, c, c, c, c, c)
+    assert ggy.shape == gx.shape == x.shape and gw.shape == (shape[1],)
+    assert bool((gw == 0).all())

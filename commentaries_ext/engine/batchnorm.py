@@ -26,6 +26,10 @@ per-channel sums and one pass of per-channel combination
 (``ops/channel.py``, C++ on the CPU).  On the reference ConvNet this took a
 linearised product from ~1.7x to ~1x a training step and the linearised
 primal pass from ~2.3x to ~1.1x (BENCHMARKS.md).
+
+:func:`batch_norm_reverse_rules` (below) serves reverse-over-reverse instead, the inner steps of
+backpropagation through training: ATen's forward and backward kernels, and a double backward
+by the reverse rule in one C++ kernel (``ops/channel.py`` ``batch_norm_reverse``).
 """
 from __future__ import annotations
 

@@ -330,7 +330,9 @@ def masked_blend(x_a: Tensor, m: Tensor, x_b: Tensor | None = None, perm: Tensor
         return _EagerBlend.apply(x_a, m, x_b, perm)
     if _CPP_AUTOGRAD is not None and dev.type == "cpu" and not _dual_level_active() \
             and backend.select("blend_forward", dev)[0] == "cpp":
-        return _CPP_AUTOGRAD(x_a, m, x_b, perm)  # forward and backward in C++ (no Python frame per call)
+        # forward and backward in C++ (no Python frame per call); its backward is the cpp kernel, chosen
+        # here, where the Python Functions pick the backward's backend when the backward runs
+        return _CPP_AUTOGRAD(x_a, m, x_b, perm)
     return _EagerBlendClassic.apply(x_a, m, x_b, perm)
 
 

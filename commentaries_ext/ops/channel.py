@@ -125,7 +125,8 @@ def batch_norm_reverse(u: Tensor, gy: Tensor, x: Tensor, mean: Tensor, rstd: Ten
                        needs: Sequence[bool] = (True, True, True)) -> tuple:
     """``(d/dgy, d/dx, d/dweight)`` of ``<u, gx> + <ugw, gw> + <ugb, gb>`` where ``(gx, gw, gb)``
     is batch normalisation's backward at ``(gy, x, weight)`` with batch statistics ``mean``,
-    ``rstd``; None where ``needs`` is False (``u``/``ugw``/``ugb`` None: zero)."""
+    ``rstd``; None where ``needs`` is False (``u``/``ugw``/``ugb`` None: zero).  Inputs of other
+    layouts (channels-last) are copied to contiguous ones, and the results are contiguous."""
     if u is None:
         u = torch.zeros_like(gy)
     u, gy, x = _check("batch_norm_reverse", [u, gy, x], "(u, gy, x)")

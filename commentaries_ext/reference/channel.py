@@ -59,6 +59,8 @@ def batch_norm_reverse_rule(u, ugw, ugb, gy, weight, xhat, rstd, gw, gb, needs, 
 
 
 def batch_norm_reverse(u, gy, x, mean, rstd, weight, gw, gb, ugw, ugb, needs):
+    if x.numel() == 0:  # no elements: gw and gb are zero sums, so is every gradient
+        return tuple(torch.zeros_like(t) if n else x.new_empty(0) for t, n in zip((gy, x, weight), needs))
     xhat = channel_combine([x], rstd.view(1, -1), -mean * rstd)
     out = batch_norm_reverse_rule(u, ugw, ugb, gy, weight, xhat, rstd, gw, gb, needs, channel_sums, channel_combine)
     return tuple(o if o is not None else x.new_empty(0) for o in out)

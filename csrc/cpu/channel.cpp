@@ -157,10 +157,11 @@ at::Tensor cpp_channel_combine(at::TensorList xs, const at::Tensor& coef, const 
 }
 
 
-// The double backward of batch normalisation with batch statistics (engine/batchnorm.py,
-// _reverse_rule) in two passes over [N, C, S]: the sums Σu, Σu x̂, Σu gy per channel
-// (float64 partials over fixed chunks, as channel_sums), then gy's and x's gradients in one
-// pass that reads u, gy, x once and writes both; x̂ = (x - mean) rstd is never stored.
+// The double backward of batch normalisation with batch statistics (the formulas of
+// reference/channel.py batch_norm_reverse_rule) in two passes over [N, C, S]: the sums Σu,
+// Σu x̂, Σu gy per channel (float64 partials over fixed chunks, as channel_sums), then gy's and
+// x's gradients in one pass that reads u, gy, x once and writes both; x̂ = (x - mean) rstd is
+// never stored.
 // u, gy, x contiguous of one shape and dtype; mean, rstd, weight, gw, gb, ugw, ugb [C].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_batch_norm_reverse(
     const at::Tensor& u, const at::Tensor& gy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
@@ -178,6 +179,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_batch_norm_reverse(
   at::Tensor gx = needs[1] ? new_output(x.sizes(), x.options()) : x.new_empty({0});
   at::Tensor gwi = needs[2] ? new_output({C}, x.options()) : x.new_empty({0});
   if (!(needs[0] || needs[1] || needs[2]) || C == 0) return {ggy, gx, gwi};
+  if (N * S == 0) {  // no elements: gw and gb are zero sums, so is every gradient
+    if (needs[2]) gwi.zero_();
+    return {ggy, gx, gwi};
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cpp_batch_norm_reverse", [&] {
     using T = scalar_t;
     using Vec = at::vec::Vectorized<T>;
@@ -216,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_batch_norm_reverse(
       }
     });
     // per-channel coefficients (float64): ggy = a_u u + a_x (x - mean) + a_0,
-    // gx = b_u u + b_g gy + b_x (x - mean) + b_0 (the formulas of _reverse_rule with x̂ expanded)
+    // gx = b_u u + b_g gy + b_x (x - mean) + b_0 (batch_norm_reverse_rule with x̂ expanded)
     std::vector<double> coef(static_cast<size_t>(7 * C));
     const T *pr = rstd.const_data_ptr<T>(), *pw = weight.const_data_ptr<T>(), *pgw = gw.const_data_ptr<T>(),
             *pgb = gb.const_data_ptr<T>(), *pugw = ugw.const_data_ptr<T>(), *pugb = ugb.const_data_ptr<T>();
