@@ -3,6 +3,7 @@ gradients are unchanged (bit for bit through unroll on a ConvNet), a recipe is r
 once its step's context has closed, in-place changes to its inputs are caught, and small
 tensors are left alone."""
 import contextlib
+import gc
 import sys
 
 import pytest
@@ -40,6 +41,22 @@ def test_registered_tensor_is_recomputed_after_the_context_closes():
     assert calls == [1]
     assert torch.equal(saved, a.detach() * 2)
     assert torch.equal(gb, torch.cos(a.detach() * 2))
+
+
+def test_a_value_saved_by_two_nodes_is_recomputed_once_and_freed_with_them():
+    a = torch.randn(300, 300, dtype=torch.float64)
+    calls = []
+    with recompute_cheap():
+        b = (a * 2).requires_grad_(True)
+        recompute.register(b, _counted(lambda x: x * 2, calls), a)
+        c, d = b.sin(), b.cos()  # two nodes keep b, both as its recipe
+    del b
+    (c + d).sum().backward()  # each node reads b
+    assert calls == [1]
+    # the nodes released their saved tensors after running: no recipe holds the value any more
+    gc.collect()
+    assert not [r for r in gc.get_objects() if isinstance(r, recompute._Recipe) and r.held is not None
+                and r.held.shape == a.shape and torch.equal(r.held, a * 2)]
 
 
 def test_inplace_change_of_a_recipe_input_raises():

@@ -20,7 +20,6 @@ equal the kept ones bit for bit.  A recipe input modified in place raises, as au
 from __future__ import annotations
 
 import threading
-import weakref
 
 import torch
 
@@ -40,20 +39,20 @@ def _key(t: torch.Tensor):
 class _Recipe:
     """``fn(*args)`` under no_grad; args are tensors (version-checked) or other recipes."""
 
-    __slots__ = ("fn", "args", "versions", "held", "last")
+    __slots__ = ("fn", "args", "versions", "held")
 
     def __init__(self, fn, args, out):
         self.fn, self.args = fn, args
         self.versions = [a._version if isinstance(a, torch.Tensor) else None for a in args]
-        self.held = out  # the value itself while its step's context is open (dropped on exit)
-        self.last = None  # weak reference to the latest recomputed value: readers close together share it
+        # the value itself while its step's context is open (dropped on exit), and again once
+        # recomputed: a value saved by several nodes (the first convolution's output, three per
+        # step of the reference ConvNet) is recomputed once; it lives as long as the recipe, i.e.
+        # until the last node that saved it has run (autograd then releases its saved tensors)
+        self.held = out
 
     def value(self) -> torch.Tensor:
         if self.held is not None:
             return self.held
-        out = self.last() if self.last is not None else None
-        if out is not None:
-            return out
         args = []
         for a, v in zip(self.args, self.versions):
             if isinstance(a, _Recipe):
@@ -64,7 +63,7 @@ class _Recipe:
             args.append(a)
         with torch.no_grad():
             out = self.fn(*args)
-        self.last = weakref.ref(out)
+        self.held = out
         return out
 
 
