@@ -41,6 +41,8 @@ class relu_rules(torch.overrides.TorchFunctionMode):
     """Within this context ``F.relu`` / ``torch.relu`` (not in place) of a floating tensor that
     requires grad runs through :class:`ReluMask`; ``calls`` counts them."""
 
+    FUNCS = (F.relu, torch.relu)
+
     def __init__(self):
         super().__init__()
         self.calls = 0

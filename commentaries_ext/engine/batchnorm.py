@@ -257,6 +257,8 @@ class batch_norm_reverse_rules(torch.overrides.TorchFunctionMode):
     :class:`BatchNormTrainRunning` (running statistics or not); outside ``torch.func``
     transforms and forward-mode AD (no ``jvp`` rule).  ``calls`` counts them."""
 
+    FUNCS = (F.batch_norm,)
+
     def __init__(self):
         super().__init__()
         self.calls = 0

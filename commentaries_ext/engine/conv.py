@@ -165,6 +165,7 @@ class conv_rules(torch.overrides.TorchFunctionMode):
     the fold runs through :class:`Conv2dRules`; ``calls`` counts them.  (Without an input
     gradient, first or second order, there is nothing to gain.)"""
 
+    FUNCS = (F.conv2d,)
     _NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
     def __init__(self):

@@ -45,6 +45,7 @@ from . import vector as V
 from .batchnorm import batch_norm_reverse_rules, batch_norm_rules
 from .conv import conv_rules
 from .pooling import pool_rules
+from .rules import rules
 
 _LINEARIZE_DEFAULT = True  # hvp='auto' -> linearised forward-over-reverse (see linearize.py)
 
@@ -153,7 +154,7 @@ class _Base:
             return _mixed_weighted(self.loss, self.params, self.hparams, self.batch, p, self.pnames)
         th = _leaves(self.params)
         ph = _leaves(self.hparams)
-        with torch.enable_grad(), pool_rules(), conv_rules(), batch_norm_reverse_rules():
+        with torch.enable_grad(), rules(pool_rules(), conv_rules(), batch_norm_reverse_rules()):
             L = self.loss(th, ph, self.batch)
             g = torch.autograd.grad(L, list(th.values()), create_graph=True, allow_unused=True)
             g = [gi for gi in g]
@@ -189,7 +190,7 @@ class DoubleBackwardHessian(_Base):
         super().__post_init__()
         self._th = _leaves(self.params)
         self._ph = _leaves(self.hparams)
-        with torch.enable_grad(), pool_rules(), conv_rules(), batch_norm_reverse_rules():
+        with torch.enable_grad(), rules(pool_rules(), conv_rules(), batch_norm_reverse_rules()):
             L = self.loss(self._th, self._ph, self.batch)
             g = torch.autograd.grad(L, list(self._th.values()), create_graph=True, allow_unused=True)
         self._g = _zeros_if_none(g, list(self._th.values()))

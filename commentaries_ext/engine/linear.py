@@ -47,6 +47,8 @@ class linear_rules(torch.overrides.TorchFunctionMode):
     floating input with a weight of at least ``recompute.MIN_BYTES`` runs through
     :class:`LinearRules`; ``calls`` counts them."""
 
+    FUNCS = (F.linear,)
+
     def __init__(self):
         super().__init__()
         self.calls = 0

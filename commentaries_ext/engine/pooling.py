@@ -94,7 +94,7 @@ class pool_rules(torch.overrides.TorchFunctionMode):
     """Within this context ``F.max_pool2d`` on an NCHW-contiguous CPU float tensor with at
     least 8 channels runs through :class:`MaxPool2dChannelsLast`; ``calls`` counts them."""
 
-    _FUNCS = (F.max_pool2d, F._max_pool2d, F.max_pool2d_with_indices)  # the first: what _max_pool2d hands on
+    FUNCS = (F.max_pool2d, F._max_pool2d, F.max_pool2d_with_indices)  # the first: what _max_pool2d hands on
     _NAMES = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 
     def __init__(self):
@@ -103,7 +103,7 @@ class pool_rules(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in self._FUNCS:
+        if func in self.FUNCS:
             a = dict(zip(self._NAMES, args))
             a.update(kwargs)
             x = a["input"]

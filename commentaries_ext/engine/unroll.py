@@ -36,6 +36,7 @@ from .conv import conv_rules
 from .linear import linear_rules
 from .pooling import pool_rules
 from .recompute import recompute_cheap
+from .rules import rules
 
 
 def _t(x, like):
@@ -377,8 +378,8 @@ def _step(loss_fn, optimizer, params, state, buffers, hparams, batch, create_gra
     # (engine/recompute.py; the weight gradients of engine/linear.py, which the step keeps)
     keep_less = recompute_cheap() if create_graph and not _functorch_active() else contextlib.nullcontext()
     with keep_less:
-        with torch.enable_grad(), pool_rules(), conv_rules(), relu_rules(), linear_rules(), \
-                batch_norm_reverse_rules():
+        with torch.enable_grad(), rules(pool_rules(), conv_rules(), relu_rules(), linear_rules(),
+                                        batch_norm_reverse_rules()):
             if create_graph:
                 params = {k: (v if v.requires_grad else v.detach().requires_grad_(True)) for k, v in params.items()}
             else:
