@@ -59,8 +59,12 @@ inside ``commentaries_ext.memory.reuse_cpu_memory()`` (its products reuse freed
 blocks instead of faulting in fresh pages); max pooling goes through ATen's
 channels-last kernel (``engine/pooling.py``); a convolution's input gradient by
 matmul + col2im where oneDNN's is measured slower for the shape, also inside graphs
-that are differentiated twice (``engine/conv.py``); BatchNorm's forward-mode rules are
-``engine/batchnorm.py``.
+that are differentiated twice (``engine/conv.py``, the col2im in C++: ``ops/fold.py``);
+BatchNorm's forward-mode rules are ``engine/batchnorm.py``, and so is its reverse rule for a
+double backward (also in the double-backward Hessian's graphs).  The rule modes
+(``TorchFunctionMode``s that route a few ``torch.nn.functional`` calls) run as one mode,
+``engine/rules.py``, so that a loss's other torch calls pay one Python dispatch, not one per
+mode.
 
 Several processes: ``implicit_hypergradient(..., reduce=ShardReducer(...))``
 (``commentaries_ext.distributed``) combines ``v``, every Hessian-vector product,
@@ -100,8 +104,9 @@ reference ConvNet keeps 1.8-2.1 MB and the MLP 3.25 MB, under half of ``higher``
 (4.37 and 6.56 MB), with bit-identical (ConvNet) or rounding-equal (MLP) gradients.
 BatchNorm in training mode keeps ATen's kernels forward and backward, but its double
 backward -- the outer backward's share of each step -- is the reverse rule of
-``engine/batchnorm.py`` (``batch_norm_reverse_rules``: x̂ rebuilt in one pass, one pass of
-sums, one combination per input) instead of the stock formula's ~40 elementwise passes.
+``engine/batchnorm.py`` (``batch_norm_reverse_rules``: one two-pass C++ kernel,
+``ops/channel.py`` ``batch_norm_reverse``) instead of the stock formula's ~40 elementwise
+passes.
 """
 from .functional import FunctionalModule
 from .hvp import ReducedOperator, SplitLoss, WeightedLoss, make_operator
