@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .._transforms import dual_level_active, functorch_active
 from . import recompute
+from .rules import RuleMode
 
 
 class ReluMask(torch.autograd.Function):
@@ -37,15 +38,11 @@ class ReluMask(torch.autograd.Function):
         return gx
 
 
-class relu_rules(torch.overrides.TorchFunctionMode):
+class relu_rules(RuleMode):
     """Within this context ``F.relu`` / ``torch.relu`` (not in place) of a floating tensor that
     requires grad runs through :class:`ReluMask`; ``calls`` counts them."""
 
     FUNCS = (F.relu, torch.relu)
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

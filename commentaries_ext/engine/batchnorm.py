@@ -40,6 +40,7 @@ from torch.autograd.function import once_differentiable
 from .._transforms import dual_level_active, functorch_active
 from ..ops.channel import batch_norm_reverse, channel_combine, channel_sums
 from ..reference import channel as _reference_channel
+from .rules import RuleMode
 
 
 def _normalise(x: torch.Tensor, weight, bias, eps: float):
@@ -160,14 +161,12 @@ def _batch_norm_args(args, kwargs):
     return bound
 
 
-class batch_norm_rules(torch.overrides.TorchFunctionMode):
+class batch_norm_rules(RuleMode):
     """Within this context ``F.batch_norm(x, None, None, w, b, training=True)`` runs
     through :class:`BatchNormTrain` (affine or not, any ``[N, C, ...]`` input);
     ``calls`` counts them."""
 
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
+    FUNCS = (F.batch_norm,)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -251,7 +250,7 @@ class BatchNormTrainRunning(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
-class batch_norm_reverse_rules(torch.overrides.TorchFunctionMode):
+class batch_norm_reverse_rules(RuleMode):
     """Within this context ``F.batch_norm`` in training mode of an affine BatchNorm on 2- to
     5-D float32/float64 CPU tensors, with grad enabled, runs through
     :class:`BatchNormTrainRunning` (running statistics or not); outside ``torch.func``
@@ -259,21 +258,17 @@ class batch_norm_reverse_rules(torch.overrides.TorchFunctionMode):
 
     FUNCS = (F.batch_norm,)
 
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.batch_norm and torch.is_grad_enabled() and not functorch_active() and not dual_level_active():
             a = _batch_norm_args(args, kwargs)
             x, w, b = a["input"], a["weight"], a["bias"]
-            if (a["training"] and a["momentum"] is not None and isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor)
-                    and isinstance(b, torch.Tensor) and 2 <= x.dim() <= 5 and x.numel() > x.shape[1]
+            if (a["training"] and a["momentum"] is not None and isinstance(x, torch.Tensor)
+                    and isinstance(w, torch.Tensor) and isinstance(b, torch.Tensor)
+                    and 2 <= x.dim() <= 5 and x.numel() > x.shape[1]
                     and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
                     and w.dtype == x.dtype and b.dtype == x.dtype and w.shape == b.shape == (x.shape[1],)):
                 self.calls += 1
                 return BatchNormTrainRunning.apply(x, w, b, a["running_mean"], a["running_var"],
-                                                   float(a["momentum"]),
-                                                   float(a["eps"]))
+                                                   float(a["momentum"]), float(a["eps"]))
         return func(*args, **kwargs)

@@ -28,6 +28,7 @@ from .._transforms import dual_level_active as _dual_level_active
 from .._transforms import functorch_active as _functorch_active
 from ..ops.fold import col2im
 from . import recompute
+from .rules import RuleMode
 
 CONV_BWD = torch.ops.aten.convolution_backward.default
 _FOLD_FASTER: dict = {}  # convolution shapes -> whether matmul + col2im beat convolution_backward
@@ -159,7 +160,7 @@ def _pair(v):
     return v * 2 if len(v) == 1 else v  # F.conv2d takes a 1-element sequence for both dimensions
 
 
-class conv_rules(torch.overrides.TorchFunctionMode):
+class conv_rules(RuleMode):
     """Within this context ``F.conv2d`` with grad enabled on 4-D CPU float tensors (groups 1,
     numeric padding) whose input requires grad and whose input gradient measured faster by
     the fold runs through :class:`Conv2dRules`; ``calls`` counts them.  (Without an input
@@ -167,10 +168,6 @@ class conv_rules(torch.overrides.TorchFunctionMode):
 
     FUNCS = (F.conv2d,)
     _NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

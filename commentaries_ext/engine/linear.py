@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .._transforms import dual_level_active, functorch_active
 from . import recompute
+from .rules import RuleMode
 
 
 def _weight_grad(gy, x):
@@ -42,16 +43,12 @@ class LinearRules(torch.autograd.Function):
         return gx, gw, gb
 
 
-class linear_rules(torch.overrides.TorchFunctionMode):
+class linear_rules(RuleMode):
     """Within this context and an open :class:`~.recompute.recompute_cheap`, ``F.linear`` of a 2-D
     floating input with a weight of at least ``recompute.MIN_BYTES`` runs through
     :class:`LinearRules`; ``calls`` counts them."""
 
     FUNCS = (F.linear,)
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

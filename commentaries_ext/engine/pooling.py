@@ -26,6 +26,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import recompute
+from .rules import RuleMode
 
 _MAXPOOL = torch.ops.aten.max_pool2d_with_indices.default
 _MIN_CHANNELS = 8  # the channels-last kernel vectorises over channels
@@ -90,16 +91,12 @@ def _pair(v, default=None):
     return [v, v] if isinstance(v, int) else [int(a) for a in v]
 
 
-class pool_rules(torch.overrides.TorchFunctionMode):
+class pool_rules(RuleMode):
     """Within this context ``F.max_pool2d`` on an NCHW-contiguous CPU float tensor with at
     least 8 channels runs through :class:`MaxPool2dChannelsLast`; ``calls`` counts them."""
 
     FUNCS = (F.max_pool2d, F._max_pool2d, F.max_pool2d_with_indices)  # the first: what _max_pool2d hands on
     _NAMES = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

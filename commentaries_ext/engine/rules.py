@@ -13,6 +13,17 @@ from __future__ import annotations
 import torch
 
 
+class RuleMode(torch.overrides.TorchFunctionMode):
+    """A rule mode: ``FUNCS``, the functions its ``__torch_function__`` may route through rules,
+    and ``calls``, how many it did."""
+
+    FUNCS: tuple = ()
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+
 class rules(torch.overrides.TorchFunctionMode):
     """``with rules(pool_rules(), conv_rules(), ...):`` -- the modes' rules, one dispatch per
     torch call.  The modes keep their own state (``calls``); their ``FUNCS`` must not overlap."""

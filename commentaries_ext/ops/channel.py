@@ -17,8 +17,9 @@ Validated input: 1 to 8 contiguous tensors of one shape ``[N, C, *]``, one dtype
 (float32/float64; bfloat16/float16 on the GPU) and device; ``coef`` ``[K, C]`` and
 ``bias`` ``[C]`` contiguous, same dtype and device; ``batch_norm_reverse``: ``u``, ``gy``,
 ``x`` such tensors, the other seven ``[C]``, ``needs`` three bools; an output not asked for
-is an empty ``[0]`` (its reference, ``reference/channel.py``, holds the formulas).  Sums accumulate in float64 on
-the CPU (per-row vector sums in the data dtype).  Not differentiable.
+is an empty ``[0]`` (its reference, ``reference/channel.py``, holds the formulas).  Sums
+accumulate in float64 on the CPU (per-row vector sums in the data dtype).  Not
+differentiable.
 
 The public functions call the selected backend's kernel directly (no device-
 independent ``torch.library`` op in between): they run inside ``make_fx`` traces

@@ -25,7 +25,9 @@
 namespace commentaries_ext {
 namespace {
 
-int64_t out_size(int64_t in, int64_t k, int64_t d, int64_t p, int64_t s) { return (in + 2 * p - d * (k - 1) - 1) / s + 1; }
+int64_t out_size(int64_t in, int64_t k, int64_t d, int64_t p, int64_t s) {
+  return (in + 2 * p - d * (k - 1) - 1) / s + 1;
+}
 
 // [first, last) of the output positions o with 0 <= o * s - p + off < in
 std::pair<int64_t, int64_t> valid_run(int64_t out, int64_t in, int64_t s, int64_t p, int64_t off) {
