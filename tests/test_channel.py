@@ -127,6 +127,23 @@ def bn_problems(draw):
         st.sampled_from([torch.float32, torch.float64]))
 
 
+def _composite_double_backward(u, gy, x, w, ugw, ugb):
+    """The gradients w.r.t. ``(gy, x, w)`` of ``<u, gx> + <ugw, gw> + <ugb, gb>`` by autograd through a
+    composite batch norm's backward (None cotangents: zero), and ``gw``, ``gb``, x̂."""
+    dims = [0] + list(range(2, x.dim()))
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    m = x.numel() // x.shape[1]
+    xr, gyr, wr = (t.detach().clone().requires_grad_(True) for t in (x, gy, w))
+    rstd = (xr.var(dims, unbiased=False, keepdim=True) + 1e-5).rsqrt()
+    xhat = (xr - xr.mean(dims, keepdim=True)) * rstd
+    gb, gw = gyr.sum(dims), (gyr * xhat).sum(dims)
+    gx = wr.view(shape) * rstd * (gyr - gb.view(shape) / m - xhat * gw.view(shape) / m)
+    pairs = [(o, c) for o, c in zip((gx, gw, gb), (u, ugw, ugb)) if c is not None]
+    want = torch.autograd.grad([o for o, _ in pairs], (gyr, xr, wr), [c for _, c in pairs], allow_unused=True) \
+        if pairs else (None, None, None)
+    return list(want), gw.detach(), gb.detach(), xhat.detach()
+
+
 @pytest.mark.parametrize("name", backend.candidates("batch_norm_reverse", "cpu"))
 @settings(max_examples=60, deadline=None)
 @given(prob=bn_problems())
@@ -137,14 +154,7 @@ def test_batch_norm_reverse_matches_float64_autograd(name, prob):
     mean = x.mean(dims)
     rstd = (x.var(dims, unbiased=False) + 1e-5).rsqrt()
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    xr, gyr, wr = (t.detach().clone().requires_grad_(True) for t in (x, gy, w))
-    m_, r_ = xr.mean(dims, keepdim=True), (xr.var(dims, unbiased=False, keepdim=True) + 1e-5).rsqrt()
-    xhat = (xr - m_) * r_
-    gb, gw = gyr.sum(dims), (gyr * xhat).sum(dims)
-    gx = wr.view(shape) * r_ * (gyr - gb.view(shape) / (x.numel() // x.shape[1]) - xhat * gw.view(shape) / (x.numel() // x.shape[1]))
-    pairs = [(o, c) for o, c in zip((gx, gw, gb), (u, ugw, ugb)) if c is not None]
-    want = torch.autograd.grad([o for o, _ in pairs], (gyr, xr, wr), [c for _, c in pairs], allow_unused=True) \
-        if pairs else (None, None, None)
+    want, gw, gb, xhat = _composite_double_backward(u, gy, x, w, ugw, ugb)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     args = (cast(u), cast(gy), cast(x), cast(mean), cast(rstd), cast(w), cast(gw.detach()), cast(gb.detach()),
             cast(ugw), cast(ugb), needs)
@@ -201,19 +211,6 @@ def test_batch_norm_reverse_bad_input():
         batch_norm_reverse(x, x, x, c, c, c, c, c, needs=(True, True))
 
 
-def _composite_double_backward(u, gy, x, w, ugw, ugb):
-    dims = [0] + list(range(2, x.dim()))
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    m = x.numel() // x.shape[1]
-    xr, gyr, wr = (t.detach().clone().requires_grad_(True) for t in (x, gy, w))
-    xhat = (xr - xr.mean(dims, keepdim=True)) * (xr.var(dims, unbiased=False, keepdim=True) + 1e-5).rsqrt()
-    gb, gw = gyr.sum(dims), (gyr * xhat).sum(dims)
-    rstd = (xr.var(dims, unbiased=False, keepdim=True) + 1e-5).rsqrt()
-    gx = wr.view(shape) * rstd * (gyr - gb.view(shape) / m - xhat * gw.view(shape) / m)
-    want = torch.autograd.grad((gx, gw, gb), (gyr, xr, wr), (u, ugw, ugb))
-    return want, gw.detach(), gb.detach()
-
-
 @pytest.mark.parametrize("name", backend.candidates("batch_norm_reverse", "cpu"))
 @pytest.mark.parametrize("shape", [(7000, 3), (3, 2, 9000)], ids=["many-rows-S1", "long-rows"])
 def test_batch_norm_reverse_over_many_chunks(name, shape):
@@ -224,7 +221,7 @@ def test_batch_norm_reverse_over_many_chunks(name, shape):
     w, ugw, ugb = (torch.randn(c, generator=g, dtype=torch.float64) for _ in range(3))
     dims = [0] + list(range(2, x.dim()))
     mean, rstd = x.mean(dims), (x.var(dims, unbiased=False) + 1e-5).rsqrt()
-    want, gw, gb = _composite_double_backward(u, gy, x, w, ugw, ugb)
+    want, gw, gb, _ = _composite_double_backward(u, gy, x, w, ugw, ugb)
     with backend.use(name):
         got = batch_norm_reverse(u, gy, x, mean, rstd, w, gw, gb, ugw, ugb)
     for a, e in zip(got, want):
