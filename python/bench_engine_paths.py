@@ -3,7 +3,9 @@ side by side (round-robin, medians) in one run:
 
 * max pooling: ATen's NCHW kernel vs ``engine/pooling.py`` (forward + backward);
 * BatchNorm's double backward: the stock formula vs the reverse-mode rule of
-  ``engine/batchnorm.py`` (inside ``batch_norm_rules``);
+  ``engine/batchnorm.py``, inside ``batch_norm_rules`` (Python formulas on the channel
+  kernels) and inside ``batch_norm_reverse_rules`` (one C++ kernel, ``batch_norm_reverse``);
+* col2im for the first convolution's input gradient: ATen's vs ``ops/fold.py``'s;
 * two input gradients of one convolution added together vs the merged call of
   ``linearize._merge_input_grads``;
 * one ConvNet IFT hyper-step (K = 5) with and without ``reuse_cpu_memory()``.
@@ -26,10 +28,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_hypergrad
-from commentaries_ext.engine.batchnorm import batch_norm_rules  # noqa: E402
+from commentaries_ext.engine.batchnorm import batch_norm_reverse_rules, batch_norm_rules  # noqa: E402
 from commentaries_ext.engine.conv import CONV_BWD  # noqa: E402
 from commentaries_ext.engine.pooling import pool_rules  # noqa: E402
 from commentaries_ext.memory import reuse_cpu_memory  # noqa: E402
+from commentaries_ext.ops.fold import col2im  # noqa: E402
 
 
 def round_robin(fns: dict, rounds: int) -> dict:
@@ -65,8 +68,8 @@ def bench_pool(rounds):
     report("max_pool2d 3x3/2 on 128x32x14x14, forward + backward", med, "ATen NCHW")
 
 
-def bench_bn_double_backward(rounds):
-    x = torch.randn(128, 32, 14, 14, requires_grad=True)
+def bench_bn_double_backward(rounds, batch=128):
+    x = torch.randn(batch, 32, 14, 14, requires_grad=True)
     w, b = torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True)
     r = torch.randn(x.shape)
 
@@ -79,8 +82,17 @@ def bench_bn_double_backward(rounds):
         return f
 
     with reuse_cpu_memory():
-        med = round_robin({"stock": run(contextlib.nullcontext), "engine rule": run(batch_norm_rules)}, rounds)
-    report("BatchNorm2d(32) on 128x32x14x14: gradient with graph + double backward", med, "stock")
+        med = round_robin({"stock": run(contextlib.nullcontext), "engine rule": run(batch_norm_rules),
+                           "engine reverse kernel": run(batch_norm_reverse_rules)}, rounds)
+    report(f"BatchNorm2d(32) on {batch}x32x14x14: gradient with graph + double backward", med, "stock")
+
+
+def bench_col2im(rounds, batch):
+    cols = torch.randn(batch, 25, 196)  # the first layer: 1 channel, 5x5, stride 2, padding 2, 28x28
+    med = round_robin({"ATen col2im": lambda: torch.ops.aten.col2im(cols, [28, 28], [5, 5], [1, 1], [2, 2], [2, 2]),
+                       "ops.fold.col2im (cpp)": lambda: col2im(cols, (28, 28), (5, 5), 1, 2, 2)}, rounds)
+    report(f"col2im [{batch}, 25, 196] -> [{batch}, 1, 28, 28] (first convolution's input gradient)", med,
+           "ATen col2im")
 
 
 def bench_merge(rounds):
@@ -127,6 +139,9 @@ def main():
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     bench_pool(args.rounds)
     bench_bn_double_backward(args.rounds)
+    bench_bn_double_backward(args.rounds, batch=32)  # the BPTT benchmark's batch
+    bench_col2im(args.rounds, 32)
+    bench_col2im(args.rounds, 128)
     bench_merge(args.rounds)
     bench_hyper_step(max(5, args.rounds // 4))
 
