@@ -35,28 +35,30 @@ template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
 // vexp: the exponential of every kernel here, always inlined (ATen's exp_u20 stays an
-// out-of-line call per vector at some call sites). float under AVX-512/AVX2: x = n ln2 + r
-// (Cody-Waite, |r| <= ln2/2), a degree-6 Taylor polynomial for e^r (truncation error
-// < 1.2e-7 relative) times 2^n: a few ulp for x <= 88, where the inputs here are z - max or
-// z - lse (<= ~0); x > 88 saturates at e^88; x < ln(FLT_MIN) (-87.34) gives 0 (as exp_u20:
-// no denormals); -inf gives 0 and NaN gives NaN (the row reductions rely on it). Otherwise
-// (double, no SIMD) ATen's exp (Sleef u10).
+// out-of-line call per vector at some call sites). float under AVX-512: x = n ln2 + r
+// (Cody-Waite, |r| <= ln2/2), a degree-5 minimax polynomial for e^r (1.03e-7 relative,
+// 1.9e-7 as evaluated in float, fitted by linear programming on |r| <= ln2/2) scaled by 2^n
+// with scalef; x < ln(FLT_MIN) (-87.34) gives 0 (as exp_u20: no denormals) by the mask
+// alone (no clamp: -inf or a huge negative x is masked), x >= 88.72 saturates at e^88.72
+// (scalef would overflow to inf but turn +inf into NaN); NaN gives NaN (the row reductions
+// rely on it). The inputs here are z - max or z - lse (<= ~0). AVX2: the degree-6 Taylor
+// polynomial with clamped 2^n from the exponent bits. Otherwise (double, no SIMD) ATen's exp
+// (Sleef u10).
 template <typename T>
 inline __attribute__((always_inline)) Vec<T> vexp(const Vec<T>& x) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
     const __m512 xv = x;
-    // max/min return their second operand when one is NaN: NaN x stays NaN
-    const __m512 xc = _mm512_min_ps(_mm512_set1_ps(88.f), _mm512_max_ps(_mm512_set1_ps(-88.f), xv));
+    // min returns its second operand when one is NaN: NaN x stays NaN
+    const __m512 xc = _mm512_min_ps(_mm512_set1_ps(88.72f), xv);
     const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-87.33654475f), _CMP_NLT_UQ);
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504089f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);  // ln2 = hi + lo, n * hi exact
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(1.f / 720), r, _mm512_set1_ps(1.f / 120));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 24));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 6));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.5f));
+    __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(0.00831472f), r, _mm512_set1_ps(0.04189025f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.1666709f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.4999923f));
     q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f));
     q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f));
     return _mm512_maskz_scalef_ps(keep, q, n);
@@ -140,6 +142,19 @@ inline __attribute__((always_inline)) void prefetch_ahead(const T* p) {
   prefetch_lines<8192, 2>(p);
 }
 
+// The last r lanes of v (0 < r < lane count), the others zero: for a row tail handled as the
+// row's last full vector, overlapping lanes already done (a full load and store instead of
+// masked ones, and no per-count blend).
+template <typename T>
+inline __attribute__((always_inline)) Vec<T> last_lanes(const Vec<T>& v, int64_t r) {
+  constexpr int64_t W = Vec<T>::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) return Vec<T>(_mm512_maskz_mov_ps(__mmask16(0xFFFFu << (W - r)), v));
+  if constexpr (std::is_same_v<T, double>) return Vec<T>(_mm512_maskz_mov_pd(__mmask8(0xFFu << (W - r)), v));
+#endif
+  return Vec<T>::blendv(Vec<T>(0), v, Vec<T>::arange(T(0), T(1)) >= Vec<T>(T(W - r)));
+}
+
 // max_c z_c of a contiguous row, C >= 1 (a NaN may be skipped: see above)
 template <typename T>
 inline T row_max(const T* z, int64_t C) {
@@ -184,7 +199,11 @@ inline T row_sumexp(const T* z, int64_t C, T m, T* out) {
     if constexpr (kStore) e0.store(out + c);
     s0 = s0 + e0;
   }
-  if (c < C) {  // pad with -inf: exp gives 0
+  if (c < C && C >= W) {  // the last full vector of the row: its first lanes are stored again (same values), not summed again
+    const Vec<T> e0 = vexp(Vec<T>::loadu(z + C - W) - vm);
+    if constexpr (kStore) e0.store(out + C - W);
+    s1 = s1 + last_lanes(e0, C - c);
+  } else if (c < C) {  // pad with -inf: exp gives 0
     const int64_t r = C - c;
     const Vec<T> e0 = vexp(Vec<T>::set(Vec<T>(-std::numeric_limits<T>::infinity()), Vec<T>::loadu(z + c, r), r) - vm);
     if constexpr (kStore) e0.store(out + c, r);
@@ -334,8 +353,10 @@ void lse_small_block(const T* z, int64_t s0, int64_t C, int64_t i0, int64_t rb, 
     if (std::isinf(ms[r])) lse_out[r] = ms[r];  // a +inf logit: lse is +inf
 }
 
-constexpr int64_t kSmallC = 32;
+constexpr int64_t kSmallC = 15;  // measured: the general path wins from C = 16 (AVX-512 float) on
 constexpr int64_t kRowBlock = 64;
+// elements per row block of the general paths: the block and its output rows stay in L1
+constexpr int64_t kBlockElems = 2048;
 
 std::tuple<at::Tensor, at::Tensor> cpp_wce_forward(const at::Tensor& logits, const at::Tensor& target,
                                                    const std::optional<at::Tensor>& target_b,
@@ -481,8 +502,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
     T* lo = loss.mutable_data_ptr<T>();
     T* ls = lse.mutable_data_ptr<T>();
     T* go = grad.mutable_data_ptr<T>();
-    // Row i from its lse l and, in grow, its exponentials exp(z - m) with sum s.
-    auto finish_row = [&](int64_t i, const T* row, T* grow, T s, T l) {
+    // Row i from its lse l and, in grow, its exponentials exp(z - m); q = row_scale / their sum.
+    auto finish_row = [&](int64_t i, const T* row, T* grow, T q, T l) __attribute__((always_inline)) {
       ls[i] = l;
       const int64_t y = mix.y[i * mix.sy];
       if (y == mix.ignore_index) {
@@ -492,13 +513,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
       }
       lo[i] = l - target_logit(row, mix, lm, slm, i, y);
       const T r = rs ? rs[i * srs] : T(1);
-      int64_t c = 0;
       if (!std::isfinite(l)) {  // rare rows: std::exp for IEEE NaN/inf (exp_u20 is not exact there)
-        for (; c < C; ++c) grow[c] = r * std::exp(row[c] - l);
+        for (int64_t c = 0; c < C; ++c) grow[c] = r * std::exp(row[c] - l);
       } else {
-        const Vec<T> vq(r / s);
-        for (; c + W <= C; c += W) (vq * Vec<T>::loadu(grow + c)).store(grow + c);
-        if (c < C) (vq * Vec<T>::loadu(grow + c, C - c)).store(grow + c, C - c);
+        // the target entries first: written after the vector pass, not read back from its stores
+        T gy = q * grow[y] - r, gyb = 0;
+        int64_t yb = y;
+        if (lm) {
+          const T a = lm[i * slm];
+          yb = mix.yb[i * mix.syb];
+          gy = q * grow[y] - r * a;
+          gyb = (yb == y ? gy : q * grow[yb]) - r * (T(1) - a);
+        }
+        const Vec<T> vq(q);
+        if (C >= W && C % W != 0) {  // the tail as the last full vector, read before the loop writes its first lanes
+          const Vec<T> tail = vq * Vec<T>::loadu(grow + C - W);
+          for (int64_t c = 0; c + W <= C; c += W) (vq * Vec<T>::loadu(grow + c)).store(grow + c);
+          tail.store(grow + C - W);
+        } else {
+          int64_t c = 0;
+          for (; c + W <= C; c += W) (vq * Vec<T>::loadu(grow + c)).store(grow + c);
+          if (c < C) (vq * Vec<T>::loadu(grow + c, C - c)).store(grow + c, C - c);
+        }
+        grow[y] = gy;
+        if (lm) grow[yb] = gyb;
+        return;
       }
       if (lm) {
         const T a = lm[i * slm];
@@ -519,31 +558,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
           const int64_t rb = std::min(kRowBlock, e - i0);
           T* gb = go + i0 * C;
           lse_small_block(z, s0, C, i0, rb, gb, ms, sums, ls + i0);
-          for (int64_t r = 0; r < rb; ++r) finish_row(i0 + r, z + (i0 + r) * s0, gb + r * C, sums[r], ls[i0 + r]);
+          for (int64_t r = 0; r < rb; ++r)
+            finish_row(i0 + r, z + (i0 + r) * s0, gb + r * C, (rs ? rs[(i0 + r) * srs] : T(1)) / sums[r], ls[i0 + r]);
         }
         return;
       }
-      std::vector<T> buf;
-      // blocks of rows that fit in L1 with their gradient rows: the exponentials are summed row
-      // by row, the logs of the sums are one vector pass per block, then finish_row scales the
-      // rows while they are still in L1 (in the staging buffer when the gradient is streamed)
-      const int64_t rows = std::clamp<int64_t>(4096 / std::max<int64_t>(C, 1), 1, kRowBlock);
-      std::vector<T> stage(stream ? rows * C : 0);
-      alignas(64) T mb[kRowBlock], sb[kRowBlock], lb[kRowBlock];
+      // Blocks of rows that fit in L1 with their gradient rows, in phases over the block: the
+      // row maxima, then the exponentials (into the gradient rows) and their sums, then the
+      // logs and 1 / sums as vectors, then each row scaled while still in L1 (in the staging
+      // buffer when the gradient is streamed). Within a phase the rows are independent, so
+      // the core overlaps one row's reduction tree and exp latency with the next row's work
+      // (row by row, each row waited on its max, then on its sum).
+      const int64_t rows = std::clamp<int64_t>(kBlockElems / std::max<int64_t>(C, 1), 1, kRowBlock);
+      std::vector<T> stage(stream ? rows * C : 0), gathered(s1 == 1 ? 0 : rows * C);
+      alignas(64) T mb[kRowBlock], sb[kRowBlock], lb[kRowBlock], qb[kRowBlock];
       for (int64_t i0 = b; i0 < e; i0 += rows) {
         const int64_t rb = std::min(rows, e - i0);
         T* gblock = stream ? stage.data() : go + i0 * C;
-        for (int64_t r = 0; r < rb; ++r) {
-          const int64_t i = i0 + r;
-          const T* row = row_ptr(z, i, s0, s1, C, buf);
-          const T m = C > 0 ? row_max(row, C) : ninf;
-          mb[r] = m;
-          // exponentials into the gradient row
-          sb[r] = std::isfinite(m) ? row_sumexp<T, true>(row, C, m, gblock + r * C) : T(0);
+        // the block's rows, contiguous: in place, or gathered when the column stride is not 1
+        const T* zb = z + i0 * s0;
+        int64_t zs = s0;
+        if (s1 != 1) {
+          for (int64_t r = 0; r < rb; ++r)
+            for (int64_t c = 0; c < C; ++c) gathered[r * C + c] = zb[r * s0 + c * s1];
+          zb = gathered.data();
+          zs = C;
         }
+        for (int64_t r = 0; r < rb; ++r) mb[r] = C > 0 ? row_max(zb + r * zs, C) : ninf;
+        for (int64_t r = 0; r < rb; ++r)
+          sb[r] = std::isfinite(mb[r]) ? row_sumexp<T, true>(zb + r * zs, C, mb[r], gblock + r * C) : T(0);
+        for (int64_t r = 0; r < rb; ++r) qb[r] = rs ? rs[(i0 + r) * srs] : T(1);
         int64_t r = 0;
-        for (; r + W <= rb; r += W) (Vec<T>::loadu(mb + r) + Vec<T>::loadu(sb + r).log()).store(lb + r);
-        if (r < rb) (Vec<T>::loadu(mb + r, rb - r) + Vec<T>::loadu(sb + r, rb - r).log()).store(lb + r, rb - r);
+        for (; r + W <= rb; r += W) {
+          const Vec<T> vs = Vec<T>::loadu(sb + r);
+          (Vec<T>::loadu(mb + r) + vs.log()).store(lb + r);
+          (Vec<T>::loadu(qb + r) / vs).store(qb + r);
+        }
+        if (r < rb) {
+          const Vec<T> vs = Vec<T>::loadu(sb + r, rb - r);
+          (Vec<T>::loadu(mb + r, rb - r) + vs.log()).store(lb + r, rb - r);
+          (Vec<T>::loadu(qb + r, rb - r) / vs).store(qb + r, rb - r);
+        }
         for (r = 0; r < rb; ++r) {
           const int64_t i = i0 + r;
           if (C == 0) {
@@ -551,8 +606,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
             lo[i] = 0;
             continue;
           }
-          const T l = regular(mb[r], sb[r]) ? lb[r] : special_lse(z + i * s0, s1, C);  // irregular: l not finite
-          finish_row(i, row_ptr(z, i, s0, s1, C, buf), gblock + r * C, sb[r], l);
+          const T* row = zb + r * zs;
+          if (regular(mb[r], sb[r])) finish_row(i, row, gblock + r * C, qb[r], lb[r]);
+          else finish_row(i, row, gblock + r * C, T(0), special_lse(row, 1, C));  // l not finite
         }
         if (stream) stream_copy(go + i0 * C, stage.data(), rb * C);
       }
