@@ -210,6 +210,37 @@ def test_nan_logits_give_nan(name, c, layout):
 
 
 @pytest.mark.parametrize("name", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c", [15, 16, 17, 24, 25, 31, 33, 100, 257])
+def test_fused_grad_around_vector_widths(name, dtype, c):
+    """wce_forward_grad at class counts around the vector widths (the small path, the row
+    tail done as the last full vector, blocks of rows): targets in the first and last
+    columns (inside the overlapped tail lanes), target_b == target on some rows, ignored
+    rows, against the float64 reference."""
+    n = 37
+    g = torch.Generator().manual_seed(c)
+    z64 = torch.randn(n, c, generator=g, dtype=torch.float64) * 4
+    y = torch.randint(0, c, (n,), generator=g)
+    y[::4], y[1::4] = c - 1, 0
+    yb = torch.randint(0, c, (n,), generator=g)
+    yb[::3] = y[::3]
+    y[5::9] = IGNORE
+    lam64 = torch.rand(n, generator=g, dtype=torch.float64)
+    s64 = torch.rand(n, generator=g, dtype=torch.float64)
+    z, lam, s = z64.to(dtype), lam64.to(dtype), s64.to(dtype)
+    kern = backend._kernels[name]["wce_forward_grad"]
+    tol = _tols(dtype, extreme=False)
+    for mixed in (False, True):
+        tb, lb, lb64 = (yb, lam, lam64) if mixed else (None, None, None)
+        loss, lse, grad = kern(z, y, tb, lb, s, IGNORE)
+        r_loss, r_lse = ref.wce_forward(z.to(torch.float64), y, tb, lb64, IGNORE)
+        r_grad = ref.wce_backward(s64, z.to(torch.float64), r_lse, y, tb, lb64, IGNORE)
+        _close(lse, r_lse, "lse", **tol)
+        _close(loss, r_loss, "loss", **tol)
+        _close(grad, r_grad, "grad", **tol)
+
+
+@pytest.mark.parametrize("name", FUSED_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_fused_reduced_path(name, reduction, weighted, monkeypatch):

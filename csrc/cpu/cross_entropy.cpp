@@ -353,7 +353,11 @@ void lse_small_block(const T* z, int64_t s0, int64_t C, int64_t i0, int64_t rb, 
     if (std::isinf(ms[r])) lse_out[r] = ms[r];  // a +inf logit: lse is +inf
 }
 
-constexpr int64_t kSmallC = 15;  // measured: the general path wins from C = 16 (AVX-512 float) on
+constexpr int64_t kSmallC = 32;
+// wce_forward_grad's phased general path (below) beats the small path from C = 16 for
+// float and from C = 32 for double (AVX-512, measured)
+template <typename T>
+constexpr int64_t kSmallCGrad = std::is_same_v<T, float> ? 15 : 24;
 constexpr int64_t kRowBlock = 64;
 // elements per row block of the general paths: the block and its output rows stay in L1
 constexpr int64_t kBlockElems = 2048;
@@ -547,7 +551,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
         grow[y] -= r;
       }
     };
-    const bool small = C > 0 && C <= kSmallC && (s1 == 1 || C == 1);
+    const bool small = C > 0 && C <= kSmallCGrad<T> && (s1 == 1 || C == 1);
     const bool stream = N * C * int64_t(sizeof(T)) >= kStreamBytes;
     at::parallel_for(0, N, grain_for(C), [&](int64_t b, int64_t e) {
       if (small) {
