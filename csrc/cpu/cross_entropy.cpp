@@ -41,8 +41,8 @@ using Vec = at::vec::Vectorized<T>;
 // with scalef; x < ln(FLT_MIN) (-87.34) gives 0 (as exp_u20: no denormals) by the mask
 // alone (no clamp: -inf or a huge negative x is masked), x >= 88.72 saturates at e^88.72
 // (scalef would overflow to inf but turn +inf into NaN); NaN gives NaN (the row reductions
-// rely on it). The inputs here are z - max or z - lse (<= ~0). AVX2: the degree-6 Taylor
-// polynomial with clamped 2^n from the exponent bits. Otherwise (double, no SIMD) ATen's exp
+// rely on it). The inputs here are z - max or z - lse (<= ~0). AVX2: the same polynomial,
+// x clamped to [-88, 88] and 2^n from the exponent bits. Otherwise (double, no SIMD) ATen's exp
 // (Sleef u10).
 template <typename T>
 inline __attribute__((always_inline)) Vec<T> vexp(const Vec<T>& x) {
@@ -72,10 +72,9 @@ inline __attribute__((always_inline)) Vec<T> vexp(const Vec<T>& x) {
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 q = _mm256_fmadd_ps(_mm256_set1_ps(1.f / 720), r, _mm256_set1_ps(1.f / 120));
-    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.f / 24));
-    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.f / 6));
-    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.5f));
+    __m256 q = _mm256_fmadd_ps(_mm256_set1_ps(0.00831472f), r, _mm256_set1_ps(0.04189025f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.1666709f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.4999923f));
     q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.f));
     q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.f));
     // 2^n from the exponent bits (n in [-127, 127]; n = -127 only where small zeroes it)
