@@ -41,8 +41,16 @@ def sync():
         torch.cuda.synchronize()
 
 
+ROUND_WARMUP = 0  # --round-warmup
+
+
 def bench(fns: dict, rounds: int, inner: int, warmup: int = 3) -> dict:
-    """Median seconds per call of each fn, rounds interleaving the methods."""
+    """Median seconds per call of each fn, rounds interleaving the methods.
+
+    With ROUND_WARMUP > 0 each method first runs that many untimed calls in every round:
+    on some VMs a method's first calls after another method's run slowly for several
+    calls (a 0.2 ms blend took 0.6, 0.43, 0.38 ... ms after eager PyTorch), which charges
+    a switching cost to whichever method is short enough to feel it."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -50,6 +58,8 @@ def bench(fns: dict, rounds: int, inner: int, warmup: int = 3) -> dict:
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
+            for _ in range(ROUND_WARMUP):
+                fn()
             sync()
             t0 = time.perf_counter()
             for _ in range(inner):
@@ -255,12 +265,16 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--inner", type=int, default=20)
+    ap.add_argument("--round-warmup", type=int, default=0,
+                    help="untimed calls of each method at the start of its turn in every round (default 0)")
     ap.add_argument("--params", type=int, default=10_000_000)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="glibc mallopt: keep freed memory in the process (as a caching allocator does), so that "
                          "fresh 3 MB outputs do not pay first-touch page faults; applies to every method alike")
     args = ap.parse_args()
+    global ROUND_WARMUP
+    ROUND_WARMUP = args.round_warmup
     if args.keep_freed_memory:
         import ctypes
 
@@ -271,7 +285,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"device {DEVICE}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"keep-freed-memory {args.keep_freed_memory}, "
+          f"keep-freed-memory {args.keep_freed_memory}, round-warmup {args.round_warmup}, "
           f"commentaries_ext {commentaries_ext.__version__} {commentaries_ext._compiled.build_info()}")
     if args.only in (None, "blend"):
         bench_blend(args)
