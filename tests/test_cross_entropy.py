@@ -240,6 +240,13 @@ def test_fused_grad_around_vector_widths(name, dtype, c):
         _close(grad, r_grad, "grad", **tol)
 
 
+def _is_fused(out) -> bool:
+    """Whether a reduced loss came from the fused path: the Python Function or, on the cpp
+    backend, the C++ one (cpp_wce_reduced)."""
+    name = out.grad_fn.name() if out.grad_fn is not None else ""
+    return name in ("_ReducedCEBackward", "_ReducedCEBackward0") or "WceReducedFunction" in name
+
+
 @pytest.mark.parametrize("name", FUSED_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("weighted", [False, True])
@@ -262,7 +269,7 @@ def test_fused_reduced_path(name, reduction, weighted, monkeypatch):
                 monkeypatch.setattr(ce, "_fused_kernel", lambda device, op="": None)
             out = ce.weighted_cross_entropy(z, y, w, reduction=reduction)
             monkeypatch.undo()
-        assert (type(out.grad_fn).__name__ == "_ReducedCEBackward") == fused, out.grad_fn
+        assert _is_fused(out) == fused, out.grad_fn
         grads = torch.autograd.grad(out * 2.5, [z] + ([w] if weighted else []), retain_graph=True)
         again = torch.autograd.grad(out * 2.5, [z] + ([w] if weighted else []), retain_graph=True)
         for a, b in zip(grads, again):
@@ -278,6 +285,62 @@ def test_fused_reduced_path(name, reduction, weighted, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(acc_f, acc_u, rtol=1e-12, atol=1e-12)
     assert not torch.equal(acc_f, torch.ones_like(acc_f))
+
+
+@pytest.mark.skipif(ce._CPP_REDUCED is None, reason="the compiled extension has no cpp_wce_reduced")
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("blended", [False, True])
+def test_cpp_reduced_matches_python_function(reduction, weighted, blended, monkeypatch):
+    """The C++ autograd op of the reduced loss (cpp_wce_reduced) against the Python Function it
+    replaces: value, first derivatives w.r.t. logits, weight and lam, and second derivatives
+    (create_graph), with ignored rows, -inf logits off the targets and lam at 0 and 1."""
+    g = torch.Generator().manual_seed(21 + 2 * weighted + blended)
+    n, c = 19, 6
+    z0 = torch.randn(n, c, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, c, (n,), generator=g)
+    yb = torch.randint(0, c, (n,), generator=g)
+    off = (torch.arange(c)[None, :] != y[:, None]) & (torch.arange(c)[None, :] != yb[:, None])
+    z0 = torch.where(off & (torch.rand(n, c, generator=g) < 0.2), float("-inf"), z0)
+    y[::6] = IGNORE
+    lam0 = torch.rand(n, generator=g, dtype=torch.float64)
+    lam0[1::5], lam0[2::7] = 0.0, 1.0
+    if blended:  # a -inf partner logit where the partner's coefficient is 0: a finite loss
+        for r in range(2, n, 7):
+            if yb[r] != y[r]:
+                z0[r, yb[r]] = float("-inf")
+    w0 = torch.rand(n, generator=g, dtype=torch.float64)
+    u = torch.randn(n, c, generator=g, dtype=torch.float64)
+
+    def run(cpp: bool):
+        z = z0.clone().requires_grad_()
+        w = w0.clone().requires_grad_() if weighted else None
+        lam = lam0.clone().requires_grad_() if blended else None
+        if not cpp:
+            monkeypatch.setattr(ce, "_CPP_REDUCED", None)
+        with backend.use("cpp"):
+            if blended:
+                out = ce.blended_cross_entropy(z, y, yb, lam, w, reduction=reduction)
+            else:
+                out = ce.weighted_cross_entropy(z, y, w, reduction=reduction)
+        monkeypatch.undo()
+        assert ("WceReducedFunction" in out.grad_fn.name()) == cpp, out.grad_fn.name()
+        inputs = [t for t in (z, w, lam) if t is not None]
+        first = torch.autograd.grad(out, inputs, create_graph=True)
+        # a Hessian-vector product through the logits gradient, to every input
+        second = torch.autograd.grad((first[0].nan_to_num(0.0) * u).sum(), inputs, allow_unused=True)
+        plain = torch.autograd.grad(out, inputs)  # the first-order path (no graph)
+        return out.detach(), first, second, plain
+
+    o_c, f_c, s_c, p_c = run(True)
+    o_p, f_p, s_p, p_p = run(False)
+    torch.testing.assert_close(o_c, o_p, rtol=1e-12, atol=1e-12)
+    for a, b in zip(f_c + p_c, f_p + p_p):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-12, equal_nan=True)
+    for a, b in zip(s_c, s_p):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", FUSED_BACKENDS)
@@ -303,10 +366,10 @@ def test_hvp_without_derivatives_uses_one_pass(name, monkeypatch):
 def test_fused_path_not_used_under_transforms_or_without_grad():
     z = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 1, 2, 3, 0, 1])
-    assert type(ce.weighted_cross_entropy(z, y).grad_fn).__name__ == "_ReducedCEBackward"
-    assert type(ce.weighted_cross_entropy(z.detach(), y, torch.rand(6, dtype=torch.float64,
-                                                                    requires_grad=True)).grad_fn).__name__ \
-        != "_ReducedCEBackward"  # only a logits gradient is worth computing ahead
+    assert _is_fused(ce.weighted_cross_entropy(z, y))
+    assert not _is_fused(ce.weighted_cross_entropy(z.detach(), y, torch.rand(6, dtype=torch.float64,
+                                                                             requires_grad=True)))
+    # (only a logits gradient is worth computing ahead)
     gf = torch.func.grad(lambda z: ce.weighted_cross_entropy(z, y))(z.detach())
     want = torch.autograd.grad(F.cross_entropy(z, y), z)[0]
     torch.testing.assert_close(gf, want)
@@ -480,6 +543,19 @@ def test_opcheck_fused_cpu_op():
     for zz in (z, z.t().contiguous().t()):
         torch.library.opcheck(torch.ops.commentaries_ext.cpp_wce_softmax_hvp, (zz, s, torch.randn_like(z)),
                               test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif(ce._CPP_REDUCED is None, reason="the compiled extension has no cpp_wce_reduced")
+def test_opcheck_cpp_reduced():
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, IGNORE, 3, 4, 2])
+    yb = torch.tensor([1, 1, 0, 2, 0, 4])
+    lam = torch.rand(6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(6, generator=g, dtype=torch.float64, requires_grad=True)
+    for args in [(z, y, None, None, None, 0, IGNORE), (z, y, yb, lam, w, 2, IGNORE), (z, y, None, None, w, 1, IGNORE)]:
+        torch.library.opcheck(torch.ops.commentaries_ext.cpp_wce_reduced, args,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 @pytest.mark.parametrize("op", ["wce_forward", "wce_backward", "wce_hvp", "wce_jvp"])

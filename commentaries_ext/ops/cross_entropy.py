@@ -569,6 +569,18 @@ class _ReducedCE(torch.autograd.Function):
         return gz, gw, glam, None, None, None, None, None
 
 
+# The same reduced loss with its backward registered in C++ (csrc/cpu/cross_entropy_autograd.cpp,
+# AutogradCPU): what _ReducedCE does, without a Python frame in the forward or the backward. Used
+# when the backend's fused kernel is the cpp one.
+_CPP_REDUCED = torch.ops.commentaries_ext.cpp_wce_reduced.default \
+    if _compiled.loaded() and _compiled._has_op("cpp_wce_reduced") else None
+if _CPP_REDUCED is not None:
+    @torch.library.register_fake("commentaries_ext::cpp_wce_reduced")
+    def _fake_reduced(logits, target, target_b, lam, weight, reduction, ignore_index):
+        return logits.new_empty(())
+_CPP_REDUCTION = {"sum": 0, "mean": 1}  # 2: the mean over the rows that are not ignored
+
+
 def _reduced_fast(logits: Tensor, target: Tensor, target_b, lam, weight, reduction: str, ignore_index: int,
                   maybe_ignored: bool):
     """The fused reduced loss when it applies (eager autograd on a backend with the kernel), else None."""
@@ -578,6 +590,9 @@ def _reduced_fast(logits: Tensor, target: Tensor, target_b, lam, weight, reducti
     kern = _fused_kernel(logits.device)
     if kern is None:
         return None
+    if _CPP_REDUCED is not None and kern is backend._kernels["cpp"].get("wce_forward_grad"):
+        code = 2 if reduction == "mean" and maybe_ignored else _CPP_REDUCTION[reduction]
+        return _CPP_REDUCED(logits, target, target_b, lam, weight, code, ignore_index)
     denom = None
     if reduction == "mean":
         denom = (target != ignore_index).sum() if maybe_ignored else logits.shape[0]
