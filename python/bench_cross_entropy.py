@@ -17,6 +17,11 @@ For N=8192 and C in {10, 100, 1000} (float32), in one run:
 Medians over ``--repeats`` timed calls after warm-up. Usage::
 
     python python/bench_cross_entropy.py [--backends cpp,reference] [--repeats 50] [--threads T] [--keep-freed-memory] [--json out.json] [--no-compile]
+    python python/bench_cross_entropy.py --kernel-sweep [--threads T]
+
+``--kernel-sweep`` instead times the C++ fused kernel alone (``cpp_wce_forward_grad``, float32,
+819,200 logits reshaped to each C) on 1 thread and on T threads: the per-row costs show as the
+time growing when C shrinks at a fixed element count.
 """
 from __future__ import annotations
 
@@ -61,6 +66,26 @@ def eager_loss(z, y, w):
     return (F.cross_entropy(z, y, reduction="none") * w).sum()
 
 
+def kernel_sweep(threads: int, repeats: int) -> None:
+    kern = torch.ops.commentaries_ext.cpp_wce_forward_grad
+    classes = (10, 16, 24, 32, 64, 96, 100, 128, 256, 1000)
+    print(f"cpp_wce_forward_grad alone, float32, 819,200 logits as [N, C]; median / min ms of {repeats}")
+    print("| threads | " + " | ".join(f"C={c}" for c in classes) + " |")
+    print("|---|" + "---|" * len(classes))
+    for t in sorted({1, threads}):
+        torch.set_num_threads(t)
+        cells = []
+        for c in classes:
+            g = torch.Generator().manual_seed(c)
+            n = 819200 // c
+            z = torch.randn(n, c, generator=g)
+            y = torch.randint(0, c, (n,), generator=g)
+            w = torch.rand(n, generator=g)
+            med = timeit(lambda: kern(z, y, None, None, w, -100), repeats, key=("sweep", t, c))
+            cells.append(f"{med * 1e3:.3f} / {MINS[('sweep', t, c)] * 1e3:.3f}")
+        print(f"| {t} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backends", default=",".join(b for b in backend.candidates("wce_forward", "cpu") if b != "triton"),
@@ -74,7 +99,11 @@ def main() -> None:
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="glibc mallopt: keep freed memory in the process (as a caching allocator does), so that "
                          "fresh [N, C] outputs do not pay first-touch page faults; applies to every method alike")
+    ap.add_argument("--kernel-sweep", action="store_true", help="time the C++ fused kernel alone over C (see above)")
     args = ap.parse_args()
+    if args.kernel_sweep:
+        kernel_sweep(args.threads or torch.get_num_threads(), args.repeats)
+        return
     if args.keep_freed_memory:
         import ctypes
 
