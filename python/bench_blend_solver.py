@@ -12,7 +12,9 @@ Blend: forward + backward of ``m * x + (1 - m) * x[perm]`` for x of
 256 x 3 x 32 x 32 float32, per-example and per-pixel masks, gradients to x and
 m.  Minimum traffic: forward reads x and writes out, backward reads grad and x
 and writes grad_x (the gathered partner rows and the mask are extra), i.e.
-5 x 3.1 MB = 15.7 MB; its bandwidth is compared with a same-size copy.
+5 x 3.1 MB = 15.7 MB; its bandwidth is compared with a same-size copy. A row
+"kernels alone" calls the forward and backward kernels directly (no autograd, no
+Python layer), for the kernels' own share of the copy bandwidth.
 
 Solver: the Neumann step ``c <- c - a h ; p <- p + c`` over 10 M float32
 parameters in 20 tensors, against two ``torch._foreach_add_`` calls, a flat
@@ -80,6 +82,9 @@ def table(title: str, med: dict, base: str, extra: dict | None = None) -> None:
 # ----------------------------------------------------------------------------- blending
 
 
+KERNELS_KEY = "forward + backward kernels alone"
+
+
 def bench_blend(args) -> None:
     torch.manual_seed(0)
     n, c, h, w = 256, 3, 32, 32
@@ -116,6 +121,17 @@ def bench_blend(args) -> None:
             x.grad = mm.grad = None
             masked_blend(x, mm, perm=perm).backward(g)
 
+        kforward = backend.kernel("blend_forward", DEVICE)
+        kbackward = backend.kernel("blend_backward", DEVICE)
+        m_k = m0.view(n, 1, 1, 1) if m0.dim() == 1 else m0
+        kept = []
+
+        def kernels():  # the two kernels called directly, outputs kept as autograd keeps them
+            kept.clear()
+            out = kforward(x0, m_k, None, perm)
+            kept.append(kbackward(g, x0, m_k, None, perm, [True, False, True]))
+            del out
+
         def copy():
             dst.copy_(src)
 
@@ -140,6 +156,7 @@ def bench_blend(args) -> None:
             print(f"(torch.compile of the {kind} blend: {time.perf_counter() - t0:.1f} s to compile)")
             fns["torch.compile (inductor) autograd"] = compiled
         fns["commentaries_ext masked_blend (" + backend.select("blend_forward", DEVICE)[0] + ")"] = fused
+        fns[KERNELS_KEY] = kernels
         fns["same-size copy (bandwidth reference)"] = copy
         fns["copy of the blend's traffic (2 x 7.9 MB)"] = copy_traffic
         med = bench(fns, args.rounds, args.inner)
@@ -150,6 +167,9 @@ def bench_blend(args) -> None:
         fused_bw = traffic / med[fused_key]
         extra = {fused_key: f"{fused_bw / 1e9:.1f} GB/s = {100 * fused_bw / copy_bw:.0f}% of the 3 MB copy, "
                             f"{100 * fused_bw / copy5_bw:.0f}% of the traffic-sized copy",
+                 KERNELS_KEY: f"{traffic / med[KERNELS_KEY] / 1e9:.1f} GB/s = "
+                              f"{100 * traffic / med[KERNELS_KEY] / copy5_bw:.0f}% of the traffic-sized copy "
+                              "(no autograd or Python layer)",
                  "same-size copy (bandwidth reference)": f"{copy_bw / 1e9:.1f} GB/s",
                  "copy of the blend's traffic (2 x 7.9 MB)": f"{copy5_bw / 1e9:.1f} GB/s"}
         table(f"blend forward+backward, {kind} mask, x {n}x{c}x{h}x{w} float32, perm partner "
