@@ -98,7 +98,8 @@ struct WceReducedFunction : public torch::autograd::Function<WceReducedFunction>
     const bool need_z = ctx->needs_input_grad(0), need_w = weight.defined() && ctx->needs_input_grad(1);
     const bool need_lam = lam.defined() && ctx->needs_input_grad(weight.defined() ? 2 : 1);
     at::Tensor gz, gw, glam;
-    const at::Tensor valid = target.ne(ii);
+    at::Tensor valid;  // rows not ignored; only the lam gradient and create_graph need it
+    if (need_lam || at::GradMode::is_enabled()) valid = target.ne(ii);
     // class indices safe to gather on ignored rows (their terms are masked out)
     auto safe = [&](const at::Tensor& t) { return at::where(valid, t, at::zeros({}, t.options())); };
     if (at::GradMode::is_enabled()) {  // create_graph: differentiable in g, z, weight and lam
