@@ -291,7 +291,8 @@ def test_fused_reduced_path(name, reduction, weighted, monkeypatch):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("blended", [False, True])
-def test_cpp_reduced_matches_python_function(reduction, weighted, blended, monkeypatch):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_cpp_reduced_matches_python_function(reduction, weighted, blended, transposed, monkeypatch):
     """The C++ autograd op of the reduced loss (cpp_wce_reduced) against the Python Function it
     replaces: value, first derivatives w.r.t. logits, weight and lam, and second derivatives
     (create_graph), with ignored rows, -inf logits off the targets and lam at 0 and 1."""
@@ -313,7 +314,7 @@ def test_cpp_reduced_matches_python_function(reduction, weighted, blended, monke
     u = torch.randn(n, c, generator=g, dtype=torch.float64)
 
     def run(cpp: bool):
-        z = z0.clone().requires_grad_()
+        z = (z0.t().contiguous().t() if transposed else z0.clone()).requires_grad_()  # column stride N
         w = w0.clone().requires_grad_() if weighted else None
         lam = lam0.clone().requires_grad_() if blended else None
         if not cpp:
