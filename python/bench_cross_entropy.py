@@ -19,9 +19,9 @@ Medians over ``--repeats`` timed calls after warm-up. Usage::
     python python/bench_cross_entropy.py [--backends cpp,reference] [--repeats 50] [--threads T] [--keep-freed-memory] [--json out.json] [--no-compile]
     python python/bench_cross_entropy.py --kernel-sweep [--threads T]
 
-``--kernel-sweep`` instead times the C++ fused kernel alone (``cpp_wce_forward_grad``, float32,
-819,200 logits reshaped to each C) on 1 thread and on T threads: the per-row costs show as the
-time growing when C shrinks at a fixed element count.
+``--kernel-sweep`` instead times the C++ one-pass kernels alone (``cpp_wce_forward_grad`` and
+``cpp_wce_softmax_hvp``, float32, 819,200 logits reshaped to each C) on 1 thread and on T threads:
+the per-row costs show as the time growing when C shrinks at a fixed element count.
 """
 from __future__ import annotations
 
@@ -67,23 +67,29 @@ def eager_loss(z, y, w):
 
 
 def kernel_sweep(threads: int, repeats: int) -> None:
-    kern = torch.ops.commentaries_ext.cpp_wce_forward_grad
+    ops = torch.ops.commentaries_ext
     classes = (10, 16, 24, 32, 64, 96, 100, 128, 256, 1000)
-    print(f"cpp_wce_forward_grad alone, float32, 819,200 logits as [N, C]; median / min ms of {repeats}")
-    print("| threads | " + " | ".join(f"C={c}" for c in classes) + " |")
-    print("|---|" + "---|" * len(classes))
-    for t in sorted({1, threads}):
-        torch.set_num_threads(t)
-        cells = []
-        for c in classes:
-            g = torch.Generator().manual_seed(c)
-            n = 819200 // c
-            z = torch.randn(n, c, generator=g)
-            y = torch.randint(0, c, (n,), generator=g)
-            w = torch.rand(n, generator=g)
-            med = timeit(lambda: kern(z, y, None, None, w, -100), repeats, key=("sweep", t, c))
-            cells.append(f"{med * 1e3:.3f} / {MINS[('sweep', t, c)] * 1e3:.3f}")
-        print(f"| {t} | " + " | ".join(cells) + " |")
+    print(f"C++ kernels alone, float32, 819,200 logits as [N, C]; median / min ms of {repeats}")
+    print("| kernel | threads | " + " | ".join(f"C={c}" for c in classes) + " |")
+    print("|---|---|" + "---|" * len(classes))
+    for name in ("cpp_wce_forward_grad", "cpp_wce_softmax_hvp"):
+        for t in sorted({1, threads}):
+            torch.set_num_threads(t)
+            cells = []
+            for c in classes:
+                g = torch.Generator().manual_seed(c)
+                n = 819200 // c
+                z = torch.randn(n, c, generator=g)
+                y = torch.randint(0, c, (n,), generator=g)
+                w = torch.rand(n, generator=g)
+                u = torch.randn(n, c, generator=g)
+                if name == "cpp_wce_forward_grad":
+                    fn = (lambda: ops.cpp_wce_forward_grad(z, y, None, None, w, -100))
+                else:
+                    fn = (lambda: ops.cpp_wce_softmax_hvp(z, w, u))
+                med = timeit(fn, repeats, key=("sweep", name, t, c))
+                cells.append(f"{med * 1e3:.3f} / {MINS[('sweep', name, t, c)] * 1e3:.3f}")
+            print(f"| {name} | {t} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
