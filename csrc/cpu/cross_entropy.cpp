@@ -8,7 +8,10 @@
 // with column stride 1 is read in place, otherwise it is first gathered into a
 // thread-local buffer (likewise u and t); the per-row passes then run over a
 // contiguous row with at::vec::Vectorized (the second pass over a row reads it
-// from L1/L2, so memory sees the logits once per op). Math in the logits dtype.
+// from L1/L2, so memory sees the logits once per op). wce_forward_grad, the hot
+// one, takes blocks of rows that fit in L1 in phases (all maxima, then all
+// exponentials, then the scaling) so that rows overlap, and a row's tail is its
+// last full vector. Math in the logits dtype.
 // Extreme logits: the row max is subtracted before exp; a row max of -inf (all
 // -inf) gives lse = -inf; target terms with a zero coefficient (lam 0 or 1) are
 // dropped, so a -inf logit there gives no NaN.
