@@ -523,14 +523,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
         for (int64_t c = 0; c < C; ++c) grow[c] = r * std::exp(row[c] - l);
       } else {
         // the target entries first: written after the vector pass, not read back from its stores
-        T gy = q * grow[y] - r, gyb = 0;
-        int64_t yb = y;
-        if (lm) {
-          const T a = lm[i * slm];
-          yb = mix.yb[i * mix.syb];
-          gy = q * grow[y] - r * a;
-          gyb = (yb == y ? gy : q * grow[yb]) - r * (T(1) - a);
-        }
+        // (without mixing, a = 1 and yb = y: gyb = gy)
+        const T a = lm ? lm[i * slm] : T(1);
+        const int64_t yb = lm ? mix.yb[i * mix.syb] : y;
+        const T gy = q * grow[y] - r * a;
+        const T gyb = (yb == y ? gy : q * grow[yb]) - r * (T(1) - a);
         const Vec<T> vq(q);
         if (C >= W && C % W != 0) {  // the tail as the last full vector, read before the loop writes its first lanes
           const Vec<T> tail = vq * Vec<T>::loadu(grow + C - W);
@@ -542,7 +539,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
           if (c < C) (vq * Vec<T>::loadu(grow + c, C - c)).store(grow + c, C - c);
         }
         grow[y] = gy;
-        if (lm) grow[yb] = gyb;
+        grow[yb] = gyb;
         return;
       }
       if (lm) {

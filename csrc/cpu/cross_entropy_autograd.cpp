@@ -50,7 +50,7 @@ at::Tensor mean_divisor(const at::Tensor& z, const at::Tensor& target, int64_t r
 // Per-row factor of the loss in the total: weight / divisor (undefined: every factor is 1).
 at::Tensor row_factor(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& denom) {
   if (!denom.defined()) return weight;
-  return (weight.defined() ? weight : at::ones({z.size(0)}, z.options())) / denom;
+  return weight.defined() ? weight / denom : at::ones({z.size(0)}, z.options()).div_(denom);
 }
 
 at::Tensor reduce_total(const at::Tensor& loss, const at::Tensor& weight, const at::Tensor& denom) {
@@ -105,8 +105,8 @@ struct WceReducedFunction : public torch::autograd::Function<WceReducedFunction>
     if (at::GradMode::is_enabled()) {  // create_graph: differentiable in g, z, weight and lam
       const at::Tensor y = safe(target);
       const at::Tensor yb = lam.defined() ? safe(target_b) : at::Tensor();
-      at::Tensor row = weight.defined() ? weight : at::ones({z.size(0)}, z.options());
-      if (denom.defined()) row = row / denom;
+      at::Tensor row = row_factor(z, weight, denom);  // differentiable in weight
+      if (!row.defined()) row = at::ones({z.size(0)}, z.options());
       const at::Tensor g_row = at::where(valid, g * row, at::zeros({}, z.options()));
       if (need_z) {
         at::Tensor mix = at::zeros_like(z);
