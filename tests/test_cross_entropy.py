@@ -287,17 +287,13 @@ def test_fused_reduced_path(name, reduction, weighted, monkeypatch):
     assert not torch.equal(acc_f, torch.ones_like(acc_f))
 
 
-@pytest.mark.skipif(ce._CPP_REDUCED is None, reason="the compiled extension has no cpp_wce_reduced")
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("blended", [False, True])
-@pytest.mark.parametrize("transposed", [False, True])
-def test_cpp_reduced_matches_python_function(reduction, weighted, blended, transposed, monkeypatch):
-    """The C++ autograd op of the reduced loss (cpp_wce_reduced) against the Python Function it
-    replaces: value, first derivatives w.r.t. logits, weight and lam, and second derivatives
-    (create_graph), with ignored rows, -inf logits off the targets and lam at 0 and 1."""
-    g = torch.Generator().manual_seed(21 + 2 * weighted + blended)
-    n, c = 19, 6
+def _reduced_case(n, c, seed, reduction, weighted, blended, transposed, cpp: bool):
+    """A reduced loss through the C++ op (cpp) or the Python Function it replaces: its value, first
+    derivatives w.r.t. logits, weight and lam with create_graph, a Hessian-vector product through
+    the logits gradient to every input, and the first derivatives without a graph. Inputs have
+    ignored rows, -inf logits off the targets, lam at 0 and 1, and a -inf partner logit where
+    the partner's coefficient is 0 (a finite loss)."""
+    g = torch.Generator().manual_seed(seed)
     z0 = torch.randn(n, c, generator=g, dtype=torch.float64) * 3
     y = torch.randint(0, c, (n,), generator=g)
     yb = torch.randint(0, c, (n,), generator=g)
@@ -306,42 +302,53 @@ def test_cpp_reduced_matches_python_function(reduction, weighted, blended, trans
     y[::6] = IGNORE
     lam0 = torch.rand(n, generator=g, dtype=torch.float64)
     lam0[1::5], lam0[2::7] = 0.0, 1.0
-    if blended:  # a -inf partner logit where the partner's coefficient is 0: a finite loss
+    if blended:
         for r in range(2, n, 7):
             if yb[r] != y[r]:
                 z0[r, yb[r]] = float("-inf")
     w0 = torch.rand(n, generator=g, dtype=torch.float64)
     u = torch.randn(n, c, generator=g, dtype=torch.float64)
-
-    def run(cpp: bool):
-        z = (z0.t().contiguous().t() if transposed else z0.clone()).requires_grad_()  # column stride N
-        w = w0.clone().requires_grad_() if weighted else None
-        lam = lam0.clone().requires_grad_() if blended else None
+    z = (z0.t().contiguous().t() if transposed else z0.clone()).requires_grad_()  # column stride N
+    w = w0.clone().requires_grad_() if weighted else None
+    lam = lam0.clone().requires_grad_() if blended else None
+    with pytest.MonkeyPatch.context() as mp, backend.use("cpp"):
         if not cpp:
-            monkeypatch.setattr(ce, "_CPP_REDUCED", None)
-        with backend.use("cpp"):
-            if blended:
-                out = ce.blended_cross_entropy(z, y, yb, lam, w, reduction=reduction)
-            else:
-                out = ce.weighted_cross_entropy(z, y, w, reduction=reduction)
-        monkeypatch.undo()
-        assert ("WceReducedFunction" in out.grad_fn.name()) == cpp, out.grad_fn.name()
-        inputs = [t for t in (z, w, lam) if t is not None]
-        first = torch.autograd.grad(out, inputs, create_graph=True)
-        # a Hessian-vector product through the logits gradient, to every input
-        second = torch.autograd.grad((first[0].nan_to_num(0.0) * u).sum(), inputs, allow_unused=True)
-        plain = torch.autograd.grad(out, inputs)  # the first-order path (no graph)
-        return out.detach(), first, second, plain
+            mp.setattr(ce, "_CPP_REDUCED", None)
+        if blended:
+            out = ce.blended_cross_entropy(z, y, yb, lam, w, reduction=reduction)
+        else:
+            out = ce.weighted_cross_entropy(z, y, w, reduction=reduction)
+    assert ("WceReducedFunction" in out.grad_fn.name()) == cpp, out.grad_fn.name()
+    inputs = [t for t in (z, w, lam) if t is not None]
+    first = torch.autograd.grad(out, inputs, create_graph=True)
+    second = torch.autograd.grad((first[0].nan_to_num(0.0) * u).sum(), inputs, allow_unused=True)
+    plain = torch.autograd.grad(out, inputs)  # the first-order path (no graph)
+    return out.detach(), first, second, plain
 
-    o_c, f_c, s_c, p_c = run(True)
-    o_p, f_p, s_p, p_p = run(False)
-    torch.testing.assert_close(o_c, o_p, rtol=1e-12, atol=1e-12)
-    for a, b in zip(f_c + p_c, f_p + p_p):
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-12, equal_nan=True)
-    for a, b in zip(s_c, s_p):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+@pytest.mark.skipif(ce._CPP_REDUCED is None, reason="the compiled extension has no cpp_wce_reduced")
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("blended", [False, True])
+def test_cpp_reduced_matches_python_function(reduction, weighted, blended):
+    """The C++ autograd op of the reduced loss (cpp_wce_reduced) against the Python Function it
+    replaces (itself checked against float64 references and gradcheck above), on fresh random
+    inputs (see _reduced_case): value, first and second derivatives, also for a mean over no
+    rows (NaN loss; zero derivatives of the logits gradient on ignored rows, as PyTorch's)."""
+    @settings(max_examples=15, deadline=None)
+    @given(n=st.integers(1, 40), c=st.integers(2, 40), seed=st.integers(0, 2**31 - 1), transposed=st.booleans())
+    def run(n, c, seed, transposed):
+        o_c, f_c, s_c, p_c = _reduced_case(n, c, seed, reduction, weighted, blended, transposed, cpp=True)
+        o_p, f_p, s_p, p_p = _reduced_case(n, c, seed, reduction, weighted, blended, transposed, cpp=False)
+        torch.testing.assert_close(o_c, o_p, rtol=1e-12, atol=1e-12, equal_nan=True)
+        for a, b in zip(f_c + p_c, f_p + p_p):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-12, equal_nan=True)
+        for a, b in zip(s_c, s_p):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+    run()
 
 
 @pytest.mark.parametrize("name", FUSED_BACKENDS)

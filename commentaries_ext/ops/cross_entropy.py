@@ -165,7 +165,10 @@ def _forward_grads(K: _Kernels, saved, ignore_index, needs, g_loss):
     z, target, target_b, lam, lse = saved
     gz = glam = None
     if needs[0]:
-        gz = K.backward(g_loss, z, lse, target, target_b, lam, ignore_index)
+        g_rows = g_loss
+        if torch.is_grad_enabled():  # gz will be differentiated: no inf * 0 from an ignored row (a mean over no rows)
+            g_rows = torch.where(_valid(target, ignore_index), g_loss, 0.0)
+        gz = K.backward(g_rows, z, lse, target, target_b, lam, ignore_index)
     if needs[3] and lam is not None:
         glam = g_loss * _gather_diff(z, target, target_b, _valid(target, ignore_index))
     return gz, glam

@@ -107,7 +107,11 @@ struct WceReducedFunction : public torch::autograd::Function<WceReducedFunction>
       const at::Tensor yb = lam.defined() ? safe(target_b) : at::Tensor();
       at::Tensor row = row_factor(z, weight, denom);  // differentiable in weight
       if (!row.defined()) row = at::ones({z.size(0)}, z.options());
-      const at::Tensor g_row = at::where(valid, g * row, at::zeros({}, z.options()));
+      // lam's gradient takes g * row unmasked (gather_diff is 0 on ignored rows), so that a mean
+      // over no rows gives NaN there as in the first-order path; the logits gradient takes it
+      // masked, so that its derivatives stay 0 on ignored rows (no inf * 0)
+      const at::Tensor g_all = g * row;
+      const at::Tensor g_row = at::where(valid, g_all, at::zeros({}, z.options()));
       if (need_z) {
         at::Tensor mix = at::zeros_like(z);
         if (lam.defined()) {
@@ -117,7 +121,7 @@ struct WceReducedFunction : public torch::autograd::Function<WceReducedFunction>
         }
         gz = at::where(valid.unsqueeze(1), g_row.unsqueeze(1) * (at::softmax(z, 1) - mix), at::zeros({}, z.options()));
       }
-      if (need_lam) glam = g_row * gather_diff(z, valid, y, yb);
+      if (need_lam) glam = g_all * gather_diff(z, valid, y, yb);
       if (need_w) {
         // l_i = lse_i - (lam z[y] + (1 - lam) z[yb]), a term with a zero coefficient dropped
         // (so a -inf logit there gives no NaN), as the kernels compute it
