@@ -18,10 +18,15 @@ Medians over ``--repeats`` timed calls after warm-up. Usage::
 
     python python/bench_cross_entropy.py [--backends cpp,reference] [--repeats 50] [--threads T] [--keep-freed-memory] [--json out.json] [--no-compile]
     python python/bench_cross_entropy.py --kernel-sweep [--threads T]
+    python python/bench_cross_entropy.py --fixed-cost [--threads T]
 
 ``--kernel-sweep`` instead times the C++ one-pass kernels alone (``cpp_wce_forward_grad`` and
 ``cpp_wce_softmax_hvp``, float32, 819,200 logits reshaped to each C) on 1 thread and on T threads:
 the per-row costs show as the time growing when C shrinks at a fixed element count.
+
+``--fixed-cost`` times a small batch's forward + backward (N = 128, weighted sum and plain mean)
+three ways, round-robin: eager PyTorch, the cpp backend through the Python ``_ReducedCE``
+Function, and through the C++ autograd op ``cpp_wce_reduced`` (what runs by default).
 """
 from __future__ import annotations
 
@@ -92,6 +97,49 @@ def kernel_sweep(threads: int, repeats: int) -> None:
             print(f"| {name} | {t} | " + " | ".join(cells) + " |")
 
 
+def fixed_cost(repeats: int) -> None:
+    """Small-batch forward + backward, microseconds (medians of round-robin rounds)."""
+    def python_function(fn):  # the cpp backend without its C++ autograd op
+        def run():
+            saved, ce._CPP_REDUCED = ce._CPP_REDUCED, None
+            try:
+                fn()
+            finally:
+                ce._CPP_REDUCED = saved
+        return run
+
+    print(f"forward + backward w.r.t. the logits, N = 128 float32; median us of {repeats} round-robin rounds")
+    print("| C | loss | eager | cpp, Python Function | cpp, C++ autograd op | C++ op vs Python Function | vs eager |")
+    print("|---|---|---|---|---|---|---|")
+    for c in (10, 100):
+        g = torch.Generator().manual_seed(c)
+        z = torch.randn(128, c, generator=g).requires_grad_()
+        y = torch.randint(0, c, (128,), generator=g)
+        w = torch.rand(128, generator=g)
+        for loss, eager, ours in (
+            ("weighted sum", lambda: (F.cross_entropy(z, y, reduction="none") * w).sum(),
+             lambda: ce.weighted_cross_entropy(z, y, w, reduction="sum")),
+            ("mean", lambda: F.cross_entropy(z, y), lambda: ce.weighted_cross_entropy(z, y)),
+        ):
+            def fb(f=ours):
+                torch.autograd.grad(f(), z)
+            fns = {"eager": lambda f=eager: torch.autograd.grad(f(), z), "python": python_function(fb), "cpp": fb}
+            with backend.use("cpp"):
+                for f in fns.values():
+                    for _ in range(50):
+                        f()
+                times = {k: [] for k in fns}
+                for _ in range(repeats):
+                    for k, f in fns.items():
+                        t0 = time.perf_counter()
+                        for _ in range(20):
+                            f()
+                        times[k].append((time.perf_counter() - t0) / 20 * 1e6)
+            m = {k: statistics.median(v) for k, v in times.items()}
+            print(f"| {c} | {loss} | {m['eager']:.1f} | {m['python']:.1f} | {m['cpp']:.1f} | "
+                  f"{m['python'] / m['cpp']:.2f}x | {m['eager'] / m['cpp']:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backends", default=",".join(b for b in backend.candidates("wce_forward", "cpu") if b != "triton"),
@@ -106,7 +154,13 @@ def main() -> None:
                     help="glibc mallopt: keep freed memory in the process (as a caching allocator does), so that "
                          "fresh [N, C] outputs do not pay first-touch page faults; applies to every method alike")
     ap.add_argument("--kernel-sweep", action="store_true", help="time the C++ fused kernel alone over C (see above)")
+    ap.add_argument("--fixed-cost", action="store_true", help="small-batch per-call cost (see above)")
     args = ap.parse_args()
+    if args.fixed_cost:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        fixed_cost(args.repeats)
+        return
     if args.kernel_sweep:
         kernel_sweep(args.threads or torch.get_num_threads(), args.repeats)
         return
