@@ -43,24 +43,21 @@ def sync():
         torch.cuda.synchronize()
 
 
-ROUND_WARMUP = 0  # --round-warmup
-
-
-def bench(fns: dict, rounds: int, inner: int, warmup: int = 3) -> dict:
+def bench(fns: dict, args, inner: int, warmup: int = 3) -> dict:
     """Median seconds per call of each fn, rounds interleaving the methods.
 
-    With ROUND_WARMUP > 0 each method first runs that many untimed calls in every round:
-    on some VMs a method's first calls after another method's run slowly for several
-    calls (a 0.2 ms blend took 0.6, 0.43, 0.38 ... ms after eager PyTorch), which charges
-    a switching cost to whichever method is short enough to feel it."""
+    ``args.rounds`` rounds; with ``args.round_warmup`` > 0 each method first runs that many
+    untimed calls in every round: on some VMs a method's first calls after another method's
+    run slowly for several calls (a 0.2 ms blend took 0.6, 0.43, 0.38 ... ms after eager
+    PyTorch), which charges a switching cost to whichever method is short enough to feel it."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync()
     times = {k: [] for k in fns}
-    for _ in range(rounds):
+    for _ in range(args.rounds):
         for k, fn in fns.items():
-            for _ in range(ROUND_WARMUP):
+            for _ in range(args.round_warmup):
                 fn()
             sync()
             t0 = time.perf_counter()
@@ -159,7 +156,7 @@ def bench_blend(args) -> None:
         fns[KERNELS_KEY] = kernels
         fns["same-size copy (bandwidth reference)"] = copy
         fns["copy of the blend's traffic (2 x 7.9 MB)"] = copy_traffic
-        med = bench(fns, args.rounds, args.inner)
+        med = bench(fns, args, args.inner)
         fused_key = [k for k in med if k.startswith("commentaries_ext")][0]
         traffic = 5 * nbytes  # fwd: read x, write out; bwd: read g, x, write grad_x
         copy_bw = 2 * nbytes / med["same-size copy (bandwidth reference)"]
@@ -185,7 +182,7 @@ def bench_blend(args) -> None:
     fns = {name: (lambda cls=cls: torch.autograd.grad(cls.apply(xs, ms, None, ps), (xs, ms), gs))
            for name, cls in (("setup_context Function (under torch.func)", blend_ops._EagerBlend),
                              ("classic twin (eager default)", blend_ops._EagerBlendClassic))}
-    table("blend forward+backward, 4x3x4x4 (fixed overhead)", bench(fns, args.rounds, 20 * args.inner),
+    table("blend forward+backward, 4x3x4x4 (fixed overhead)", bench(fns, args, 20 * args.inner),
           "setup_context Function (under torch.func)")
 
 
@@ -238,7 +235,7 @@ def bench_solver(args) -> None:
            f"fused neumann_step_ ({name}, 20 tensors, 0-dim alpha)": fused_list_t,
            f"fused neumann_step_ ({name}, flat buffer)": fused_flat,
            "same-size in-place add (bandwidth reference)": add_flat}
-    med = bench(fns, args.rounds, max(1, args.inner // 4))
+    med = bench(fns, args, max(1, args.inner // 4))
     add_bw = 3 * nbytes / med["same-size in-place add (bandwidth reference)"]
     extra = {"same-size in-place add (bandwidth reference)": f"{add_bw / 1e9:.1f} GB/s"}
     for key in med:
@@ -275,7 +272,7 @@ def bench_solver(args) -> None:
     med = bench({"CG update: two _foreach_add_ + _foreach_norm": cg_foreach, f"CG update: fused cg_update_ ({name})": cg_fused,
                  "axpy+dot: _foreach_add_ + per-tensor dot": axpy_dot_foreach, f"axpy+dot: fused axpy_dot_ ({name})": axpy_dot_fused,
                  "dot: per-tensor torch.dot + sum": dot_foreach, f"dot: fused dot ({name})": dot_fused},
-                args.rounds, max(1, args.inner // 4))
+                args, max(1, args.inner // 4))
     table("CG / power-iteration updates over the same 20 tensors", med, "CG update: two _foreach_add_ + _foreach_norm")
 
 
@@ -293,8 +290,6 @@ def main() -> None:
                     help="glibc mallopt: keep freed memory in the process (as a caching allocator does), so that "
                          "fresh 3 MB outputs do not pay first-touch page faults; applies to every method alike")
     args = ap.parse_args()
-    global ROUND_WARMUP
-    ROUND_WARMUP = args.round_warmup
     if args.keep_freed_memory:
         import ctypes
 
