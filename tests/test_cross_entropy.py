@@ -240,6 +240,39 @@ def test_fused_grad_around_vector_widths(name, dtype, c):
         _close(grad, r_grad, "grad", **tol)
 
 
+@pytest.mark.parametrize("name", FUSED_BACKENDS)
+@pytest.mark.parametrize("c", [16, 37, 100])
+@given(seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=6, deadline=None)
+def test_fused_grad_special_rows_in_row_groups(name, c, seed):
+    """wce_forward_grad reduces the rows of a block 16 at a time: rows holding a NaN, a +inf,
+    only -inf, or +-1e4 among ordinary rows of the same group keep their own lse, loss and
+    gradient (no lane of one row leaks into another), against the float64 reference."""
+    n = 48
+    g = torch.Generator().manual_seed(seed)
+    z64 = torch.randn(n, c, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, c, (n,), generator=g)
+    rows = torch.randperm(n, generator=g)[:5].tolist()
+    cols = torch.randint(0, c, (5,), generator=g).tolist()
+    z64[rows[0], cols[0]] = float("nan")
+    z64[rows[1], cols[1]] = float("inf")
+    z64[rows[2]] = float("-inf")
+    z64[rows[3]] = torch.where(torch.rand(c, generator=g) < 0.5, 1e4, -1e4).to(torch.float64)
+    z64[rows[4]] = float("-inf")
+    z64[rows[4], y[rows[4]]] = 2.0  # only the target finite
+    s64 = torch.rand(n, generator=g, dtype=torch.float64)
+    z, s = z64.float(), s64.float()
+    loss, lse, grad = backend._kernels[name]["wce_forward_grad"](z, y, None, None, s, IGNORE)
+    r_loss, r_lse = ref.wce_forward(z.double(), y, None, None, IGNORE)
+    r_grad = ref.wce_backward(s64, z.double(), r_lse, y, None, None, IGNORE)
+    tol = _tols(torch.float32, extreme=True)
+    _close(lse, r_lse, "lse", **tol)
+    _close(loss, r_loss, "loss", **tol)
+    _close(grad, r_grad, "grad", **tol)
+    ordinary = [r for r in range(n) if r not in rows[:3]]
+    assert torch.isfinite(lse[ordinary]).all() and torch.isfinite(grad[ordinary]).all()
+
+
 def _is_fused(out) -> bool:
     """Whether a reduced loss came from the fused path: the Python Function or, on the cpp
     backend, the C++ one (cpp_wce_reduced)."""

@@ -157,15 +157,11 @@ inline __attribute__((always_inline)) Vec<T> last_lanes(const Vec<T>& v, int64_t
   return Vec<T>::blendv(Vec<T>(0), v, Vec<T>::arange(T(0), T(1)) >= Vec<T>(T(W - r)));
 }
 
-// max_c z_c of a contiguous row, C >= 1 (a NaN may be skipped: see above)
+// The lanes of a row's running maxima, C >= 1: their max is the row max
 template <typename T>
-inline T row_max(const T* z, int64_t C) {
+inline Vec<T> row_max_lanes(const T* z, int64_t C) {
   constexpr int64_t W = Vec<T>::size();
-  if (C < W) {
-    T m = z[0];
-    for (int64_t c = 1; c < C; ++c) m = z[c] > m ? z[c] : m;
-    return m;
-  }
+  if (C < W) return Vec<T>::set(Vec<T>(-std::numeric_limits<T>::infinity()), Vec<T>::loadu(z, C), C);
   // in address order; the last, overlapping vector covers the tail: max is idempotent
   Vec<T> m0 = Vec<T>::loadu(z), m1 = m0;
   int64_t c = W;
@@ -176,12 +172,24 @@ inline T row_max(const T* z, int64_t C) {
   }
   for (; c + W <= C; c += W) m0 = vmax(m0, Vec<T>::loadu(z + c));
   if (c < C) m1 = vmax(m1, Vec<T>::loadu(z + C - W));
-  return hmax(vmax(m0, m1));
+  return vmax(m0, m1);
 }
 
-// sum_c exp(z_c - m) of a contiguous row (m finite); kStore: the exponentials also go to out
+// max_c z_c of a contiguous row, C >= 1 (a NaN may be skipped: see above)
+template <typename T>
+inline T row_max(const T* z, int64_t C) {
+  if (C < Vec<T>::size()) {
+    T m = z[0];
+    for (int64_t c = 1; c < C; ++c) m = z[c] > m ? z[c] : m;
+    return m;
+  }
+  return hmax(row_max_lanes(z, C));
+}
+
+// The lanes of a row's running sums of exp(z_c - m) (m finite); kStore: the exponentials also
+// go to out
 template <typename T, bool kStore>
-inline T row_sumexp(const T* z, int64_t C, T m, T* out) {
+inline Vec<T> row_sumexp_lanes(const T* z, int64_t C, T m, T* out) {
   constexpr int64_t W = Vec<T>::size();
   const Vec<T> vm(m);
   Vec<T> s0(0), s1(0);
@@ -211,7 +219,48 @@ inline T row_sumexp(const T* z, int64_t C, T m, T* out) {
     if constexpr (kStore) e0.store(out + c, r);
     s1 = s1 + e0;
   }
-  return hsum(s0 + s1);
+  return s0 + s1;
+}
+
+// sum_c exp(z_c - m) of a contiguous row (m finite); kStore: the exponentials also go to out
+template <typename T, bool kStore>
+inline T row_sumexp(const T* z, int64_t C, T m, T* out) {
+  return hsum(row_sumexp_lanes<T, kStore>(z, C, m, out));
+}
+
+// Horizontal reductions of a block's rows at once: out[r] = the max (kMax) or the sum of the
+// lanes of lanes[r], r < n. float under AVX-512 takes 16 rows at a time through a
+// transposition tree (each level combines two vectors' halves, so 16 rows cost 15 ops and 31
+// shuffles, against ~8 dependent ones per row with a tree per row); the rest hmax / hsum.
+// The max is the plain one (a NaN may be skipped, as in row_max_lanes).
+template <bool kMax, typename T>
+inline void reduce_rows(const Vec<T>* lanes, int64_t n, T* out) {
+  int64_t r = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    auto op = [](__m512 a, __m512 b) __attribute__((always_inline)) {
+      return kMax ? _mm512_max_ps(a, b) : _mm512_add_ps(a, b);
+    };
+    // lane 4k + j of the last level holds row k + 4j
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (; r + 16 <= n; r += 16) {
+      const Vec<T>* v = lanes + r;
+      __m512 w[8], u[4], h[2];
+      // 128-bit quarters: w[k] = rows 2k, 2k + 1 with 8 partials each
+      for (int k = 0; k < 8; ++k)
+        w[k] = op(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44), _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+      // u[k]: quarter q is row 4k + q with 4 partials
+      for (int k = 0; k < 4; ++k)
+        u[k] = op(_mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0x88), _mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0xDD));
+      // within quarters: h[k], quarter q = rows 8k + q, 8k + 4 + q with 2 partials each
+      for (int k = 0; k < 2; ++k)
+        h[k] = op(_mm512_shuffle_ps(u[2 * k], u[2 * k + 1], 0x44), _mm512_shuffle_ps(u[2 * k], u[2 * k + 1], 0xEE));
+      const __m512 all = op(_mm512_shuffle_ps(h[0], h[1], 0x88), _mm512_shuffle_ps(h[0], h[1], 0xDD));
+      _mm512_storeu_ps(out + r, _mm512_permutexvar_ps(order, all));
+    }
+  }
+#endif
+  for (; r < n; ++r) out[r] = kMax ? hmax(lanes[r]) : hsum(lanes[r]);
 }
 
 inline bool regular(double m, double s) { return std::isfinite(m) && !std::isnan(s); }
@@ -570,11 +619,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
       // row maxima, then the exponentials (into the gradient rows) and their sums, then the
       // logs and 1 / sums as vectors, then each row scaled while still in L1 (in the staging
       // buffer when the gradient is streamed). Within a phase the rows are independent, so
-      // the core overlaps one row's reduction tree and exp latency with the next row's work
-      // (row by row, each row waited on its max, then on its sum).
-      const int64_t rows = std::clamp<int64_t>(kBlockElems / std::max<int64_t>(C, 1), 1, kRowBlock);
+      // the core overlaps one row's exp latency with the next row's work (row by row, each row
+      // waited on its max, then on its sum), and the rows' horizontal reductions run 16 at a
+      // time (reduce_rows).
+      int64_t rows = std::clamp<int64_t>(kBlockElems / std::max<int64_t>(C, 1), 1, kRowBlock);
+      if (rows > 16) rows -= rows % 16;  // whole groups for reduce_rows
       std::vector<T> stage(stream ? rows * C : 0), gathered(s1 == 1 ? 0 : rows * C);
       alignas(64) T mb[kRowBlock], sb[kRowBlock], lb[kRowBlock], qb[kRowBlock];
+      Vec<T> lanes[kRowBlock];  // per row: the lanes of its max, then of its sum
       for (int64_t i0 = b; i0 < e; i0 += rows) {
         const int64_t rb = std::min(rows, e - i0);
         T* gblock = stream ? stage.data() : go + i0 * C;
@@ -587,9 +639,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
           zb = gathered.data();
           zs = C;
         }
-        for (int64_t r = 0; r < rb; ++r) mb[r] = C > 0 ? row_max(zb + r * zs, C) : ninf;
+        if (C > 0) {
+          for (int64_t r = 0; r < rb; ++r) lanes[r] = row_max_lanes(zb + r * zs, C);
+          reduce_rows<true>(lanes, rb, mb);
+        } else {
+          std::fill(mb, mb + rb, ninf);
+        }
         for (int64_t r = 0; r < rb; ++r)
-          sb[r] = std::isfinite(mb[r]) ? row_sumexp<T, true>(zb + r * zs, C, mb[r], gblock + r * C) : T(0);
+          lanes[r] = std::isfinite(mb[r]) ? row_sumexp_lanes<T, true>(zb + r * zs, C, mb[r], gblock + r * C) : Vec<T>(0);
+        reduce_rows<false>(lanes, rb, sb);
         for (int64_t r = 0; r < rb; ++r) qb[r] = rs ? rs[(i0 + r) * srs] : T(1);
         int64_t r = 0;
         for (; r + W <= rb; r += W) {
