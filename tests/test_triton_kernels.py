@@ -271,6 +271,52 @@ def test_gpu_blend_and_solver_half(bk, dtype):
         torch.testing.assert_close(v.float(), w.float(), **tol)
 
 
+def _plus_inf_case(c, dtype, device):
+    """Rows with +inf logits (one, two, on the target, with a NaN, in the first or last
+    column) among ordinary rows."""
+    gen = torch.Generator().manual_seed(c)
+    z = torch.randn(7, c, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, c, (7,), generator=gen)
+    inf = float("inf")
+    z[0, c - 1] = inf
+    z[1, 0] = z[1, c // 2] = inf
+    y[1] = 1 if c > 2 else 0
+    z[2, y[2]] = inf  # the target itself: loss inf - inf = NaN
+    z[3, 0], z[3, c - 1] = inf, float("nan")
+    z[4] = -inf
+    z[4, c // 3] = inf
+    return z.to(device, dtype), y.to(device)
+
+
+@pytest.mark.parametrize("bk", backend.candidates("wce_forward", DEVICE))
+@pytest.mark.parametrize("c", [3, 40, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_wce_plus_inf_logits_every_backend(bk, c, dtype, monkeypatch):
+    """A +inf logit gives lse = +inf (NaN with a NaN in the row) on every backend, as the
+    reference and torch.logsumexp do, and the kernels that take the lse agree with the
+    reference (p = 0 on finite columns): no exp(inf - inf) NaN in the online logsumexp.
+    Triton also with column blocks of 8 (its multi-block path)."""
+    ref = pytest.importorskip("commentaries_ext.reference.cross_entropy")
+    z, y = _plus_inf_case(c, dtype, DEVICE)
+    n = z.shape[0]
+    g = torch.ones(n, dtype=z.dtype, device=DEVICE) if dtype == torch.float64 else torch.ones(n, device=DEVICE)
+    u = torch.randn(n, c, dtype=dtype, device=DEVICE)
+    want_loss, want_lse = ref.wce_forward(z, y, None, None, IGNORE)
+    assert want_lse[:3].isinf().all() and want_lse[3].isnan() and want_lse[4].isinf()
+    for small in ((False, True) if bk == "triton" else (False,)):
+        if small:
+            monkeypatch.setattr(tce, "MAX_BLOCK_C", 8)
+            monkeypatch.setattr(tce, "MAX_TILE", 32)
+        with backend.use(bk):
+            loss, lse = backend.kernel("wce_forward", DEVICE)(z, y, None, None, IGNORE)
+            grad = backend.kernel("wce_backward", DEVICE)(g, z, lse, y, None, None, IGNORE)
+            hvp = backend.kernel("wce_hvp", DEVICE)(z, lse, g, u)
+        torch.testing.assert_close(lse, want_lse, equal_nan=True)
+        torch.testing.assert_close(loss, want_loss, equal_nan=True)
+        torch.testing.assert_close(grad, ref.wce_backward(g, z, want_lse, y, None, None, IGNORE), equal_nan=True)
+        torch.testing.assert_close(hvp, ref.wce_hvp(z, want_lse, g, u), equal_nan=True)
+
+
 @pytest.mark.parametrize("n,c", [(5, 0), (0, 4), (4, 1), (9, 23)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_wce_same_as_reference_backend_edge_cases(n, c, dtype):

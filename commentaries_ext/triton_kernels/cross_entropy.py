@@ -62,7 +62,8 @@ def _wce_forward_kernel(Z, Y, YB, LAM, LOSS, LSE, N, C, szn, szc, sy, syb, slam,
         mask = rmask[:, None] & (cc < C)[None, :]
         z = tl.load(zrow[:, None] + cc.to(tl.int64)[None, :] * szc, mask=mask, other=float("-inf")).to(ACC)
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # an infinite max shifts by 0: no exp(inf - inf) (a +inf logit gives s = +inf, lse = +inf)
+        m_safe = tl.where((m_new == float("-inf")) | (m_new == float("inf")), 0.0, m_new)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
         m = m_new
     m_safe = tl.where(m == float("-inf"), 0.0, m)

@@ -33,6 +33,7 @@ __device__ __forceinline__ double xexp(double x) { return exp(x); }
 __device__ __forceinline__ float xlog(float x) { return logf(x); }
 __device__ __forceinline__ double xlog(double x) { return log(x); }
 template <typename A> __device__ __forceinline__ A neg_inf() { return -static_cast<A>(INFINITY); }
+template <typename A> __device__ __forceinline__ A pos_inf() { return static_cast<A>(INFINITY); }
 
 // V consecutive elements loaded/stored as one 16-byte access.
 template <typename T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };

@@ -86,11 +86,14 @@ template <typename A> __device__ __forceinline__ A mix_at(const Mix<A>& m, int64
   return v;
 }
 
+// The running max and sum of exp(x - max) of a thread's logits. A +inf logit sets the max
+// and leaves the sum as it is (the row's lse is +inf unless a NaN made the sum NaN): no
+// exp(inf - inf); -inf logits add nothing; a NaN adds exp(NaN), so the sum turns NaN.
 template <typename A> __device__ __forceinline__ void online(A& mx, A& s, A x) {
   if (x > mx) {
-    s = s * xexp(mx - x) + A(1);
+    if (x != pos_inf<A>()) s = s * xexp(mx - x) + A(1);
     mx = x;
-  } else if (x != neg_inf<A>()) {
+  } else if (x != neg_inf<A>() && x != pos_inf<A>()) {
     s += xexp(x - mx);
   }
 }
@@ -107,10 +110,14 @@ __global__ void __launch_bounds__(kBlock) wce_forward_kernel(const T* z, int64_t
   A mx = neg_inf<A>(), s = A(0);
   scan1<T, GROUP>(zr, c, szc, vec, [&](int64_t, A x) { online(mx, s, x); });
   const A mall = group_max<GROUP>(mx, smem);
-  // a NaN logit makes s NaN (online() adds exp(NaN)); keep it NaN through to lse
-  const A part = (mx == neg_inf<A>() && s == s) ? A(0) : s * xexp(mx - mall);
+  // a NaN logit makes s NaN (online() adds exp(NaN)); keep it NaN through to lse. The
+  // thread(s) holding the max scale by 1 (no exp(inf - inf) when the max is +inf).
+  const A part = mx == mall ? s : (mx == neg_inf<A>() && s == s) ? A(0) : s * xexp(mx - mall);
   const A sall = group_sum<GROUP>(part, smem);
-  const A lse = sall > A(0) ? mall + xlog(sall) : (sall == sall ? neg_inf<A>() : sall);
+  A lse;
+  if (sall != sall) lse = sall;                 // a NaN logit
+  else if (mall == pos_inf<A>()) lse = mall;    // a +inf logit
+  else lse = sall > A(0) ? mall + xlog(sall) : neg_inf<A>();  // every logit -inf (or C == 0): -inf
   if (threadIdx.x == 0) {
     const Mix<A> m = load_mix<A>(tg, row);
     A out = A(0);
