@@ -250,6 +250,59 @@ def test_errors_name_the_argument():
         masked_blend(x.numpy(), m, perm=torch.arange(4))
 
 
+KERNEL_BACKENDS = [b for b in BACKENDS if b != "reference"]  # the ones that address memory themselves
+
+
+@pytest.mark.parametrize("bk", KERNEL_BACKENDS)
+def test_kernel_ops_check_the_partner(bk):
+    """The kernel ops, called directly, refuse a partner they would address out of bounds: x_b
+    rows that are not dense (x_b[::2]: its gradient would be written with the wrong row stride),
+    other trailing strides, a perm that is not int64 [N]; the C++ kernels also check perm's
+    range (on a GPU that check is masked_blend's: it would sync with the host)."""
+    x = torch.randn(4, 3, 5, 5)
+    m = torch.rand(4, 1, 1, 1)
+    g = torch.randn_like(x)
+    fwd, bwd = backend._kernels[bk]["blend_forward"], backend._kernels[bk]["blend_backward"]
+    sparse_rows = torch.randn(8, 3, 5, 5)[::2]
+    with pytest.raises(RuntimeError, match="dense rows"):
+        fwd(x, m, sparse_rows, None)
+    with pytest.raises(RuntimeError, match="dense rows"):
+        bwd(g, x, m, sparse_rows, None, [True, True, True])
+    with pytest.raises(RuntimeError, match="dense rows"):
+        fwd(x, m, torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last), None)
+    with pytest.raises(RuntimeError, match="x_a's 4 rows"):
+        fwd(x, m, torch.randn(5, 3, 5, 5), None)
+    with pytest.raises(RuntimeError, match="perm must be a contiguous int64"):
+        fwd(x, m, None, torch.arange(4, dtype=torch.int32))
+    if bk == "cpp":
+        for bad in (4, -1):
+            perm = torch.tensor([0, 1, bad, 2])
+            with pytest.raises(RuntimeError, match=f"perm holds {bad}, out of range for 4 rows"):
+                fwd(x, m, None, perm)
+            with pytest.raises(RuntimeError, match=f"perm holds {bad}, out of range for 4 rows"):
+                bwd(g, x, m, None, perm, [False, False, True])
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@pytest.mark.parametrize("mask", ["example", "pixel", "channel"])
+@pytest.mark.parametrize("mode", ["perm", "x_b", "x_b_perm"])
+def test_triton_rows_longer_than_the_grid(mask, mode, monkeypatch):
+    """With grid axis 1 capped below a row's block count (65535 blocks on a GPU: rows of more
+    than 67 M elements), each program loops over the rest of its row: the same results."""
+    from commentaries_ext.triton_kernels import blend as tb
+
+    monkeypatch.setattr(tb, "MAX_GRID_1", 2)
+    n, c, h, w = 3, 3, 30, 31  # 2790 elements per row: 3 blocks of 1024
+    gen = torch.Generator().manual_seed(7)
+    x_a = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)
+    m = torch.rand(mask_shape(mask, n, c, h, w), generator=gen, dtype=torch.float64)
+    rows = 5 if mode == "x_b_perm" else n
+    x_b = None if mode == "perm" else torch.randn(rows, c, h, w, generator=gen, dtype=torch.float64)
+    perm = None if mode == "x_b" else torch.tensor([2, 0, 2]) if mode == "perm" else torch.tensor([4, 1, 1])
+    g = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)
+    assert_close_all(run("triton", x_a, m, x_b, perm, g), oracle(x_a, m, x_b, perm, g), torch.float64)
+
+
 def test_int32_perm_accepted():
     x = torch.randn(3, 2, 2, 2, dtype=torch.float64)
     m = torch.rand(3, dtype=torch.float64)

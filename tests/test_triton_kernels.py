@@ -360,6 +360,43 @@ def test_every_triton_kernel_compiles_for_sm90():
     assert "compiled" in res.stdout
 
 
+def test_launchers_run_on_their_tensors_gpu(monkeypatch):
+    """A launcher whose tensors live on another GPU than the current one runs with that GPU
+    current (Triton launches on the current device); CPU tensors and the current GPU pass
+    straight through. Checked with a stand-in for torch.cuda's device switching."""
+    from commentaries_ext.triton_kernels._common import on_tensor_device
+
+    entered = []
+
+    class Switch:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    class FakeTensor:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Switch)
+    seen = []
+    launcher = on_tensor_device(lambda *args: seen.append((len(args), list(entered))) or "done")
+    assert launcher(FakeTensor("cuda:1"), 3) == "done"
+    assert seen[-1] == (2, [torch.device("cuda:1")]) and entered[-1] == "exit"
+    entered.clear()
+    launcher([FakeTensor("cuda:1"), FakeTensor("cuda:1")])  # a solver op's first list
+    assert seen[-1][1] == [torch.device("cuda:1")]
+    entered.clear()
+    for first in (FakeTensor("cuda:0"), FakeTensor("cpu"), []):
+        launcher(first)
+        assert seen[-1][1] == [] and entered == []
+
+
 @needs_gpu
 @pytest.mark.parametrize("bk", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -17,9 +17,11 @@ import triton
 import triton.language as tl
 
 from .. import backend
-from ._common import acc_dtype, num_warps_for, tl_acc
+from ._common import acc_dtype, num_warps_for, on_tensor_device, tl_acc
 
 BLOCK = 1024
+# blocks of a row per launch along grid axis 1 (CUDA allows 65535; tests lower it to exercise the loop)
+MAX_GRID_1 = 65535
 
 
 def _m_layout(x_a: torch.Tensor, m: torch.Tensor):
@@ -55,48 +57,53 @@ def _m_offsets(k, MS1, MS2, MS3, S2, S3):
 def _blend_fwd_kernel(XA, XB, M, PERM, OUT, F, sxa, sxb, msn, MS1, MS2, MS3, S2, S3,
                       HAS_PERM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     n = tl.program_id(0)
-    k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = k < F
     n64 = n.to(tl.int64)
     if HAS_PERM:
         src = tl.load(PERM + n64)
     else:
         src = n64
-    xa = tl.load(XA + n64 * sxa + k, mask=mask, other=0.0).to(ACC)
-    xb = tl.load(XB + src * sxb + k, mask=mask, other=0.0).to(ACC)
-    mv = tl.load(M + n64 * msn + _m_offsets(k, MS1, MS2, MS3, S2, S3), mask=mask, other=0.0).to(ACC)
-    out = xb + mv * (xa - xb)
-    tl.store(OUT + n64 * sxa + k, out.to(OUT.dtype.element_ty), mask=mask)
+    for k0 in range(tl.program_id(1) * BLOCK, F, tl.num_programs(1) * BLOCK):  # grid axis 1 is capped
+        k = k0 + tl.arange(0, BLOCK)
+        mask = k < F
+        xa = tl.load(XA + n64 * sxa + k, mask=mask, other=0.0).to(ACC)
+        xb = tl.load(XB + src * sxb + k, mask=mask, other=0.0).to(ACC)
+        mv = tl.load(M + n64 * msn + _m_offsets(k, MS1, MS2, MS3, S2, S3), mask=mask, other=0.0).to(ACC)
+        out = xb + mv * (xa - xb)
+        tl.store(OUT + n64 * sxa + k, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _blend_bwd_kernel(G, XA, XB, M, PERM, GXA, GXB, PROD, F, sxa, sxb, msn, MS1, MS2, MS3, S2, S3,
+def _blend_bwd_kernel(G, XA, XB, M, PERM, GXA, GXB, PROD, F, sxa, sxb, sgxb, msn, MS1, MS2, MS3, S2, S3,
                       HAS_PERM: tl.constexpr, WANT_GXA: tl.constexpr, WANT_GXB: tl.constexpr,
                       WANT_PROD: tl.constexpr, ROWSUM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Elementwise part: grad*m (no scatter), grad*(1-m) (x_b without perm), grad*(x_a-xb)
     (ROWSUM: one partial sum per program instead, for a per-example m)."""
     n = tl.program_id(0)
-    k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = k < F
     n64 = n.to(tl.int64)
-    g = tl.load(G + n64 * sxa + k, mask=mask, other=0.0).to(ACC)
-    mv = tl.load(M + n64 * msn + _m_offsets(k, MS1, MS2, MS3, S2, S3), mask=mask, other=0.0).to(ACC)
-    if WANT_GXA:
-        tl.store(GXA + n64 * sxa + k, (g * mv).to(GXA.dtype.element_ty), mask=mask)
-    if WANT_GXB:
-        tl.store(GXB + n64 * sxb + k, (g * (1.0 - mv)).to(GXB.dtype.element_ty), mask=mask)
+    if HAS_PERM:
+        src = tl.load(PERM + n64)
+    else:
+        src = n64
+    part = tl.zeros([BLOCK], ACC)
+    for k0 in range(tl.program_id(1) * BLOCK, F, tl.num_programs(1) * BLOCK):  # grid axis 1 is capped
+        k = k0 + tl.arange(0, BLOCK)
+        mask = k < F
+        g = tl.load(G + n64 * sxa + k, mask=mask, other=0.0).to(ACC)
+        mv = tl.load(M + n64 * msn + _m_offsets(k, MS1, MS2, MS3, S2, S3), mask=mask, other=0.0).to(ACC)
+        if WANT_GXA:
+            tl.store(GXA + n64 * sxa + k, (g * mv).to(GXA.dtype.element_ty), mask=mask)
+        if WANT_GXB:
+            tl.store(GXB + n64 * sgxb + k, (g * (1.0 - mv)).to(GXB.dtype.element_ty), mask=mask)
+        if WANT_PROD:
+            xa = tl.load(XA + n64 * sxa + k, mask=mask, other=0.0).to(ACC)
+            xb = tl.load(XB + src * sxb + k, mask=mask, other=0.0).to(ACC)
+            if ROWSUM:
+                part += tl.where(mask, g * (xa - xb), 0.0)
+            else:
+                tl.store(PROD + n64 * F + k, g * (xa - xb), mask=mask)
     if WANT_PROD:
-        if HAS_PERM:
-            src = tl.load(PERM + n64)
-        else:
-            src = n64
-        xa = tl.load(XA + n64 * sxa + k, mask=mask, other=0.0).to(ACC)
-        xb = tl.load(XB + src * sxb + k, mask=mask, other=0.0).to(ACC)
         if ROWSUM:
-            part = tl.sum(tl.where(mask, g * (xa - xb), 0.0), axis=0)
-            tl.store(PROD + n64 * tl.num_programs(1) + tl.program_id(1), part)
-        else:
-            tl.store(PROD + n64 * F + k, g * (xa - xb), mask=mask)
+            tl.store(PROD + n64 * tl.num_programs(1) + tl.program_id(1), tl.sum(part, axis=0))
 
 
 @triton.jit
@@ -104,23 +111,48 @@ def _blend_gather_kernel(G, M, OUT, ORDER, OFFS, F, sg, sout, msn, MS1, MS2, MS3
                          SELF: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """out[i] = (SELF: g[i]*m[i]) + sum_{n: perm[n] = i} g[n]*(1-m[n]); sources from the CSR inverse."""
     i = tl.program_id(0)
-    k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = k < F
     i64 = i.to(tl.int64)
-    moff = _m_offsets(k, MS1, MS2, MS3, S2, S3)
-    acc = tl.zeros([BLOCK], ACC)
-    if SELF:
-        g = tl.load(G + i64 * sg + k, mask=mask, other=0.0).to(ACC)
-        mv = tl.load(M + i64 * msn + moff, mask=mask, other=0.0).to(ACC)
-        acc += g * mv
     start = tl.load(OFFS + i64)
     end = tl.load(OFFS + i64 + 1)
-    for j in range(start, end):
-        n = tl.load(ORDER + j)
-        g = tl.load(G + n * sg + k, mask=mask, other=0.0).to(ACC)
-        mv = tl.load(M + n * msn + moff, mask=mask, other=0.0).to(ACC)
-        acc += g * (1.0 - mv)
-    tl.store(OUT + i64 * sout + k, acc.to(OUT.dtype.element_ty), mask=mask)
+    for k0 in range(tl.program_id(1) * BLOCK, F, tl.num_programs(1) * BLOCK):  # grid axis 1 is capped
+        k = k0 + tl.arange(0, BLOCK)
+        mask = k < F
+        moff = _m_offsets(k, MS1, MS2, MS3, S2, S3)
+        acc = tl.zeros([BLOCK], ACC)
+        if SELF:
+            g = tl.load(G + i64 * sg + k, mask=mask, other=0.0).to(ACC)
+            mv = tl.load(M + i64 * msn + moff, mask=mask, other=0.0).to(ACC)
+            acc += g * mv
+        for j in range(start, end):
+            n = tl.load(ORDER + j)
+            g = tl.load(G + n * sg + k, mask=mask, other=0.0).to(ACC)
+            mv = tl.load(M + n * msn + moff, mask=mask, other=0.0).to(ACC)
+            acc += g * (1.0 - mv)
+        tl.store(OUT + i64 * sout + k, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _grid(rows: int, f: int) -> tuple[int, int]:
+    """(rows, blocks of a row); the blocks capped at MAX_GRID_1 (CUDA's grid y limit), the
+    kernels loop over the rest."""
+    return rows, min(triton.cdiv(f, BLOCK), MAX_GRID_1)
+
+
+def _check_partner(x_a: torch.Tensor, x_b: torch.Tensor | None, perm: torch.Tensor | None, f: int, op: str) -> None:
+    """The partner's part of the contract that the kernels rely on for their addressing (a direct
+    kernel-op call gets an error, not an access out of bounds): x_b with x_a's dtype, trailing
+    sizes and strides and dense rows; perm int64 [N]. perm's range is not checked here (on a GPU
+    it would cost a host synchronisation): masked_blend validates it."""
+    n = x_a.shape[0]
+    if x_b is not None:
+        if x_b.dtype != x_a.dtype:
+            raise RuntimeError(f"{op}: x_b must have x_a's dtype")
+        if (x_b.dim() != x_a.dim() or x_b.shape[1:] != x_a.shape[1:] or x_b.stride()[1:] != x_a.stride()[1:]
+                or (x_b.shape[0] > 1 and x_b.stride(0) != f)):
+            raise RuntimeError(f"{op}: x_b must have x_a's trailing sizes and memory layout, with dense rows")
+        if perm is None and x_b.shape[0] != n:
+            raise RuntimeError(f"{op}: without perm, x_b must have x_a's {n} rows")
+    if perm is not None and (perm.dtype != torch.int64 or perm.shape != (n,) or not perm.is_contiguous()):
+        raise RuntimeError(f"{op}: perm must be a contiguous int64 tensor of shape [{n}]")
 
 
 def _layout_or_materialise(x_a, m):
@@ -140,9 +172,10 @@ def blend_forward(x_a: torch.Tensor, m: torch.Tensor, x_b: torch.Tensor | None, 
     f = x_a.numel() // n if n else 0
     if n == 0 or f == 0:
         return out
+    _check_partner(x_a, x_b, perm, f, "blend_forward")
     m, margs = _layout_or_materialise(x_a, m)
     xb = x_a if x_b is None else x_b
-    grid = (n, triton.cdiv(f, BLOCK))
+    grid = _grid(n, f)
     _blend_fwd_kernel[grid](x_a, xb, m, perm if perm is not None else x_a, out, f, x_a.stride(0), xb.stride(0),
                             *margs, HAS_PERM=perm is not None, ACC=tl_acc(x_a.dtype), BLOCK=BLOCK,
                             num_warps=num_warps_for(BLOCK))
@@ -176,6 +209,7 @@ def blend_backward(grad: torch.Tensor, x_a: torch.Tensor, m: torch.Tensor, x_b: 
         if want_m:
             gm.zero_()
         return gxa, gxb, gm
+    _check_partner(x_a, x_b, perm, f, "blend_backward")
     m_orig = m
     m, margs = _layout_or_materialise(x_a, m)
     acc = acc_dtype(x_a.dtype)
@@ -187,19 +221,20 @@ def blend_backward(grad: torch.Tensor, x_a: torch.Tensor, m: torch.Tensor, x_b: 
     ew_xb = want_xb and not scatter_xb
     full_m = all(m_orig.shape[d] == x_a.shape[d] for d in range(x_a.dim()))
     per_example = all(m_orig.shape[d] == 1 for d in range(1, x_a.dim()))
-    grid = (n, triton.cdiv(f, BLOCK))
+    grid = _grid(n, f)
     width = grid[1] if per_example else f
     prod = torch.empty((n, width), dtype=acc, device=x_a.device) if want_m else x_a.new_empty(0, dtype=acc)
     if ew_xa or ew_xb or want_m:
         _blend_bwd_kernel[grid](grad, x_a, xb_src, m, perm if perm is not None else x_a, gxa if ew_xa else grad,
-                                gxb if ew_xb else grad, prod, f, x_a.stride(0), xb_src.stride(0), *margs,
+                                gxb if ew_xb else grad, prod, f, x_a.stride(0), xb_src.stride(0),
+                                gxb.stride(0) if ew_xb else 0, *margs,
                                 HAS_PERM=perm is not None, WANT_GXA=ew_xa, WANT_GXB=ew_xb, WANT_PROD=want_m,
                                 ROWSUM=per_example, ACC=ACC, BLOCK=BLOCK, num_warps=num_warps_for(BLOCK))
     if scatter_xa or scatter_xb:
         rows = n if x_b is None else x_b.shape[0]
         order, offs = _csr(perm, rows)
         out = gxa if scatter_xa else gxb
-        _blend_gather_kernel[(rows, triton.cdiv(f, BLOCK))](
+        _blend_gather_kernel[_grid(rows, f)](
             grad, m, out, order, offs, f, grad.stride(0), out.stride(0), *margs, SELF=scatter_xa, ACC=ACC,
             BLOCK=BLOCK, num_warps=num_warps_for(BLOCK))
     if want_m and per_example:
@@ -213,5 +248,5 @@ def blend_backward(grad: torch.Tensor, x_a: torch.Tensor, m: torch.Tensor, x_b: 
     return gxa, gxb, gm
 
 
-backend.register("triton", "blend_forward", blend_forward)
-backend.register("triton", "blend_backward", blend_backward)
+backend.register("triton", "blend_forward", on_tensor_device(blend_forward))
+backend.register("triton", "blend_backward", on_tensor_device(blend_backward))

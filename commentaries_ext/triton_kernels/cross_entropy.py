@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .. import backend
-from ._common import acc_dtype, next_pow2, num_warps_for, tl_acc
+from ._common import acc_dtype, next_pow2, num_warps_for, on_tensor_device, tl_acc
 
 # Largest column block and tile (elements) of one program.  Tests lower
 # MAX_BLOCK_C to exercise the column loop with small C.
@@ -250,4 +250,4 @@ def wce_jvp(logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, targe
 
 KERNELS = {"wce_forward": wce_forward, "wce_backward": wce_backward, "wce_hvp": wce_hvp, "wce_jvp": wce_jvp}
 for _name, _fn in KERNELS.items():
-    backend.register("triton", _name, _fn)
+    backend.register("triton", _name, on_tensor_device(_fn))

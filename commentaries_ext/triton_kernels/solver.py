@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import backend
-from ._common import acc_dtype, tl_acc
+from ._common import acc_dtype, on_tensor_device, tl_acc
 
 BLOCK = 2048
 _CACHE_SIZE = 16
@@ -180,7 +180,7 @@ def multi_dot(x, y):
     return _finish(part, acc)
 
 
-backend.register("triton", "neumann_step", neumann_step)
-backend.register("triton", "axpy_dot", axpy_dot)
-backend.register("triton", "cg_update", cg_update)
-backend.register("triton", "multi_dot", multi_dot)
+backend.register("triton", "neumann_step", on_tensor_device(neumann_step))
+backend.register("triton", "axpy_dot", on_tensor_device(axpy_dot))
+backend.register("triton", "cg_update", on_tensor_device(cg_update))
+backend.register("triton", "multi_dot", on_tensor_device(multi_dot))

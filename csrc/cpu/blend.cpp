@@ -121,6 +121,33 @@ RowLayout make_layout(const at::Tensor& x, const at::Tensor& m) {
   return L;
 }
 
+// The partner's part of the contract, checked in the kernels too (the Python layer guarantees
+// it; a direct call of the kernel op gets an error instead of a read out of bounds): x_b with
+// x_a's dtype, trailing sizes and strides and dense rows (stride(0) == row), and N rows without
+// perm; perm int64 [N], contiguous, with values in [0, rows of the partner).
+void check_partner(const at::Tensor& x_a, const c10::optional<at::Tensor>& x_b, const c10::optional<at::Tensor>& perm,
+                   int64_t row, const char* op) {
+  const int64_t n = x_a.size(0);
+  int64_t rows = n;
+  if (x_b.has_value()) {
+    const at::Tensor& b = *x_b;
+    TORCH_CHECK(b.scalar_type() == x_a.scalar_type(), op, ": x_b must have x_a's dtype");
+    TORCH_CHECK(b.dim() == x_a.dim() && b.sizes().slice(1) == x_a.sizes().slice(1) &&
+                    b.strides().slice(1) == x_a.strides().slice(1) && (b.size(0) <= 1 || b.stride(0) == row),
+                op, ": x_b must have x_a's trailing sizes and memory layout, with dense rows");
+    TORCH_CHECK(perm.has_value() || b.size(0) == n, op, ": without perm, x_b must have x_a's ", n, " rows");
+    rows = b.size(0);
+  }
+  if (perm.has_value()) {
+    const at::Tensor& p = *perm;
+    TORCH_CHECK(p.scalar_type() == at::kLong && p.dim() == 1 && p.size(0) == n && p.is_contiguous(), op,
+                ": perm must be a contiguous int64 tensor of shape [", n, "]");
+    const int64_t* pp = p.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i)
+      TORCH_CHECK(pp[i] >= 0 && pp[i] < rows, op, ": perm holds ", pp[i], ", out of range for ", rows, " rows");
+  }
+}
+
 // Order in which to visit the examples. With a gathered partner that is a true
 // permutation of x_a's rows, walking its cycles (i, perm[i], perm[perm[i]], ...)
 // makes every row of x (and of grad) be loaded from memory once: the row read as
@@ -183,6 +210,7 @@ template <typename T>
 void forward_impl(const at::Tensor& x_a, const at::Tensor& m, const c10::optional<at::Tensor>& x_b,
                   const c10::optional<at::Tensor>& perm, at::Tensor& out) {
   const RowLayout L = make_layout(x_a, m);
+  check_partner(x_a, x_b, perm, L.row, "blend_forward");
   const T* pa = x_a.const_data_ptr<T>();
   const T* pb = x_b.has_value() ? x_b->const_data_ptr<T>() : pa;
   const T* pm = m.const_data_ptr<T>();
@@ -348,11 +376,7 @@ inline void partner_run(T* dst, const T* g, const T* m, int64_t ms, int64_t len)
 void invert_perm(const int64_t* perm, int64_t n, int64_t rows, std::vector<int64_t>& start,
                  std::vector<int64_t>& src) {
   start.assign(rows + 1, 0);
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(perm[i] >= 0 && perm[i] < rows, "blend: perm holds ", perm[i], ", out of range for ", rows,
-                " rows");
-    ++start[perm[i] + 1];
-  }
+  for (int64_t i = 0; i < n; ++i) ++start[perm[i] + 1];  // in range: check_partner
   for (int64_t r = 0; r < rows; ++r) start[r + 1] += start[r];
   src.assign(n, 0);
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
@@ -364,6 +388,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x_a, const at::Tens
                    const c10::optional<at::Tensor>& x_b, const c10::optional<at::Tensor>& perm, bool need_xa,
                    bool need_xb, bool need_m, at::Tensor& gxa_t, at::Tensor& gxb_t, at::Tensor& gm_t) {
   const RowLayout L = make_layout(x_a, m);
+  check_partner(x_a, x_b, perm, L.row, "blend_backward");
   const T* pg = grad.const_data_ptr<T>();
   const T* pa = x_a.const_data_ptr<T>();
   const T* pb = x_b.has_value() ? x_b->const_data_ptr<T>() : pa;
