@@ -253,27 +253,22 @@ def test_errors_name_the_argument():
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "reference"]  # the ones that address memory themselves
 
 
-@pytest.mark.parametrize("bk", KERNEL_BACKENDS)
-def test_kernel_ops_check_the_partner(bk):
-    """The kernel ops, called directly, refuse a partner they would address out of bounds: x_b
-    rows that are not dense (x_b[::2]: its gradient would be written with the wrong row stride),
-    other trailing strides, a perm that is not int64 [N]; the C++ kernels also check perm's
-    range (on a GPU that check is masked_blend's: it would sync with the host)."""
-    x = torch.randn(4, 3, 5, 5)
-    m = torch.rand(4, 1, 1, 1)
+def _check_partner_errors(bk, device):
+    x = torch.randn(4, 3, 5, 5, device=device)
+    m = torch.rand(4, 1, 1, 1, device=device)
     g = torch.randn_like(x)
     fwd, bwd = backend._kernels[bk]["blend_forward"], backend._kernels[bk]["blend_backward"]
-    sparse_rows = torch.randn(8, 3, 5, 5)[::2]
+    sparse_rows = torch.randn(8, 3, 5, 5, device=device)[::2]
     with pytest.raises(RuntimeError, match="dense rows"):
         fwd(x, m, sparse_rows, None)
     with pytest.raises(RuntimeError, match="dense rows"):
         bwd(g, x, m, sparse_rows, None, [True, True, True])
     with pytest.raises(RuntimeError, match="dense rows"):
-        fwd(x, m, torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last), None)
+        fwd(x, m, torch.randn(4, 3, 5, 5, device=device).contiguous(memory_format=torch.channels_last), None)
     with pytest.raises(RuntimeError, match="x_a's 4 rows"):
-        fwd(x, m, torch.randn(5, 3, 5, 5), None)
+        fwd(x, m, torch.randn(5, 3, 5, 5, device=device), None)
     with pytest.raises(RuntimeError, match="perm must be a contiguous int64"):
-        fwd(x, m, None, torch.arange(4, dtype=torch.int32))
+        fwd(x, m, None, torch.arange(4, dtype=torch.int32, device=device))
     if bk == "cpp":
         for bad in (4, -1):
             perm = torch.tensor([0, 1, bad, 2])
@@ -281,6 +276,22 @@ def test_kernel_ops_check_the_partner(bk):
                 fwd(x, m, None, perm)
             with pytest.raises(RuntimeError, match=f"perm holds {bad}, out of range for 4 rows"):
                 bwd(g, x, m, None, perm, [False, False, True])
+
+
+@pytest.mark.parametrize("bk", KERNEL_BACKENDS)
+def test_kernel_ops_check_the_partner(bk):
+    """The kernel ops, called directly, refuse a partner they would address out of bounds: x_b
+    rows that are not dense (x_b[::2]: its gradient would be written with the wrong row stride),
+    other trailing strides, a perm that is not int64 [N]; the C++ kernels also check perm's
+    range (on a GPU that check is masked_blend's: it would sync with the host)."""
+    _check_partner_errors(bk, "cpu")
+
+
+@CUDA
+def test_gpu_kernel_ops_check_the_partner():
+    for bk in backend.candidates("blend_forward", "cuda"):
+        if bk != "reference":
+            _check_partner_errors(bk, "cuda")
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")

@@ -248,3 +248,22 @@ def test_version_counters_bumped():
     v = (c[0]._version, p[0]._version)
     S.neumann_step_(c, p, h, 0.1)
     assert c[0]._version > v[0] and p[0]._version > v[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_solver_ops_refuse_graph_capture():
+    """The GPU solver ops build their tensor tables on the host at each call, so a CUDA graph
+    would replay stale tables: capturing them is an error, not a wrong replay."""
+    from commentaries_ext import backend as bk_mod
+
+    for bk in bk_mod.candidates("multi_dot", "cuda"):
+        if bk == "reference":
+            continue
+        xs = [torch.randn(1000, device="cuda"), torch.randn(3, device="cuda")]
+        kernel = bk_mod._kernels[bk]["multi_dot"]
+        kernel(xs, [])  # warm-up (compilation) outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match="CUDA graph"):
+            with torch.cuda.graph(graph):
+                kernel(xs, [])

@@ -18,14 +18,20 @@ Validated input (the public function guarantees it):
   contiguous, or channels-last when 4-D (``x_a.is_contiguous()`` or
   ``x_a.is_contiguous(memory_format=torch.channels_last)``);
 * ``x_b`` None or ``[M, ...]`` with ``x_a``'s dtype, device, trailing sizes and
-  the same strides for the trailing dimensions (same memory format); without
-  ``perm``, ``M == N``;
-* ``perm`` None or int64 ``[N]`` with values in ``[0, M)`` (``M = N`` when
-  ``x_b`` is None); repeats and fixed points allowed;
+  the same strides for the trailing dimensions (same memory format), dense rows
+  (``x_b.stride(0)`` = elements per row); without ``perm``, ``M == N``;
+* ``perm`` None or contiguous int64 ``[N]`` with values in ``[0, M)`` (``M = N``
+  when ``x_b`` is None); repeats and fixed points allowed;
 * ``m``: ``x_a``'s rank and dtype, ``m.size(0) == N``, every other dimension
   1 or equal to ``x_a``'s; **any strides** (an expanded, stride-0 ``m`` is fine);
 * at least one of ``x_b``, ``perm`` is given;
 * ``grad`` has ``x_a``'s shape and strides.
+
+The kernels that address memory themselves (``cpp``, ``triton``, ``cuda``) check
+the partner's layout and ``perm``'s dtype and shape, so that a direct call with a
+bad partner is an error, not an access out of bounds; ``cpp`` also checks
+``perm``'s range (on a GPU that would synchronise with the host: there it is
+``masked_blend``'s check).
 
 With ``xb = (x_a if x_b is None else x_b)[perm]`` (no gather when ``perm`` is None):
 

@@ -29,6 +29,11 @@ _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.f
 
 def _table(lists: list[list[torch.Tensor]]):
     """(pointers [len(lists), T] int64, tensor index per block, block start, numel per tensor, n_blocks)."""
+    if lists[0][0].is_cuda and torch.cuda.is_current_stream_capturing():
+        # a cached table can be evicted (freed) while a graph still reads it, and a new one is
+        # copied from host memory at the call: replays would read stale tables
+        raise RuntimeError("triton solver ops cannot be captured in a CUDA graph (their tensor tables are "
+                           "built on the host)")
     key = tuple((t.data_ptr(), t.numel()) for ts in lists for t in ts) + (len(lists), str(lists[0][0].device))
     hit = _tables.get(key)
     if hit is not None:

@@ -54,6 +54,30 @@ at::Tensor poisoned_like(const at::Tensor& t) {
   return out;
 }
 
+// The partner's part of the contract that the kernels' addressing relies on (a direct call of
+// the kernel op gets an error, not an access out of bounds): x_b with x_a's dtype, trailing
+// sizes and strides and dense rows; perm int64 [N] contiguous. perm's range is masked_blend's
+// check (here it would synchronise with the host).
+void check_partner(const at::Tensor& x_a, const c10::optional<at::Tensor>& x_b, const c10::optional<at::Tensor>& perm,
+                   int64_t f, const char* op) {
+  const int64_t n = x_a.size(0);
+  if (x_b.has_value()) {
+    const at::Tensor& b = *x_b;
+    TORCH_CHECK(b.scalar_type() == x_a.scalar_type() && b.device() == x_a.device(), op,
+                ": x_b must have x_a's dtype and device");
+    TORCH_CHECK(b.dim() == x_a.dim() && b.sizes().slice(1) == x_a.sizes().slice(1) &&
+                    b.strides().slice(1) == x_a.strides().slice(1) && (b.size(0) <= 1 || b.stride(0) == f),
+                op, ": x_b must have x_a's trailing sizes and memory layout, with dense rows");
+    TORCH_CHECK(perm.has_value() || b.size(0) == n, op, ": without perm, x_b must have x_a's ", n, " rows");
+  }
+  if (perm.has_value()) {
+    const at::Tensor& p = *perm;
+    TORCH_CHECK(p.scalar_type() == at::kLong && p.dim() == 1 && p.size(0) == n && p.is_contiguous() &&
+                    p.device() == x_a.device(),
+                op, ": perm must be a contiguous int64 tensor of shape [", n, "] on x_a's device");
+  }
+}
+
 at::Tensor blend_forward(const at::Tensor& x_a, const at::Tensor& m, const c10::optional<at::Tensor>& x_b,
                          const c10::optional<at::Tensor>& perm) {
   const char* op = "cuda_blend_forward";
@@ -62,6 +86,7 @@ at::Tensor blend_forward(const at::Tensor& x_a, const at::Tensor& m, const c10::
   const int64_t n = x_a.size(0);
   const int64_t f = n ? x_a.numel() / n : 0;
   if (n == 0 || f == 0) return out;
+  check_partner(x_a, x_b, perm, f, op);
   ck::MaskLayout ml;
   at::Tensor mm = usable_mask(x_a, m, &ml);
   const at::Tensor& xb = x_b.has_value() ? *x_b : x_a;
@@ -90,6 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_backward(const at::Tensor& 
     return {gxa, gxb, gm};
   }
   TORCH_CHECK(grad.strides() == x_a.strides(), op, ": grad must have x_a's strides");
+  check_partner(x_a, x_b, perm, f, op);
   ck::MaskLayout ml;
   at::Tensor mm = usable_mask(x_a, m, &ml);
   const at::Tensor& xb = x_b.has_value() ? *x_b : x_a;

@@ -20,8 +20,19 @@ struct Table {
   ck::TensorTable tab;
 };
 
-Table make_table(std::initializer_list<at::TensorList> lists) {
+// The table is copied from pinned host memory that is reused after the call, so a CUDA graph
+// capturing these ops would replay copies of stale tables: refused with an error.
+void check_not_capturing(const char* op) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check_cuda(cudaStreamIsCapturing(current_stream(), &status), op);
+  TORCH_CHECK(status == cudaStreamCaptureStatusNone, op,
+              ": cannot be captured in a CUDA graph (its tensor table is copied from host memory at each call)");
+}
+
+Table make_table(std::initializer_list<at::TensorList> lists, const char* op) {
+  check_not_capturing(op);
   const at::TensorList& first = *lists.begin();
+  TORCH_CHECK(!first.empty(), op, ": the tensor lists are empty");
   const int64_t T = static_cast<int64_t>(first.size());
   const auto dev = first[0].device();
   std::vector<int64_t> nblocks(T);
@@ -84,16 +95,17 @@ void neumann_step(at::TensorList c, at::TensorList p, at::TensorList h, const at
   const char* op = "cuda_neumann_step";
   if (c.empty()) return;
   c10::cuda::CUDAGuard guard(c[0].device());
-  Table t = make_table({c, p, h});
+  Table t = make_table({c, p, h}, op);
   at::Tensor a = scalar_on(alpha, c[0]);
   check_cuda(ck::neumann_step(element(c[0], op), t.tab, a.data_ptr(), current_stream()), op);
 }
 
 at::Tensor axpy_dot(at::TensorList y, const at::Tensor& a, at::TensorList x, at::TensorList z) {
   const char* op = "cuda_axpy_dot";
+  TORCH_CHECK(!y.empty(), op, ": the tensor lists are empty");
   c10::cuda::CUDAGuard guard(y[0].device());
   const bool has_z = !z.empty();
-  Table t = has_z ? make_table({y, x, z}) : make_table({y, x});
+  Table t = has_z ? make_table({y, x, z}, op) : make_table({y, x}, op);
   at::Tensor av = scalar_on(a, y[0]);
   at::Tensor partial = at::zeros({std::max<int64_t>(t.tab.blocks, 1)}, y[0].options().dtype(acc_type(y[0].scalar_type())));
   check_cuda(ck::axpy_dot(element(y[0], op), t.tab, has_z, av.data_ptr(), partial.data_ptr(), current_stream()), op);
@@ -102,8 +114,9 @@ at::Tensor axpy_dot(at::TensorList y, const at::Tensor& a, at::TensorList x, at:
 
 at::Tensor cg_update(at::TensorList x, at::TensorList r, at::TensorList d, at::TensorList q, const at::Tensor& a) {
   const char* op = "cuda_cg_update";
+  TORCH_CHECK(!x.empty(), op, ": the tensor lists are empty");
   c10::cuda::CUDAGuard guard(x[0].device());
-  Table t = make_table({x, r, d, q});
+  Table t = make_table({x, r, d, q}, op);
   at::Tensor av = scalar_on(a, x[0]);
   at::Tensor partial = at::zeros({std::max<int64_t>(t.tab.blocks, 1)}, x[0].options().dtype(acc_type(x[0].scalar_type())));
   check_cuda(ck::cg_update(element(x[0], op), t.tab, av.data_ptr(), partial.data_ptr(), current_stream()), op);
@@ -112,9 +125,10 @@ at::Tensor cg_update(at::TensorList x, at::TensorList r, at::TensorList d, at::T
 
 at::Tensor multi_dot(at::TensorList x, at::TensorList y) {
   const char* op = "cuda_multi_dot";
+  TORCH_CHECK(!x.empty(), op, ": the tensor lists are empty");
   c10::cuda::CUDAGuard guard(x[0].device());
   const bool has_y = !y.empty();
-  Table t = has_y ? make_table({x, y}) : make_table({x});
+  Table t = has_y ? make_table({x, y}, op) : make_table({x}, op);
   at::Tensor partial = at::zeros({std::max<int64_t>(t.tab.blocks, 1)}, x[0].options().dtype(acc_type(x[0].scalar_type())));
   check_cuda(ck::multi_dot(element(x[0], op), t.tab, has_y, partial.data_ptr(), current_stream()), op);
   return finish(partial, x[0]);
