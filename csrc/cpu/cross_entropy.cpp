@@ -623,7 +623,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
       // waited on its max, then on its sum), and the rows' horizontal reductions run 16 at a
       // time (reduce_rows).
       int64_t rows = std::clamp<int64_t>(kBlockElems / std::max<int64_t>(C, 1), 1, kRowBlock);
-      if (rows > 16) rows -= rows % 16;  // whole groups for reduce_rows
+      // whole groups of 16 for reduce_rows, rounded up (a block of at most ~2 kBlockElems: measured
+      // 3-6 % faster than rounding down at C = 96 to 112)
+      if (rows > 16) rows = (rows + 15) / 16 * 16;
       std::vector<T> stage(stream ? rows * C : 0), gathered(s1 == 1 ? 0 : rows * C);
       alignas(64) T mb[kRowBlock], sb[kRowBlock], lb[kRowBlock], qb[kRowBlock];
       Vec<T> lanes[kRowBlock];  // per row: the lanes of its max, then of its sum
