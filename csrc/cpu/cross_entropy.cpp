@@ -641,15 +641,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
           zb = gathered.data();
           zs = C;
         }
-        if (C > 0) {
+        if (rb < 16) {  // long rows: no group of 16 to reduce together
+          for (int64_t r = 0; r < rb; ++r) mb[r] = C > 0 ? row_max(zb + r * zs, C) : ninf;
+          for (int64_t r = 0; r < rb; ++r)
+            sb[r] = std::isfinite(mb[r]) ? row_sumexp<T, true>(zb + r * zs, C, mb[r], gblock + r * C) : T(0);
+        } else {
           for (int64_t r = 0; r < rb; ++r) lanes[r] = row_max_lanes(zb + r * zs, C);
           reduce_rows<true>(lanes, rb, mb);
-        } else {
-          std::fill(mb, mb + rb, ninf);
+          for (int64_t r = 0; r < rb; ++r)
+            lanes[r] = std::isfinite(mb[r]) ? row_sumexp_lanes<T, true>(zb + r * zs, C, mb[r], gblock + r * C) : Vec<T>(0);
+          reduce_rows<false>(lanes, rb, sb);
         }
-        for (int64_t r = 0; r < rb; ++r)
-          lanes[r] = std::isfinite(mb[r]) ? row_sumexp_lanes<T, true>(zb + r * zs, C, mb[r], gblock + r * C) : Vec<T>(0);
-        reduce_rows<false>(lanes, rb, sb);
         for (int64_t r = 0; r < rb; ++r) qb[r] = rs ? rs[(i0 + r) * srs] : T(1);
         int64_t r = 0;
         for (; r + W <= rb; r += W) {
