@@ -269,6 +269,10 @@ def _check_partner_errors(bk, device):
         fwd(x, m, torch.randn(5, 3, 5, 5, device=device), None)
     with pytest.raises(RuntimeError, match="perm must be a contiguous int64"):
         fwd(x, m, None, torch.arange(4, dtype=torch.int32, device=device))
+    # a size-1 dimension's stride is never used: any value is accepted
+    one = torch.randn(4, 3, 1, 5, device=device).as_strided((4, 3, 1, 5), (15, 5, 99, 1))
+    xa1 = torch.randn(4, 3, 1, 5, device=device)
+    torch.testing.assert_close(fwd(xa1, m, one, None), m * xa1 + (1 - m) * one)
     if bk == "cpp":
         for bad in (4, -1):
             perm = torch.tensor([0, 1, bad, 2])

@@ -146,8 +146,8 @@ def _check_partner(x_a: torch.Tensor, x_b: torch.Tensor | None, perm: torch.Tens
     if x_b is not None:
         if x_b.dtype != x_a.dtype:
             raise RuntimeError(f"{op}: x_b must have x_a's dtype")
-        if (x_b.dim() != x_a.dim() or x_b.shape[1:] != x_a.shape[1:] or x_b.stride()[1:] != x_a.stride()[1:]
-                or (x_b.shape[0] > 1 and x_b.stride(0) != f)):
+        if (x_b.dim() != x_a.dim() or x_b.shape[1:] != x_a.shape[1:] or (x_b.shape[0] > 1 and x_b.stride(0) != f)
+                or any(x_b.shape[d] != 1 and x_b.stride(d) != x_a.stride(d) for d in range(1, x_a.dim()))):
             raise RuntimeError(f"{op}: x_b must have x_a's trailing sizes and memory layout, with dense rows")
         if perm is None and x_b.shape[0] != n:
             raise RuntimeError(f"{op}: without perm, x_b must have x_a's {n} rows")

@@ -132,9 +132,11 @@ void check_partner(const at::Tensor& x_a, const c10::optional<at::Tensor>& x_b, 
   if (x_b.has_value()) {
     const at::Tensor& b = *x_b;
     TORCH_CHECK(b.scalar_type() == x_a.scalar_type(), op, ": x_b must have x_a's dtype");
-    TORCH_CHECK(b.dim() == x_a.dim() && b.sizes().slice(1) == x_a.sizes().slice(1) &&
-                    b.strides().slice(1) == x_a.strides().slice(1) && (b.size(0) <= 1 || b.stride(0) == row),
-                op, ": x_b must have x_a's trailing sizes and memory layout, with dense rows");
+    bool same = b.dim() == x_a.dim() && b.sizes().slice(1) == x_a.sizes().slice(1) &&
+                (b.size(0) <= 1 || b.stride(0) == row);
+    for (int64_t d = 1; same && d < b.dim(); ++d)  // a size-1 dimension's stride is never used
+      same = b.size(d) == 1 || b.stride(d) == x_a.stride(d);
+    TORCH_CHECK(same, op, ": x_b must have x_a's trailing sizes and memory layout, with dense rows");
     TORCH_CHECK(perm.has_value() || b.size(0) == n, op, ": without perm, x_b must have x_a's ", n, " rows");
     rows = b.size(0);
   }
