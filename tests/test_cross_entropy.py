@@ -273,6 +273,52 @@ def test_fused_grad_special_rows_in_row_groups(name, c, seed):
     assert torch.isfinite(lse[ordinary]).all() and torch.isfinite(grad[ordinary]).all()
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ kernels are not built")
+def test_cpp_kernel_ops_check_their_inputs():
+    """The C++ kernel ops, called directly, refuse what they would index out of bounds: a target
+    (or, on a row not ignored, a target_b) outside [0, C), per-row and per-logit inputs of the
+    wrong shape or dtype. ignore_index rows may hold anything; C == 0 reads no class."""
+    ops = torch.ops.commentaries_ext
+    z = torch.randn(4, 5)
+    ones, lse = torch.ones(4), torch.logsumexp(z, 1)
+    lam = torch.full((4,), 0.3)
+    good = torch.tensor([0, 4, IGNORE, 2])
+    calls = {
+        "wce_forward": lambda y, yb=None: ops.cpp_wce_forward(z, y, yb, lam if yb is not None else None, IGNORE),
+        "wce_forward_grad": lambda y, yb=None: ops.cpp_wce_forward_grad(
+            z, y, yb, lam if yb is not None else None, ones, IGNORE),
+        "wce_backward": lambda y, yb=None: ops.cpp_wce_backward(
+            ones, z, lse, y, yb, lam if yb is not None else None, IGNORE),
+        "wce_jvp": lambda y, yb=None: ops.cpp_wce_jvp(z, lse, y, yb, lam if yb is not None else None, z, IGNORE),
+    }
+    for name, call in calls.items():
+        call(good)
+        call(good, torch.tensor([1, 0, 99, 4]))  # the ignored row's target_b is never read
+        for bad in (5, -1, 10**12):
+            with pytest.raises(RuntimeError, match=f"{name}: target holds {bad}, out of range for 5 classes"):
+                call(torch.tensor([0, bad, 1, 2]))
+        with pytest.raises(RuntimeError, match=f"{name}: target_b holds 7, out of range"):
+            call(good, torch.tensor([1, 7, 0, 0]))
+        with pytest.raises(RuntimeError, match="target must be int64 of shape"):
+            call(good[:3])
+        with pytest.raises(RuntimeError, match="target must be int64 of shape"):
+            call(good.int())
+    with pytest.raises(RuntimeError, match="lse must have shape"):
+        ops.cpp_wce_backward(ones, z, lse[:3], good, None, None, IGNORE)
+    with pytest.raises(RuntimeError, match="grad_loss must have the logits dtype"):
+        ops.cpp_wce_backward(ones.double(), z, lse, good, None, None, IGNORE)
+    with pytest.raises(RuntimeError, match="row_scale must have shape"):
+        ops.cpp_wce_forward_grad(z, good, None, None, torch.ones(5), IGNORE)
+    with pytest.raises(RuntimeError, match="lam must have shape"):
+        ops.cpp_wce_forward(z, good, good, torch.ones(2), IGNORE)
+    with pytest.raises(RuntimeError, match="u must have the shape and dtype of logits"):
+        ops.cpp_wce_hvp(z, lse, ones, torch.randn(4, 4))
+    with pytest.raises(RuntimeError, match="t must have the shape and dtype of logits"):
+        ops.cpp_wce_jvp(z, lse, good, None, None, z.double(), IGNORE)
+    loss, lse0 = ops.cpp_wce_forward(torch.randn(3, 0), torch.tensor([0, 3, 1]), None, None, IGNORE)
+    assert torch.equal(loss, torch.zeros(3)) and torch.isneginf(lse0).all()
+
+
 def _is_fused(out) -> bool:
     """Whether a reduced loss came from the fused path: the Python Function or, on the cpp
     backend, the C++ one (cpp_wce_reduced)."""

@@ -344,21 +344,66 @@ struct Mix {
   int64_t ignore_index;
 };
 
-Mix make_mix(const at::Tensor& target, const std::optional<at::Tensor>& target_b,
-             const std::optional<at::Tensor>& lam, int64_t ignore_index) {
-  TORCH_CHECK(target.scalar_type() == at::kLong, "wce: target must be int64");
-  Mix m{target.data_ptr<int64_t>(), target.stride(0), nullptr, 0, ignore_index};
-  if (target_b.has_value() && lam.has_value()) {
-    TORCH_CHECK(target_b->scalar_type() == at::kLong, "wce: target_b must be int64");
-    m.yb = target_b->data_ptr<int64_t>();
-    m.syb = target_b->stride(0);
-  }
-  return m;
-}
+// The inputs' shapes and dtypes, and the targets' range, are checked here although the Python
+// layer validates them: the kernels index rows with the targets, so a direct call of an op with a
+// bad input must be an error, not an access out of bounds.
 
 void check_logits(const at::Tensor& logits, const char* op) {
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, C]");
   TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be a CPU tensor");
+}
+
+// A per-row input: [N] (any stride) of the logits dtype.
+void check_rows(const at::Tensor& t, const at::Tensor& logits, const char* name, const char* op) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == logits.size(0), op, ": ", name, " must have shape [", logits.size(0),
+              "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == logits.scalar_type(), op, ": ", name, " must have the logits dtype ",
+              logits.scalar_type(), ", got ", t.scalar_type());
+}
+
+// A per-logit input: the logits' shape and dtype (any strides).
+void check_like_logits(const at::Tensor& t, const at::Tensor& logits, const char* name, const char* op) {
+  TORCH_CHECK(t.sizes() == logits.sizes() && t.scalar_type() == logits.scalar_type(), op, ": ", name,
+              " must have the shape and dtype of logits ", logits.sizes(), " ", logits.scalar_type(), ", got ",
+              t.sizes(), " ", t.scalar_type());
+}
+
+// target (and target_b with lam: mixing) of logits [N, C]: int64 [N], each target in [0, C) or
+// ignore_index, target_b in [0, C) on the rows not ignored; lam [N] of the logits dtype.
+Mix make_mix(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& target_b,
+             const std::optional<at::Tensor>& lam, int64_t ignore_index, const char* op) {
+  const int64_t N = logits.size(0), C = logits.size(1);
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == N, op,
+              ": target must be int64 of shape [", N, "]");
+  Mix m{target.const_data_ptr<int64_t>(), target.stride(0), nullptr, 0, ignore_index};
+  if (target_b.has_value() && lam.has_value()) {
+    TORCH_CHECK(target_b->scalar_type() == at::kLong && target_b->dim() == 1 && target_b->size(0) == N, op,
+                ": target_b must be int64 of shape [", N, "]");
+    check_rows(*lam, logits, "lam", op);
+    m.yb = target_b->const_data_ptr<int64_t>();
+    m.syb = target_b->stride(0);
+  }
+  if (C == 0) return m;  // nothing is read by class index
+  bool bad = false;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t y = m.y[i * m.sy];
+    const bool valid = y != ignore_index;
+    bad |= valid && static_cast<uint64_t>(y) >= static_cast<uint64_t>(C);
+    if (m.yb) bad |= valid && static_cast<uint64_t>(m.yb[i * m.syb]) >= static_cast<uint64_t>(C);
+  }
+  if (bad) {
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t y = m.y[i * m.sy];
+      if (y == ignore_index) continue;
+      TORCH_CHECK(y >= 0 && y < C, op, ": target holds ", y, ", out of range for ", C, " classes (row ", i, ")");
+      if (m.yb) {
+        const int64_t yb = m.yb[i * m.syb];
+        TORCH_CHECK(yb >= 0 && yb < C, op, ": target_b holds ", yb, ", out of range for ", C, " classes (row ", i,
+                    ")");
+      }
+    }
+  }
+  return m;
 }
 
 // -------------------------------------------------------------- forward
@@ -421,7 +466,7 @@ std::tuple<at::Tensor, at::Tensor> cpp_wce_forward(const at::Tensor& logits, con
   at::Tensor loss = new_output({N}, logits.options());
   at::Tensor lse = new_output({N}, logits.options());
   if (N == 0) return {loss, lse};
-  const Mix mix = make_mix(target, target_b, lam, ignore_index);
+  const Mix mix = make_mix(logits, target, target_b, lam, ignore_index, "wce_forward");
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_wce_forward", [&] {
     using T = scalar_t;
     const T* z = logits.const_data_ptr<T>();
@@ -472,7 +517,9 @@ at::Tensor cpp_wce_backward(const at::Tensor& grad_loss, const at::Tensor& logit
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor out = new_output({N, C}, logits.options());
   if (N == 0 || C == 0) return out;
-  const Mix mix = make_mix(target, target_b, lam, ignore_index);
+  check_rows(grad_loss, logits, "grad_loss", "wce_backward");
+  check_rows(lse, logits, "lse", "wce_backward");
+  const Mix mix = make_mix(logits, target, target_b, lam, ignore_index, "wce_backward");
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_wce_backward", [&] {
     using T = scalar_t;
     constexpr int64_t W = Vec<T>::size();
@@ -543,7 +590,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
   at::Tensor lse = new_output({N}, logits.options());
   at::Tensor grad = new_output({N, C}, logits.options());
   if (N == 0) return {loss, lse, grad};
-  const Mix mix = make_mix(target, target_b, lam, ignore_index);
+  if (row_scale.has_value()) check_rows(*row_scale, logits, "row_scale", "wce_forward_grad");
+  const Mix mix = make_mix(logits, target, target_b, lam, ignore_index, "wce_forward_grad");
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_wce_forward_grad", [&] {
     using T = scalar_t;
     constexpr int64_t W = Vec<T>::size();
@@ -709,6 +757,9 @@ at::Tensor hvp_impl(const char* name, const at::Tensor& logits, const at::Tensor
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor out = new_output({N, C}, logits.options());
   if (N == 0 || C == 0) return out;
+  if (lse) check_rows(*lse, logits, "lse", name);
+  check_rows(scale, logits, "scale", name);
+  check_like_logits(u, logits, "u", name);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_wce_hvp", [&] {
     using T = scalar_t;
     constexpr int64_t W = Vec<T>::size();
@@ -796,7 +847,9 @@ at::Tensor cpp_wce_jvp(const at::Tensor& logits, const at::Tensor& lse, const at
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor out = new_output({N}, logits.options());
   if (N == 0) return out;
-  const Mix mix = make_mix(target, target_b, lam, ignore_index);
+  check_rows(lse, logits, "lse", "wce_jvp");
+  check_like_logits(t, logits, "t", "wce_jvp");
+  const Mix mix = make_mix(logits, target, target_b, lam, ignore_index, "wce_jvp");
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_wce_jvp", [&] {
     using T = scalar_t;
     constexpr int64_t W = Vec<T>::size();
