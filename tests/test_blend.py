@@ -269,6 +269,8 @@ def _check_partner_errors(bk, device):
         fwd(x, m, torch.randn(5, 3, 5, 5, device=device), None)
     with pytest.raises(RuntimeError, match="perm must be a contiguous int64"):
         fwd(x, m, None, torch.arange(4, dtype=torch.int32, device=device))
+    with pytest.raises(RuntimeError, match="x_a must be contiguous or channels-last"):
+        fwd(torch.randn(4, 3, 5, 7, device=device)[..., :5], m, None, torch.arange(4, device=device))
     # a size-1 dimension's stride is never used: any value is accepted
     one = torch.randn(4, 3, 1, 5, device=device).as_strided((4, 3, 1, 5), (15, 5, 99, 1))
     xa1 = torch.randn(4, 3, 1, 5, device=device)
@@ -280,6 +282,30 @@ def _check_partner_errors(bk, device):
                 fwd(x, m, None, perm)
             with pytest.raises(RuntimeError, match=f"perm holds {bad}, out of range for 4 rows"):
                 bwd(g, x, m, None, perm, [False, False, True])
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ kernels are not built")
+def test_cpp_kernel_ops_check_x_a_and_m():
+    """The C++ kernels address x_a (and their outputs) as dense rows and m per example: a gapped
+    x_a, an m with other rows or a trailing size neither 1 nor x_a's is an error (each was a
+    read or write out of bounds), for the forward, the backward and the C++ autograd op."""
+    ops = torch.ops.commentaries_ext
+    x = torch.randn(8, 4, 3, 3)
+    perm = torch.randperm(8)
+    cases = [
+        (x, torch.rand(2, 1, 1, 1), "m must have x_a's 8 rows"),
+        (x, torch.rand(8, 4, 2, 2), "does not broadcast to x_a"),
+        (torch.randn(8, 4, 3, 5)[..., :3], torch.rand(8, 1, 1, 1), "x_a must be contiguous or channels-last"),
+        (torch.randn(1, 4, 3, 5)[..., :3], torch.rand(1, 1, 1, 1), "x_a must be contiguous or channels-last"),
+    ]
+    for xa, m, msg in cases:
+        p = perm[: xa.shape[0]] % xa.shape[0]
+        with pytest.raises(RuntimeError, match=msg):
+            ops.cpp_blend_forward(xa, m, None, p)
+        with pytest.raises(RuntimeError, match=msg):
+            ops.cpp_blend_backward(xa, xa, m, None, p, [True, False, True])  # grad: x_a's strides
+        with pytest.raises(RuntimeError, match=msg):
+            ops.cpp_masked_blend(xa, m, None, p)
 
 
 @pytest.mark.parametrize("bk", KERNEL_BACKENDS)

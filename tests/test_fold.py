@@ -86,3 +86,14 @@ def test_bad_input_is_refused_with_the_argument_named():
         col2im(cols, (8, 8), 3, 1, 1, 0)
     with pytest.raises(RuntimeError):  # other dtypes: ATen's own col2im and its error
         col2im(cols.to(torch.int64), (8, 8), 3, 1, 1, 2)
+
+
+def test_cpp_kernel_refuses_sizes_whose_products_overflow():
+    """Called directly, the C++ kernel refuses parameters whose products overflow (a kernel of
+    2^32 x 2^32 made KH * KW 0, a division by zero; output sizes of 2^32 each made OH * OW 0,
+    a read of an empty cols): an error, not a crash."""
+    op = torch.ops.commentaries_ext.cpp_col2im
+    with pytest.raises(RuntimeError, match="must be at most"):
+        op(torch.randn(1, 1, 4), [1, 1], [2**32, 2**32], [1, 1], [2**31, 2**31], [1, 1])
+    with pytest.raises(RuntimeError, match="does not match"):
+        op(torch.randn(64, 64, 0), [2, 2], [1, 1], [1, 1], [2**31 - 1, 2**31 - 1], [1, 1])

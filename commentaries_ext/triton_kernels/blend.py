@@ -138,11 +138,14 @@ def _grid(rows: int, f: int) -> tuple[int, int]:
 
 
 def _check_partner(x_a: torch.Tensor, x_b: torch.Tensor | None, perm: torch.Tensor | None, f: int, op: str) -> None:
-    """The partner's part of the contract that the kernels rely on for their addressing (a direct
-    kernel-op call gets an error, not an access out of bounds): x_b with x_a's dtype, trailing
+    """The part of the contract that the kernels rely on for their addressing (a direct
+    kernel-op call gets an error, not an access out of bounds): x_a dense (contiguous or
+    channels-last; m is expanded to x_a's shape, which checks m), x_b with x_a's dtype, trailing
     sizes and strides and dense rows; perm int64 [N]. perm's range is not checked here (on a GPU
     it would cost a host synchronisation): masked_blend validates it."""
     n = x_a.shape[0]
+    if not (x_a.is_contiguous() or (x_a.dim() == 4 and x_a.is_contiguous(memory_format=torch.channels_last))):
+        raise RuntimeError(f"{op}: x_a must be contiguous or channels-last")
     if x_b is not None:
         if x_b.dtype != x_a.dtype:
             raise RuntimeError(f"{op}: x_b must have x_a's dtype")

@@ -63,6 +63,13 @@ RowLayout make_layout(const at::Tensor& x, const at::Tensor& m) {
   const int64_t D = x.dim();
   TORCH_CHECK(D >= 1 && D <= kMaxDims, "blend: x_a must have 1 to ", kMaxDims, " dimensions");
   TORCH_CHECK(m.dim() == D, "blend: m must have x_a's rank");
+  // the kernels address x_a (and their outputs, empty_like(x_a)) as dense rows and m per example:
+  // a direct call with a gapped x_a or a mask of other sizes is an error, not an access out of bounds
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), "blend: x_a must be contiguous or channels-last");
+  TORCH_CHECK(m.size(0) == x.size(0), "blend: m must have x_a's ", x.size(0), " rows, got ", m.size(0));
+  for (int64_t d = 1; d < D; ++d)
+    TORCH_CHECK(m.size(d) == 1 || m.size(d) == x.size(d), "blend: m of shape ", m.sizes(),
+                " does not broadcast to x_a of shape ", x.sizes(), " (each dimension 1 or x_a's)");
   RowLayout L;
   L.n = x.size(0);
   // contiguous strides of grad_m (m's shape), 0 along broadcast dims

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "common.h"
@@ -52,8 +53,12 @@ at::Tensor cpp_col2im(const at::Tensor& cols, at::IntArrayRef output_size, at::I
   const int64_t dh = dilation[0], dw = dilation[1], ph = padding[0], pw = padding[1], sh = stride[0], sw = stride[1];
   TORCH_CHECK(KH > 0 && KW > 0 && dh > 0 && dw > 0 && sh > 0 && sw > 0 && ph >= 0 && pw >= 0 && H > 0 && W > 0,
               "col2im: sizes, dilation and stride must be positive and padding non-negative");
+  // bounded so that no product below overflows (KH * KW, d * (k - 1), H + 2 p, OH * OW)
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  for (const int64_t v : {H, W, KH, KW, dh, dw, ph, pw, sh, sw})
+    TORCH_CHECK(v <= kMax, "col2im: sizes, dilation, padding and stride must be at most ", kMax);
   const int64_t OH = out_size(H, KH, dh, ph, sh), OW = out_size(W, KW, dw, pw, sw);
-  TORCH_CHECK(OH > 0 && OW > 0 && cols.size(2) == OH * OW && cols.size(1) % (KH * KW) == 0,
+  TORCH_CHECK(OH > 0 && OW > 0 && cols.size(2) % OW == 0 && cols.size(2) / OW == OH && cols.size(1) % (KH * KW) == 0,
               "col2im: cols of shape ", cols.sizes(), " does not match an output of ", H, "x", W, " with kernel ", KH,
               "x", KW);
   const int64_t N = cols.size(0), C = cols.size(1) / (KH * KW);

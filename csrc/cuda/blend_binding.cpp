@@ -54,13 +54,16 @@ at::Tensor poisoned_like(const at::Tensor& t) {
   return out;
 }
 
-// The partner's part of the contract that the kernels' addressing relies on (a direct call of
-// the kernel op gets an error, not an access out of bounds): x_b with x_a's dtype, trailing
-// sizes and strides and dense rows; perm int64 [N] contiguous. perm's range is masked_blend's
-// check (here it would synchronise with the host).
+// The part of the contract that the kernels' addressing relies on (a direct call of the kernel
+// op gets an error, not an access out of bounds; m is checked by its expansion to x_a's shape):
+// x_a contiguous or channels-last, x_b with x_a's dtype, trailing sizes and strides and dense
+// rows; perm int64 [N] contiguous. perm's range is masked_blend's check (here it would
+// synchronise with the host).
 void check_partner(const at::Tensor& x_a, const c10::optional<at::Tensor>& x_b, const c10::optional<at::Tensor>& perm,
                    int64_t f, const char* op) {
   const int64_t n = x_a.size(0);
+  TORCH_CHECK(x_a.is_contiguous() || (x_a.dim() == 4 && x_a.is_contiguous(at::MemoryFormat::ChannelsLast)), op,
+              ": x_a must be contiguous or channels-last");
   if (x_b.has_value()) {
     const at::Tensor& b = *x_b;
     TORCH_CHECK(b.scalar_type() == x_a.scalar_type() && b.device() == x_a.device(), op,
