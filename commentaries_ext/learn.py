@@ -97,8 +97,8 @@ def _draw_batch(x, y, batch_size, gen, device, rank=0, world=1):
     idx = idx[rank * (batch_size // world):(rank + 1) * (batch_size // world)]
     xb, yb = x[idx], y[idx]
     if device is not None:
-        xb, yb, idx = xb.to(device), yb.to(device), idx.to(device)
-    return xb, yb, idx
+        xb, yb = xb.to(device), yb.to(device)
+    return xb, yb, idx.to(xb.device)  # data already on a GPU: x[idx] is there, the index must be too
 
 
 def _val_batches(xv, yv, val_batch_size, gen):
@@ -194,6 +194,8 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
         D.broadcast_module_(commentary, group=process_group)
         reducer = D.ShardReducer(process_group, train_reduction=getattr(commentary, "reduction", "mean"))
     gen = torch.Generator().manual_seed(seed)
+    if device is not None:
+        commentary.to(device)  # with the student and the batches (before its optimizer sees its parameters)
     hnames = [n for n, p in commentary.named_parameters() if p.requires_grad]
     if outer_optimizer is None:
         outer_optimizer = torch.optim.Adam([p for p in commentary.parameters() if p.requires_grad], lr=outer_lr)
@@ -336,6 +338,7 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
     gen = torch.Generator().manual_seed(seed)
     if device is not None:
         student = student.to(device)
+        commentary.to(device)  # with the student and the batches (before its optimizer sees its parameters)
     ddp = isinstance(student, nn.parallel.DistributedDataParallel)
     if dist_on and not ddp:  # (DDP broadcasts rank 0's weights itself)
         D.broadcast_module_(student, group=process_group)
@@ -432,6 +435,8 @@ def train_student(student: nn.Module, train_data, *, commentary: Commentary | No
     gen = torch.Generator().manual_seed(seed)
     if device is not None:
         student = student.to(device)
+        if commentary is not None:
+            commentary.to(device)
     optimizer = optimizer or torch.optim.Adam(student.parameters(), lr=lr)
     teacher = CommentaryOptimizer(optimizer, student, commentary, hyper_every=0, total_steps=steps,
                                   nan_policy=nan_policy, generator=gen)
@@ -456,10 +461,7 @@ def train_student(student: nn.Module, train_data, *, commentary: Commentary | No
 
     student.train()
     for step in range(start, steps):
-        idx = _sample(x.shape[0], batch_size, gen)
-        xb, yb = x[idx], y[idx]
-        if device is not None:
-            xb, yb, idx = xb.to(device), yb.to(device), idx.to(device)
+        xb, yb, idx = _draw_batch(x, y, batch_size, gen, device)
         teacher.zero_grad()
         loss = teacher.loss(xb, yb, index=idx)
         loss.backward()

@@ -239,3 +239,20 @@ def test_fused_blend_matches_plain_and_engine_losses_use_plain(monkeypatch):
 
     train_loss_fn(c, fm)(fm.params(), c.hparams(), b)
     assert not calls  # the engine's loss does not
+
+
+def test_blend_takes_a_half_background_in_the_input_dtype():
+    """Under autocast a background computed by a convolution (the blurred one of AttentionMask)
+    comes back in half precision while the images stay float32: blend casts it, as it casts m
+    (masked_blend refused the mixed dtypes). bfloat16 CPU autocast stands in for float16 on a GPU."""
+    from commentaries_ext.commentary.blending import blend
+
+    x = torch.randn(4, 3, 5, 5)
+    m = torch.rand(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xb = torch.nn.functional.conv2d(x, torch.ones(3, 1, 3, 3) / 9, padding=1, groups=3)
+        assert xb.dtype == torch.bfloat16
+        out = blend(x, m, x_b=xb)
+    assert out.dtype == torch.float32
+    mv = m.view(4, 1, 1, 1)
+    torch.testing.assert_close(out, mv * x + (1 - mv) * xb.float())

@@ -96,3 +96,34 @@ def test_reuse_a_saved_commentary_on_a_new_architecture(tmp_path):
     assert len(losses) == 30 and losses[-1] < losses[0]
     ev = evaluate(new, (x, y))
     assert 0 <= ev["accuracy"] <= 1 and ev["loss"] > 0
+
+
+def test_the_batch_index_lives_with_the_batch():
+    """Data already on an accelerator (device=None): x[idx] lands there, and so must the index
+    the commentary reads (it was left on the CPU). A meta-device stand-in for the GPU."""
+    from commentaries_ext.learn import _draw_batch
+
+    x, y = torch.randn(10, 4, device="meta"), torch.zeros(10, dtype=torch.long, device="meta")
+    xb, yb, idx = _draw_batch(x, y, 4, torch.Generator().manual_seed(0), None)
+    assert xb.device.type == yb.device.type == idx.device.type == "meta"
+    xb, yb, idx = _draw_batch(*_data(), 4, torch.Generator().manual_seed(0), None)
+    assert idx.device.type == "cpu" and torch.equal(xb, _data()[0][idx])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_learning_loops_on_a_gpu():
+    """device="cuda" moves the commentary with the student (its tables and nets were left on the
+    CPU), data already on the GPU with device=None works (the index follows the batch), and a
+    CUDA generator drives the commentary's draws."""
+    x, y = _data()
+    c = TabularWeighting(24)
+    learn_ift(c, _student(), (x, y), (x, y), steps=2, batch_size=8, device="cuda")
+    assert c.logits.device.type == "cuda"
+    c2 = TabularWeighting(24).cuda()
+    learn_ift(c2, _student().cuda(), (x.cuda(), y.cuda()), (x.cuda(), y.cuda()), steps=2, batch_size=8)
+    b = Blending(3)
+    losses = train_student(_student(), (x, y), commentary=b, steps=3, batch_size=8, device="cuda")
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    batch = b.prepare(x.cuda(), y.cuda())
+    b._draw(batch, torch.Generator("cuda").manual_seed(0))
+    assert batch["perm"].device.type == "cuda"

@@ -155,6 +155,12 @@ def check_param_dtype(who: str, x: torch.Tensor, param: torch.Tensor) -> None:
                          "batch (or the commentary) first")
 
 
+def draw_device(generator: torch.Generator | None) -> torch.device:
+    """Where random draws with ``generator`` happen: its own device (a CUDA generator draws on
+    its GPU), the CPU without one. The draws are then moved to the batch's device."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def is_finite_batch(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Commentary, Prepared
+from .base import Commentary, Prepared, draw_device
 
 POLICIES = ("learned", "none", "random", "mixup")
 
@@ -30,6 +30,8 @@ def blend(x_a: torch.Tensor, m: torch.Tensor, perm: torch.Tensor | None = None,
     if m.dim() == 1:
         m = m.view(-1, *([1] * (x_a.dim() - 1)))
     m = m.to(x_a.dtype)
+    if x_b is not None:  # e.g. a blurred background computed in half precision under autocast
+        x_b = x_b.to(x_a.dtype)
     if x_b is None and perm is None:  # zeros background (the fused op would blend x_a with itself)
         return m * x_a
     fused = _masked_blend()
@@ -86,9 +88,9 @@ class Blending(Commentary):
             return
         x = batch["x"]
         n = x.shape[0]
-        batch["perm"] = torch.randperm(n, generator=generator).to(x.device)
+        batch["perm"] = torch.randperm(n, generator=generator, device=draw_device(generator)).to(x.device)
         if self.policy == "random":
-            u = torch.rand(n, generator=generator, dtype=torch.float64)
+            u = torch.rand(n, generator=generator, dtype=torch.float64, device=draw_device(generator))
             batch["lam"] = (0.5 + 0.5 * u).to(x.dtype).to(x.device)
         elif self.policy == "mixup":
             g = torch.distributions.Beta(torch.tensor(self.alpha), torch.tensor(self.alpha))
@@ -141,17 +143,17 @@ def _gamma(alpha: float, generator: torch.Generator) -> float:
     """A Gamma(alpha, 1) sample from ``generator`` (Marsaglia-Tsang)."""
     boost = 1.0
     if alpha < 1:
-        u = float(torch.rand((), generator=generator, dtype=torch.float64))
+        u = float(torch.rand((), generator=generator, dtype=torch.float64, device=draw_device(generator)))
         boost = u ** (1.0 / alpha)
         alpha += 1.0
     d = alpha - 1.0 / 3.0
     c = 1.0 / (9.0 * d) ** 0.5
     while True:
-        z = float(torch.randn((), generator=generator, dtype=torch.float64))
+        z = float(torch.randn((), generator=generator, dtype=torch.float64, device=draw_device(generator)))
         v = (1 + c * z) ** 3
         if v <= 0:
             continue
-        u = float(torch.rand((), generator=generator, dtype=torch.float64))
+        u = float(torch.rand((), generator=generator, dtype=torch.float64, device=draw_device(generator)))
         import math
 
         if math.log(u) < 0.5 * z * z + d - d * v + d * math.log(v):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import BatchError, Commentary, Prepared, check_param_dtype
+from .base import BatchError, Commentary, Prepared, check_param_dtype, draw_device
 from .blending import blend
 
 BACKGROUNDS = ("zeros", "mean", "blur", "other")
@@ -93,7 +93,7 @@ class AttentionMask(Commentary):
         if self.background == "other":
             n = x.shape[0]
             # a derangement when possible: nobody is its own background
-            s = torch.randperm(n, generator=generator)
+            s = torch.randperm(n, generator=generator, device=draw_device(generator))
             perm = torch.empty_like(s)
             perm[s] = torch.roll(s, -1)
             batch["perm"] = perm.to(x.device)

@@ -102,7 +102,7 @@ def plot_masks(commentary, x, *, max_images=8, title=None):
     was = commentary.training
     commentary.eval()
     try:
-        batch = commentary.prepare(x, torch.zeros(x.shape[0], dtype=torch.long))
+        batch = commentary.prepare(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
         prep = commentary(batch)
     finally:
         commentary.train(was)
