@@ -133,6 +133,17 @@ def kernel(op: str, device: torch.device | str) -> Callable:
     return select(op, device)[1]
 
 
+def helper_kernel(op: str, device: torch.device | str) -> Callable:
+    """:func:`kernel` for the ops that only some backends implement and that other code calls
+    along the way (the engine's channel, BatchNorm, col2im and Adam ops): under a forced
+    backend that lacks ``op`` for ``device``'s type, the reference runs instead of an error, so
+    that forcing a backend to test its kernels (``use("cuda")``) still runs the whole model."""
+    name = forced()
+    if name is not None and name not in candidates(op, torch.device(device).type):
+        return _kernels["reference"][op]
+    return kernel(op, device)
+
+
 def optional_kernel(op: str, like_op: str, device: torch.device | str) -> Callable | None:
     """``op`` of the backend that runs ``like_op`` on ``device``, or None when that backend has
     no such kernel (fused ops that only some backends implement)."""

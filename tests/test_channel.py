@@ -237,3 +237,19 @@ def test_batch_norm_reverse_of_empty_inputs_is_zero(name, shape):
         ggy, gx, gw = batch_norm_reverse(x, x, x, c, c, c, c, c)
     assert ggy.shape == gx.shape == x.shape and gw.shape == (shape[1],)
     assert bool((gw == 0).all())
+
+
+def test_a_forced_backend_without_the_op_falls_back_to_the_reference():
+    """Forcing a backend to test its kernels (triton here; cuda on a GPU) must not break the
+    engine's helper ops that backend lacks: they run the reference, where a plain kernel lookup
+    raises."""
+    if "triton" not in backend.BACKENDS or "channel_sums" in backend._kernels.get("triton", {}):
+        pytest.skip("needs a backend without channel ops")
+    assert backend.helper_kernel("channel_sums", "cpu") is backend.kernel("channel_sums", "cpu")
+    with backend.use("triton"):
+        with pytest.raises(RuntimeError, match="was forced but has no 'channel_sums'"):
+            backend.kernel("channel_sums", "cpu")
+        for op in ("channel_sums", "channel_combine", "batch_norm_reverse", "col2im", "adam_step"):
+            assert backend.helper_kernel(op, "cpu") is backend._kernels["reference"][op]
+        a = [torch.randn(2, 3, 4)]
+        torch.testing.assert_close(channel_sums(a), a[0].sum(dim=(0, 2))[None])

@@ -199,10 +199,7 @@ def _adam_kernel(op, tensors):
     if t0.device.type == "cpu" and not (t0.dtype in (torch.float32, torch.float64)
                                         and all(t.is_contiguous() and t.dtype == t0.dtype for t in tensors)):
         return getattr(_reference_solver, op)
-    forced = backend.forced()  # a forced backend without this op (triton, cuda): the reference
-    if forced is not None and forced not in backend.candidates(op, t0.device.type):
-        return getattr(_reference_solver, op)
-    return backend.kernel(op, t0.device)
+    return backend.helper_kernel(op, t0.device)  # a forced backend without this op (triton, cuda): the reference
 
 
 def _safe_sqrt(x):

@@ -109,7 +109,7 @@ def channel_sums(a: Sequence[Tensor], b: Sequence[Optional[Tensor]] | None = Non
                                  f"{tuple(a[0].shape)} {a[0].dtype} on {a[0].device}")
             t = t.contiguous()
         bb.append(t)
-    return backend.kernel("channel_sums", a[0].device)(a, bb)
+    return backend.helper_kernel("channel_sums", a[0].device)(a, bb)
 
 
 def channel_combine(xs: Sequence[Tensor], coef: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -118,7 +118,7 @@ def channel_combine(xs: Sequence[Tensor], coef: Tensor, bias: Optional[Tensor] =
     coef = _check_small("channel_combine", "coef", coef, (len(xs), xs[0].shape[1]), xs[0])
     if bias is not None:
         bias = _check_small("channel_combine", "bias", bias, (xs[0].shape[1],), xs[0])
-    return backend.kernel("channel_combine", xs[0].device)(xs, coef, bias)
+    return backend.helper_kernel("channel_combine", xs[0].device)(xs, coef, bias)
 
 
 def batch_norm_reverse(u: Tensor, gy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, gw: Tensor,
@@ -139,5 +139,5 @@ def batch_norm_reverse(u: Tensor, gy: Tensor, x: Tensor, mean: Tensor, rstd: Ten
     needs = [bool(v) for v in needs]
     if len(needs) != 3:
         raise ValueError("batch_norm_reverse: needs must have 3 entries")
-    out = backend.kernel("batch_norm_reverse", x.device)(u, gy, x, *small, needs)
+    out = backend.helper_kernel("batch_norm_reverse", x.device)(u, gy, x, *small, needs)
     return tuple(o if n else None for o, n in zip(out, needs))

@@ -52,7 +52,7 @@ class _Col2Im(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cols, args):
         ctx.args = args
-        return backend.kernel("col2im", cols.device)(cols, *args)
+        return backend.helper_kernel("col2im", cols.device)(cols, *args)
 
     @staticmethod
     def backward(ctx, g):
@@ -81,7 +81,7 @@ def col2im(cols: Tensor, output_size, kernel_size, dilation=1, padding=0, stride
     cols = cols.contiguous()
     if cols.requires_grad and torch.is_grad_enabled():
         return _Col2Im.apply(cols, args)
-    return backend.kernel("col2im", cols.device)(cols, *args)
+    return backend.helper_kernel("col2im", cols.device)(cols, *args)
 
 
 __all__ = ["col2im", "KERNEL_OPS"]
