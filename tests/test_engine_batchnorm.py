@@ -114,6 +114,12 @@ def test_calls_it_does_not_handle_go_to_the_stock_operator():
     torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True))
     with batch_norm_rules(), pytest.raises(ValueError, match="more than 1 value per channel"):
         F.batch_norm(torch.randn(1, 3), None, None, training=True)  # the stock error, not a silent 0
+    # half activations with float32 affine parameters (autocast): the stock operator, not the rules
+    xh, w, b = torch.randn(4, 3, 2, dtype=torch.bfloat16), torch.rand(3), torch.rand(3)
+    with batch_norm_rules() as rules:
+        yh = F.batch_norm(xh, None, None, w, b, training=True)
+    assert rules.calls == 0
+    torch.testing.assert_close(yh, F.batch_norm(xh, None, None, w, b, training=True))
 
 
 def test_a_third_derivative_is_refused_clearly():

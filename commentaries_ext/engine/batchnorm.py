@@ -173,7 +173,10 @@ class batch_norm_rules(RuleMode):
         if func is F.batch_norm:
             a = _batch_norm_args(args, kwargs)
             x = a["input"]
-            if a["training"] and a["running_mean"] is None and a["running_var"] is None and x.dim() >= 2 and x.numel() > x.shape[1]:
+            # mixed dtypes (half activations, float32 affine parameters under autocast): the stock op
+            same_dtype = all(t is None or t.dtype == x.dtype for t in (a["weight"], a["bias"]))
+            if a["training"] and a["running_mean"] is None and a["running_var"] is None and x.dim() >= 2 \
+                    and x.numel() > x.shape[1] and same_dtype:
                 c = x.shape[1]
                 w = a["weight"] if a["weight"] is not None else x.new_ones(c)
                 b = a["bias"] if a["bias"] is not None else x.new_zeros(c)
