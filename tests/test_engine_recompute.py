@@ -155,3 +155,46 @@ def test_mlp_weight_gradients_kept_as_recipes_match_the_stock_graph(monkeypatch)
     without = meta_grad()
     assert without.abs().sum() > 0
     torch.testing.assert_close(with_recipes, without, rtol=1e-12, atol=1e-15)
+
+
+def test_a_backward_on_another_thread_registers_with_the_open_context():
+    """A GPU backward runs on autograd's device threads, not on the thread that opened the
+    context: a rule's registration from such a thread reaches the one open context (a
+    threading.local registry dropped it, and the memory saving with it); with contexts open on
+    two threads, a third thread has none to pick and registers nothing."""
+    import threading
+
+    a = torch.randn(300, 300, dtype=torch.float64)  # above MIN_BYTES
+
+    def on_thread(fn):
+        out = []
+        t = threading.Thread(target=lambda: out.append(fn()))
+        t.start()
+        t.join()
+        return out[0]
+
+    def register_and_look_up():
+        b = a * 2
+        recompute.register(b, lambda x: x * 2, a)
+        return recompute.active(), recompute._lookup(b) is not None
+
+    assert on_thread(register_and_look_up) == (False, False)
+    with recompute_cheap():
+        assert on_thread(register_and_look_up) == (True, True)
+        opened, closed = threading.Event(), threading.Event()
+
+        def other_context():
+            with recompute_cheap():
+                opened.set()
+                closed.wait(10)
+
+        t = threading.Thread(target=other_context)
+        t.start()
+        opened.wait(10)
+        try:
+            assert on_thread(register_and_look_up) == (False, False)
+        finally:
+            closed.set()
+            t.join()
+        assert on_thread(register_and_look_up) == (True, True)
+    assert not recompute.active() and recompute._stacks == {}

@@ -23,13 +23,22 @@ import threading
 
 import torch
 
-_local = threading.local()
+# The registries of the contexts open on each thread (thread id -> stack). A GPU backward runs on
+# autograd's device threads, not on the thread that opened the context (the saved-tensors hooks
+# follow it there, a threading.local would not): a thread with no context of its own uses the
+# context of the one thread that has one, if exactly one does.
+_lock = threading.Lock()
+_stacks: dict[int, list] = {}
 
 
 def _registries() -> list:
-    if not hasattr(_local, "stack"):
-        _local.stack = []
-    return _local.stack
+    if not _stacks:  # no context anywhere (the common case outside an unroll): no lock
+        return []
+    own = _stacks.get(threading.get_ident())
+    if own:
+        return own
+    with _lock:
+        return next(iter(_stacks.values())) if len(_stacks) == 1 else []
 
 
 def _key(t: torch.Tensor):
@@ -68,7 +77,8 @@ class _Recipe:
 
 
 def active() -> bool:
-    """Whether a :class:`recompute_cheap` context is open on this thread."""
+    """Whether a :class:`recompute_cheap` context is open on this thread (or serves it: see
+    ``_stacks``)."""
     return bool(_registries())
 
 
@@ -125,11 +135,17 @@ class recompute_cheap:
     def __enter__(self):
         self._hooks = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
         self._hooks.__enter__()
-        _registries().append({"ptrs": set(), "recipes": {}})
+        with _lock:
+            _stacks.setdefault(threading.get_ident(), []).append({"ptrs": set(), "recipes": {}})
         return self
 
     def __exit__(self, *exc):
-        for _, _, recipe in _registries().pop()["recipes"].values():
+        tid = threading.get_ident()
+        with _lock:
+            reg = _stacks[tid].pop()
+            if not _stacks[tid]:
+                del _stacks[tid]
+        for _, _, recipe in reg["recipes"].values():
             recipe.held = None
         self._hooks.__exit__(*exc)
         return False
