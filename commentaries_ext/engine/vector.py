@@ -45,8 +45,11 @@ def _solver_ops():
 
 
 def _supported(*lists) -> bool:
-    """Whether the fused kernels take these lists: contiguous float32/float64 tensors of
-    one dtype and device, no autograd (the solvers run on detached buffers)."""
+    """Whether the fused kernels take these lists: contiguous float32/float64 CPU tensors of
+    one dtype and device, no autograd (the solvers run on detached buffers). On a GPU the
+    engine keeps the ``torch._foreach`` path: the Triton/CUDA solver kernels have not yet run on
+    one (their tests skip without a GPU), and ``best_seconds`` would need a synchronisation
+    there; ``ops.solver``'s public functions do use them."""
     first = lists[0][0] if lists and lists[0] else None
     if first is None or first.dtype not in (torch.float32, torch.float64) or first.device.type != "cpu":
         return False
