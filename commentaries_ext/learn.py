@@ -183,6 +183,8 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
     dist_on = D.enabled() if distributed is None else bool(distributed)
     world, rank = (D.world_size(process_group), D.rank(process_group)) if dist_on else (1, 0)
     reducer = None
+    if device is not None:  # with the student and the batches; before the broadcast (NCCL: GPU tensors) and
+        commentary.to(device)  # before its optimizer sees its parameters
     if dist_on:
         if batch_size % world:
             raise ValueError(f"batch_size={batch_size} is the global batch under torch.distributed: "
@@ -194,8 +196,6 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
         D.broadcast_module_(commentary, group=process_group)
         reducer = D.ShardReducer(process_group, train_reduction=getattr(commentary, "reduction", "mean"))
     gen = torch.Generator().manual_seed(seed)
-    if device is not None:
-        commentary.to(device)  # with the student and the batches (before its optimizer sees its parameters)
     hnames = [n for n, p in commentary.named_parameters() if p.requires_grad]
     if outer_optimizer is None:
         outer_optimizer = torch.optim.Adam([p for p in commentary.parameters() if p.requires_grad], lr=outer_lr)

@@ -269,7 +269,7 @@ def _check_partner_errors(bk, device):
         fwd(x, m, torch.randn(5, 3, 5, 5, device=device), None)
     with pytest.raises(RuntimeError, match="perm must be a contiguous int64"):
         fwd(x, m, None, torch.arange(4, dtype=torch.int32, device=device))
-    with pytest.raises(RuntimeError, match="x_a must be contiguous or channels-last"):
+    with pytest.raises(RuntimeError, match=r"x_a must be (dense|contiguous)"):
         fwd(torch.randn(4, 3, 5, 7, device=device)[..., :5], m, None, torch.arange(4, device=device))
     # a size-1 dimension's stride is never used: any value is accepted
     one = torch.randn(4, 3, 1, 5, device=device).as_strided((4, 3, 1, 5), (15, 5, 99, 1))
@@ -284,28 +284,49 @@ def _check_partner_errors(bk, device):
                 bwd(g, x, m, None, perm, [False, False, True])
 
 
-@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ kernels are not built")
-def test_cpp_kernel_ops_check_x_a_and_m():
-    """The C++ kernels address x_a (and their outputs) as dense rows and m per example: a gapped
-    x_a, an m with other rows or a trailing size neither 1 nor x_a's is an error (each was a
-    read or write out of bounds), for the forward, the backward and the C++ autograd op."""
-    ops = torch.ops.commentaries_ext
-    x = torch.randn(8, 4, 3, 3)
-    perm = torch.randperm(8)
+def _check_x_a_m_grad_errors(bk, device):
+    x = torch.randn(8, 4, 3, 3, device=device)
+    perm = torch.randperm(8, device=device)
+    fwd, bwd = backend._kernels[bk]["blend_forward"], backend._kernels[bk]["blend_backward"]
+    gapped = r"x_a must be (dense|contiguous)"
     cases = [
-        (x, torch.rand(2, 1, 1, 1), "m must have x_a's 8 rows"),
-        (x, torch.rand(8, 4, 2, 2), "does not broadcast to x_a"),
-        (torch.randn(8, 4, 3, 5)[..., :3], torch.rand(8, 1, 1, 1), "x_a must be contiguous or channels-last"),
-        (torch.randn(1, 4, 3, 5)[..., :3], torch.rand(1, 1, 1, 1), "x_a must be contiguous or channels-last"),
+        (x, torch.rand(2, 1, 1, 1, device=device), "m must have x_a's 8 rows"),
+        (x, torch.rand(1, 1, 1, 1, device=device), "m must have x_a's 8 rows"),  # expand would accept it
+        (x, torch.rand(8, 4, 2, 2, device=device), "does not broadcast to x_a"),
+        (x, torch.rand(3, 3, device=device), "m must have x_a's rank"),
+        (x, torch.rand(8, 1, 1, 1, device=device, dtype=torch.float64), "m must have x_a's dtype"),
+        (torch.randn(8, 4, 3, 5, device=device)[..., :3], torch.rand(8, 1, 1, 1, device=device), gapped),
+        (torch.randn(1, 4, 3, 5, device=device)[..., :3], torch.rand(1, 1, 1, 1, device=device), gapped),
     ]
     for xa, m, msg in cases:
         p = perm[: xa.shape[0]] % xa.shape[0]
         with pytest.raises(RuntimeError, match=msg):
-            ops.cpp_blend_forward(xa, m, None, p)
+            fwd(xa, m, None, p)
         with pytest.raises(RuntimeError, match=msg):
-            ops.cpp_blend_backward(xa, xa, m, None, p, [True, False, True])  # grad: x_a's strides
-        with pytest.raises(RuntimeError, match=msg):
-            ops.cpp_masked_blend(xa, m, None, p)
+            bwd(xa, xa, m, None, p, [True, False, True])  # grad: x_a's strides
+        if bk == "cpp":
+            with pytest.raises(RuntimeError, match=msg):
+                torch.ops.commentaries_ext.cpp_masked_blend(xa, m, None, p)
+    m = torch.rand(8, 1, 1, 1, device=device)
+    for grad in (x[:1], x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2), x.double()):
+        with pytest.raises(RuntimeError, match="grad must have x_a's shape, strides, dtype"):
+            bwd(grad, x, m, None, perm, [True, False, True])
+
+
+@pytest.mark.parametrize("bk", KERNEL_BACKENDS)
+def test_kernel_ops_check_x_a_m_and_grad(bk):
+    """The kernels address x_a (and their outputs) as dense rows, m per example and grad with
+    x_a's layout: a gapped x_a, an m with other rows, rank, dtype or trailing sizes, a grad of
+    another shape, layout or dtype is an error in every backend (each was a read or write out
+    of bounds or a wrong result in one of them; expand() alone accepts an m of one row)."""
+    _check_x_a_m_grad_errors(bk, "cpu")
+
+
+@CUDA
+def test_gpu_kernel_ops_check_x_a_m_and_grad():
+    for bk in backend.candidates("blend_forward", "cuda"):
+        if bk != "reference":
+            _check_x_a_m_grad_errors(bk, "cuda")
 
 
 @pytest.mark.parametrize("bk", KERNEL_BACKENDS)

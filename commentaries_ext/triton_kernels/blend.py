@@ -137,25 +137,37 @@ def _grid(rows: int, f: int) -> tuple[int, int]:
     return rows, min(triton.cdiv(f, BLOCK), MAX_GRID_1)
 
 
-def _check_partner(x_a: torch.Tensor, x_b: torch.Tensor | None, perm: torch.Tensor | None, f: int, op: str) -> None:
-    """The part of the contract that the kernels rely on for their addressing (a direct
-    kernel-op call gets an error, not an access out of bounds): x_a dense (contiguous or
-    channels-last; m is expanded to x_a's shape, which checks m), x_b with x_a's dtype, trailing
-    sizes and strides and dense rows; perm int64 [N]. perm's range is not checked here (on a GPU
-    it would cost a host synchronisation): masked_blend validates it."""
+def _check_layout(x_a: torch.Tensor, m: torch.Tensor, x_b: torch.Tensor | None, perm: torch.Tensor | None, f: int,
+                  op: str) -> None:
+    """The layout contract the kernels' addressing relies on (a direct kernel-op call gets an
+    error, not an access out of bounds), as csrc/blend_contract.h checks it for the C++ and CUDA
+    kernels: x_a contiguous or channels-last; m of x_a's rank, dtype and device, N rows, other
+    dimensions 1 or x_a's; x_b with x_a's dtype, device, trailing sizes and strides (size-1
+    dimensions aside) and dense rows, N rows without perm; perm contiguous int64 [N]. perm's range
+    is not checked (on a GPU it would synchronise with the host): masked_blend validates it."""
     n = x_a.shape[0]
     if not (x_a.is_contiguous() or (x_a.dim() == 4 and x_a.is_contiguous(memory_format=torch.channels_last))):
         raise RuntimeError(f"{op}: x_a must be contiguous or channels-last")
+    if m.dim() != x_a.dim():
+        raise RuntimeError(f"{op}: m must have x_a's rank {x_a.dim()}, got {m.dim()}")
+    if m.dtype != x_a.dtype or m.device != x_a.device:
+        raise RuntimeError(f"{op}: m must have x_a's dtype and device")
+    if m.shape[0] != n:
+        raise RuntimeError(f"{op}: m must have x_a's {n} rows, got {m.shape[0]}")
+    if any(ms not in (1, xs) for ms, xs in zip(m.shape[1:], x_a.shape[1:])):
+        raise RuntimeError(f"{op}: m of shape {tuple(m.shape)} does not broadcast to x_a of shape "
+                           f"{tuple(x_a.shape)} (each dimension 1 or x_a's)")
     if x_b is not None:
-        if x_b.dtype != x_a.dtype:
-            raise RuntimeError(f"{op}: x_b must have x_a's dtype")
+        if x_b.dtype != x_a.dtype or x_b.device != x_a.device:
+            raise RuntimeError(f"{op}: x_b must have x_a's dtype and device")
         if (x_b.dim() != x_a.dim() or x_b.shape[1:] != x_a.shape[1:] or (x_b.shape[0] > 1 and x_b.stride(0) != f)
                 or any(x_b.shape[d] != 1 and x_b.stride(d) != x_a.stride(d) for d in range(1, x_a.dim()))):
             raise RuntimeError(f"{op}: x_b must have x_a's trailing sizes and memory layout, with dense rows")
         if perm is None and x_b.shape[0] != n:
             raise RuntimeError(f"{op}: without perm, x_b must have x_a's {n} rows")
-    if perm is not None and (perm.dtype != torch.int64 or perm.shape != (n,) or not perm.is_contiguous()):
-        raise RuntimeError(f"{op}: perm must be a contiguous int64 tensor of shape [{n}]")
+    if perm is not None and (perm.dtype != torch.int64 or perm.shape != (n,) or not perm.is_contiguous()
+                             or perm.device != x_a.device):
+        raise RuntimeError(f"{op}: perm must be a contiguous int64 tensor of shape [{n}] on x_a's device")
 
 
 def _layout_or_materialise(x_a, m):
@@ -175,7 +187,7 @@ def blend_forward(x_a: torch.Tensor, m: torch.Tensor, x_b: torch.Tensor | None, 
     f = x_a.numel() // n if n else 0
     if n == 0 or f == 0:
         return out
-    _check_partner(x_a, x_b, perm, f, "blend_forward")
+    _check_layout(x_a, m, x_b, perm, f, "blend_forward")
     m, margs = _layout_or_materialise(x_a, m)
     xb = x_a if x_b is None else x_b
     grid = _grid(n, f)
@@ -212,7 +224,9 @@ def blend_backward(grad: torch.Tensor, x_a: torch.Tensor, m: torch.Tensor, x_b: 
         if want_m:
             gm.zero_()
         return gxa, gxb, gm
-    _check_partner(x_a, x_b, perm, f, "blend_backward")
+    if grad.shape != x_a.shape or grad.stride() != x_a.stride() or grad.dtype != x_a.dtype or grad.device != x_a.device:
+        raise RuntimeError("blend_backward: grad must have x_a's shape, strides, dtype and device")
+    _check_layout(x_a, m, x_b, perm, f, "blend_backward")
     m_orig = m
     m, margs = _layout_or_materialise(x_a, m)
     acc = acc_dtype(x_a.dtype)

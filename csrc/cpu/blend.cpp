@@ -22,6 +22,7 @@
 #include <array>
 #include <vector>
 
+#include "blend_contract.h"
 #include "common.h"
 
 namespace commentaries_ext {
@@ -62,14 +63,11 @@ struct RowLayout {
 RowLayout make_layout(const at::Tensor& x, const at::Tensor& m) {
   const int64_t D = x.dim();
   TORCH_CHECK(D >= 1 && D <= kMaxDims, "blend: x_a must have 1 to ", kMaxDims, " dimensions");
-  TORCH_CHECK(m.dim() == D, "blend: m must have x_a's rank");
-  // the kernels address x_a (and their outputs, empty_like(x_a)) as dense rows and m per example:
-  // a direct call with a gapped x_a or a mask of other sizes is an error, not an access out of bounds
-  TORCH_CHECK(x.is_non_overlapping_and_dense(), "blend: x_a must be contiguous or channels-last");
-  TORCH_CHECK(m.size(0) == x.size(0), "blend: m must have x_a's ", x.size(0), " rows, got ", m.size(0));
-  for (int64_t d = 1; d < D; ++d)
-    TORCH_CHECK(m.size(d) == 1 || m.size(d) == x.size(d), "blend: m of shape ", m.sizes(),
-                " does not broadcast to x_a of shape ", x.sizes(), " (each dimension 1 or x_a's)");
+  // the kernels address x_a (and their outputs, empty_like(x_a)) as dense rows, in any order of
+  // the dimensions (contiguous, channels-last, ...), and m per example
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), "blend: x_a must be dense (contiguous, channels-last or another "
+              "order of its dimensions, without gaps)");
+  blend_contract::check_mask(x, m, "blend");
   RowLayout L;
   L.n = x.size(0);
   // contiguous strides of grad_m (m's shape), 0 along broadcast dims
@@ -128,33 +126,14 @@ RowLayout make_layout(const at::Tensor& x, const at::Tensor& m) {
   return L;
 }
 
-// The partner's part of the contract, checked in the kernels too (the Python layer guarantees
-// it; a direct call of the kernel op gets an error instead of a read out of bounds): x_b with
-// x_a's dtype, trailing sizes and strides and dense rows (stride(0) == row), and N rows without
-// perm; perm int64 [N], contiguous, with values in [0, rows of the partner).
-void check_partner(const at::Tensor& x_a, const c10::optional<at::Tensor>& x_b, const c10::optional<at::Tensor>& perm,
-                   int64_t row, const char* op) {
-  const int64_t n = x_a.size(0);
-  int64_t rows = n;
-  if (x_b.has_value()) {
-    const at::Tensor& b = *x_b;
-    TORCH_CHECK(b.scalar_type() == x_a.scalar_type(), op, ": x_b must have x_a's dtype");
-    bool same = b.dim() == x_a.dim() && b.sizes().slice(1) == x_a.sizes().slice(1) &&
-                (b.size(0) <= 1 || b.stride(0) == row);
-    for (int64_t d = 1; same && d < b.dim(); ++d)  // a size-1 dimension's stride is never used
-      same = b.size(d) == 1 || b.stride(d) == x_a.stride(d);
-    TORCH_CHECK(same, op, ": x_b must have x_a's trailing sizes and memory layout, with dense rows");
-    TORCH_CHECK(perm.has_value() || b.size(0) == n, op, ": without perm, x_b must have x_a's ", n, " rows");
-    rows = b.size(0);
-  }
-  if (perm.has_value()) {
-    const at::Tensor& p = *perm;
-    TORCH_CHECK(p.scalar_type() == at::kLong && p.dim() == 1 && p.size(0) == n && p.is_contiguous(), op,
-                ": perm must be a contiguous int64 tensor of shape [", n, "]");
-    const int64_t* pp = p.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < n; ++i)
-      TORCH_CHECK(pp[i] >= 0 && pp[i] < rows, op, ": perm holds ", pp[i], ", out of range for ", rows, " rows");
-  }
+// perm's values in [0, rows of the partner) (its layout: blend_contract::check_partner)
+void check_perm_range(const at::Tensor& x_a, const c10::optional<at::Tensor>& x_b,
+                      const c10::optional<at::Tensor>& perm, const char* op) {
+  if (!perm.has_value()) return;
+  const int64_t rows = x_b.has_value() ? x_b->size(0) : x_a.size(0);
+  const int64_t* pp = perm->const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < perm->size(0); ++i)
+    TORCH_CHECK(pp[i] >= 0 && pp[i] < rows, op, ": perm holds ", pp[i], ", out of range for ", rows, " rows");
 }
 
 // Order in which to visit the examples. With a gathered partner that is a true
@@ -219,7 +198,8 @@ template <typename T>
 void forward_impl(const at::Tensor& x_a, const at::Tensor& m, const c10::optional<at::Tensor>& x_b,
                   const c10::optional<at::Tensor>& perm, at::Tensor& out) {
   const RowLayout L = make_layout(x_a, m);
-  check_partner(x_a, x_b, perm, L.row, "blend_forward");
+  blend_contract::check_partner(x_a, x_b, perm, L.row, "blend_forward");
+  check_perm_range(x_a, x_b, perm, "blend_forward");
   const T* pa = x_a.const_data_ptr<T>();
   const T* pb = x_b.has_value() ? x_b->const_data_ptr<T>() : pa;
   const T* pm = m.const_data_ptr<T>();
@@ -397,7 +377,8 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x_a, const at::Tens
                    const c10::optional<at::Tensor>& x_b, const c10::optional<at::Tensor>& perm, bool need_xa,
                    bool need_xb, bool need_m, at::Tensor& gxa_t, at::Tensor& gxb_t, at::Tensor& gm_t) {
   const RowLayout L = make_layout(x_a, m);
-  check_partner(x_a, x_b, perm, L.row, "blend_backward");
+  blend_contract::check_partner(x_a, x_b, perm, L.row, "blend_backward");
+  check_perm_range(x_a, x_b, perm, "blend_backward");
   const T* pg = grad.const_data_ptr<T>();
   const T* pa = x_a.const_data_ptr<T>();
   const T* pb = x_b.has_value() ? x_b->const_data_ptr<T>() : pa;
@@ -489,8 +470,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_blend_backward(const at::Tens
                                                                   const c10::optional<at::Tensor>& perm,
                                                                   std::array<bool, 3> output_mask) {
   TORCH_CHECK(x_b.has_value() || perm.has_value(), "blend_backward: give x_b or perm");
-  TORCH_CHECK(grad.sizes() == x_a.sizes() && grad.strides() == x_a.strides(),
-              "blend_backward: grad must have x_a's shape and strides");
+  blend_contract::check_grad(grad, x_a, "blend_backward");
   const bool need_xa = output_mask[0], need_xb = output_mask[1] && x_b.has_value(), need_m = output_mask[2];
   const bool poison = poison_outputs_flag().load(std::memory_order_relaxed);
   auto fresh = [&](const at::Tensor& like) {

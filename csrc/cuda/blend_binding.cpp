@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "binding_common.h"
+#include "blend_contract.h"
 #include "blend.h"
 
 namespace commentaries_ext {
@@ -54,33 +55,14 @@ at::Tensor poisoned_like(const at::Tensor& t) {
   return out;
 }
 
-// The part of the contract that the kernels' addressing relies on (a direct call of the kernel
-// op gets an error, not an access out of bounds; m is checked by its expansion to x_a's shape):
-// x_a contiguous or channels-last, x_b with x_a's dtype, trailing sizes and strides and dense
-// rows; perm int64 [N] contiguous. perm's range is masked_blend's check (here it would
-// synchronise with the host).
-void check_partner(const at::Tensor& x_a, const c10::optional<at::Tensor>& x_b, const c10::optional<at::Tensor>& perm,
-                   int64_t f, const char* op) {
-  const int64_t n = x_a.size(0);
+// x_a contiguous or channels-last (the kernels' rows are dense runs in one of these two orders),
+// then the rest of the layout contract shared with the C++ kernels (csrc/blend_contract.h).
+void check_layout(const at::Tensor& x_a, const at::Tensor& m, const c10::optional<at::Tensor>& x_b,
+                  const c10::optional<at::Tensor>& perm, int64_t f, const char* op) {
   TORCH_CHECK(x_a.is_contiguous() || (x_a.dim() == 4 && x_a.is_contiguous(at::MemoryFormat::ChannelsLast)), op,
               ": x_a must be contiguous or channels-last");
-  if (x_b.has_value()) {
-    const at::Tensor& b = *x_b;
-    TORCH_CHECK(b.scalar_type() == x_a.scalar_type() && b.device() == x_a.device(), op,
-                ": x_b must have x_a's dtype and device");
-    bool same = b.dim() == x_a.dim() && b.sizes().slice(1) == x_a.sizes().slice(1) &&
-                (b.size(0) <= 1 || b.stride(0) == f);
-    for (int64_t d = 1; same && d < b.dim(); ++d)  // a size-1 dimension's stride is never used
-      same = b.size(d) == 1 || b.stride(d) == x_a.stride(d);
-    TORCH_CHECK(same, op, ": x_b must have x_a's trailing sizes and memory layout, with dense rows");
-    TORCH_CHECK(perm.has_value() || b.size(0) == n, op, ": without perm, x_b must have x_a's ", n, " rows");
-  }
-  if (perm.has_value()) {
-    const at::Tensor& p = *perm;
-    TORCH_CHECK(p.scalar_type() == at::kLong && p.dim() == 1 && p.size(0) == n && p.is_contiguous() &&
-                    p.device() == x_a.device(),
-                op, ": perm must be a contiguous int64 tensor of shape [", n, "] on x_a's device");
-  }
+  blend_contract::check_mask(x_a, m, op);
+  blend_contract::check_partner(x_a, x_b, perm, f, op);
 }
 
 at::Tensor blend_forward(const at::Tensor& x_a, const at::Tensor& m, const c10::optional<at::Tensor>& x_b,
@@ -91,7 +73,7 @@ at::Tensor blend_forward(const at::Tensor& x_a, const at::Tensor& m, const c10::
   const int64_t n = x_a.size(0);
   const int64_t f = n ? x_a.numel() / n : 0;
   if (n == 0 || f == 0) return out;
-  check_partner(x_a, x_b, perm, f, op);
+  check_layout(x_a, m, x_b, perm, f, op);
   ck::MaskLayout ml;
   at::Tensor mm = usable_mask(x_a, m, &ml);
   const at::Tensor& xb = x_b.has_value() ? *x_b : x_a;
@@ -119,8 +101,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_backward(const at::Tensor& 
     if (want_m) gm.zero_();
     return {gxa, gxb, gm};
   }
-  TORCH_CHECK(grad.strides() == x_a.strides(), op, ": grad must have x_a's strides");
-  check_partner(x_a, x_b, perm, f, op);
+  blend_contract::check_grad(grad, x_a, op);
+  check_layout(x_a, m, x_b, perm, f, op);
   ck::MaskLayout ml;
   at::Tensor mm = usable_mask(x_a, m, &ml);
   const at::Tensor& xb = x_b.has_value() ? *x_b : x_a;
