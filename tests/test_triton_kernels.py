@@ -317,6 +317,34 @@ def test_wce_plus_inf_logits_every_backend(bk, c, dtype, monkeypatch):
         torch.testing.assert_close(hvp, ref.wce_hvp(z, want_lse, g, u), equal_nan=True)
 
 
+@pytest.mark.parametrize("bk", [b for b in backend.candidates("wce_forward", DEVICE) if b in ("triton", "cuda")])
+def test_gpu_kernels_guard_their_inputs(bk):
+    """The GPU kernels cannot raise on a target's value without a host synchronisation: a target
+    out of range gives a NaN loss (no load outside the row; the C++ kernels raise instead), an
+    ignored row may hold anything. Shapes are checked on the host: a short target, lse or a
+    tangent of another shape is an error, not an access out of bounds."""
+    z = torch.randn(4, 5, device=DEVICE)
+    lam = torch.full((4,), 0.25, device=DEVICE)
+    y = torch.tensor([0, 7, IGNORE, -2], device=DEVICE)
+    with backend.use(bk):
+        fwd = backend.kernel("wce_forward", DEVICE)
+        loss, lse = fwd(z, y, None, None, IGNORE)
+        assert torch.isfinite(loss[0]) and loss[1].isnan() and loss[2] == 0 and loss[3].isnan()
+        assert torch.isfinite(lse).all()
+        yb = torch.tensor([1, 2, 99, 5], device=DEVICE)  # row 2 ignored: its target_b is never read
+        loss, _ = fwd(z, torch.tensor([0, 1, IGNORE, 3], device=DEVICE), yb, lam, IGNORE)
+        assert torch.isfinite(loss[:2]).all() and loss[2] == 0 and loss[3].isnan()
+        with pytest.raises(RuntimeError, match="target must have shape"):
+            fwd(z, y[:2], None, None, IGNORE)
+        with pytest.raises(RuntimeError, match="lse must have shape"):
+            backend.kernel("wce_backward", DEVICE)(torch.ones(4, device=DEVICE), z, lse[:3], y.clamp(0, 4), None,
+                                                   None, IGNORE)
+        with pytest.raises(RuntimeError, match="u must have the shape of logits"):
+            backend.kernel("wce_hvp", DEVICE)(z, lse, torch.ones(4, device=DEVICE), z[:, :3])
+        with pytest.raises(RuntimeError, match="t must have the shape of logits"):
+            backend.kernel("wce_jvp", DEVICE)(z, lse, y.clamp(0, 4), None, None, z[:2], IGNORE)
+
+
 @pytest.mark.parametrize("n,c", [(5, 0), (0, 4), (4, 1), (9, 23)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_wce_same_as_reference_backend_edge_cases(n, c, dtype):

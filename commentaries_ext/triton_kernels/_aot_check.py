@@ -43,7 +43,7 @@ def specs():
         for has_perm in (True, False):
             yield B._blend_fwd_kernel, dict(XA="*"+e, XB="*"+e, M="*"+e, PERM="*i64", OUT="*"+e, **m), dict(HAS_PERM=has_perm, ACC=TL[a], BLOCK=B.BLOCK), e
             # the launcher's combinations: grad_x_a / grad_x_b written here unless scattered, grad_m's products
-            for gxa, gxb, prod in ((True, True, True), (True, False, True), (False, True, False), (False, False, True), (True, False, False)):
+            for gxa, gxb, prod in ((a_, b_, p_) for a_ in (True, False) for b_ in (True, False) for p_ in (True, False) if a_ or b_ or p_):
                 for rowsum in ((True, False) if prod else (False,)):
                     yield B._blend_bwd_kernel, dict(G="*"+e, XA="*"+e, XB="*"+e, M="*"+e, PERM="*i64", GXA="*"+e, GXB="*"+e, PROD="*"+a, F="i32", sxa="i64", sxb="i64", sgxb="i64", **{k: v for k, v in m.items() if k not in ("F", "sxa", "sxb")}), dict(HAS_PERM=has_perm, WANT_GXA=gxa, WANT_GXB=gxb, WANT_PROD=prod, ROWSUM=rowsum, ACC=TL[a], BLOCK=B.BLOCK), e
         for self_ in (True, False):

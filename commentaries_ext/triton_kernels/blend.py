@@ -62,7 +62,8 @@ def _blend_fwd_kernel(XA, XB, M, PERM, OUT, F, sxa, sxb, msn, MS1, MS2, MS3, S2,
         src = tl.load(PERM + n64)
     else:
         src = n64
-    for k0 in range(tl.program_id(1) * BLOCK, F, tl.num_programs(1) * BLOCK):  # grid axis 1 is capped
+    # grid axis 1 is capped: loop over the rest of the row (int64: rows near 2^31 elements)
+    for k0 in range(tl.program_id(1).to(tl.int64) * BLOCK, F, tl.num_programs(1).to(tl.int64) * BLOCK):
         k = k0 + tl.arange(0, BLOCK)
         mask = k < F
         xa = tl.load(XA + n64 * sxa + k, mask=mask, other=0.0).to(ACC)
@@ -85,7 +86,8 @@ def _blend_bwd_kernel(G, XA, XB, M, PERM, GXA, GXB, PROD, F, sxa, sxb, sgxb, msn
     else:
         src = n64
     part = tl.zeros([BLOCK], ACC)
-    for k0 in range(tl.program_id(1) * BLOCK, F, tl.num_programs(1) * BLOCK):  # grid axis 1 is capped
+    # grid axis 1 is capped: loop over the rest of the row (int64: rows near 2^31 elements)
+    for k0 in range(tl.program_id(1).to(tl.int64) * BLOCK, F, tl.num_programs(1).to(tl.int64) * BLOCK):
         k = k0 + tl.arange(0, BLOCK)
         mask = k < F
         g = tl.load(G + n64 * sxa + k, mask=mask, other=0.0).to(ACC)
@@ -114,7 +116,8 @@ def _blend_gather_kernel(G, M, OUT, ORDER, OFFS, F, sg, sout, msn, MS1, MS2, MS3
     i64 = i.to(tl.int64)
     start = tl.load(OFFS + i64)
     end = tl.load(OFFS + i64 + 1)
-    for k0 in range(tl.program_id(1) * BLOCK, F, tl.num_programs(1) * BLOCK):  # grid axis 1 is capped
+    # grid axis 1 is capped: loop over the rest of the row (int64: rows near 2^31 elements)
+    for k0 in range(tl.program_id(1).to(tl.int64) * BLOCK, F, tl.num_programs(1).to(tl.int64) * BLOCK):
         k = k0 + tl.arange(0, BLOCK)
         mask = k < F
         moff = _m_offsets(k, MS1, MS2, MS3, S2, S3)

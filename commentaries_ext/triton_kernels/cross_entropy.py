@@ -70,12 +70,17 @@ def _wce_forward_kernel(Z, Y, YB, LAM, LOSS, LSE, N, C, szn, szc, sy, syb, slam,
     lse = tl.where(s > 0.0, m_safe + tl.log(tl.where(s > 0.0, s, 1.0)), float("-inf"))
     lse = tl.where(s != s, s, lse)  # a NaN logit: NaN, not -inf
     y, yb, lam, valid = _mix_terms(Y, YB, LAM, rows64, rmask, sy, syb, slam, ignore_index, HAS_MIX, ACC)
-    zy = tl.load(zrow + y * szc, mask=valid, other=0.0).to(ACC)
+    # a target out of range (a direct call of the op: the Python layer checks) gives a NaN loss,
+    # never a load outside the row
+    in_range = (y >= 0) & (y < C)
+    if HAS_MIX:
+        in_range = in_range & (yb >= 0) & (yb < C)
+    zy = tl.load(zrow + y * szc, mask=valid & in_range, other=0.0).to(ACC)
     tgt = tl.where(lam == 0.0, 0.0, lam * zy)
     if HAS_MIX:
-        zb = tl.load(zrow + yb * szc, mask=valid, other=0.0).to(ACC)
+        zb = tl.load(zrow + yb * szc, mask=valid & in_range, other=0.0).to(ACC)
         tgt += tl.where(lam == 1.0, 0.0, (1.0 - lam) * zb)
-    loss = tl.where(valid, lse - tgt, 0.0)
+    loss = tl.where(valid, tl.where(in_range, lse - tgt, float("nan")), 0.0)
     tl.store(LOSS + rows64, loss.to(LOSS.dtype.element_ty), mask=rmask)
     tl.store(LSE + rows64, lse.to(LSE.dtype.element_ty), mask=rmask)
 
@@ -177,6 +182,22 @@ def _wce_jvp_kernel(Z, LSE, Y, YB, LAM, T, OUT, N, C, szn, szc, slse, sy, syb, s
 # ----------------------------------------------------------------- launchers
 
 
+def _check_inputs(op: str, logits: torch.Tensor, rows: dict, like: dict) -> None:
+    """Shapes and devices of the inputs (the kernels index rows and columns with them): a direct
+    call with a bad input is an error, not an access out of bounds. The targets' range is guarded
+    in the forward kernel (a NaN loss, no load): checking it here would synchronise with the host."""
+    if logits.dim() != 2:
+        raise RuntimeError(f"{op}: logits must be [N, C]")
+    for name, t in rows.items():
+        if t is not None and (t.dim() != 1 or t.shape[0] != logits.shape[0] or t.device != logits.device):
+            raise RuntimeError(f"{op}: {name} must have shape [{logits.shape[0]}] on the logits' device, got "
+                               f"{tuple(t.shape)} on {t.device}")
+    for name, t in like.items():
+        if t.shape != logits.shape or t.device != logits.device:
+            raise RuntimeError(f"{op}: {name} must have the shape of logits {tuple(logits.shape)} on their device, "
+                               f"got {tuple(t.shape)} on {t.device}")
+
+
 def _mix_args(target, target_b, lam):
     has_mix = target_b is not None and lam is not None
     if has_mix:
@@ -186,6 +207,7 @@ def _mix_args(target, target_b, lam):
 
 def wce_forward(logits: torch.Tensor, target: torch.Tensor, target_b: torch.Tensor | None,
                 lam: torch.Tensor | None, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_inputs("wce_forward", logits, {"target": target, "target_b": target_b, "lam": lam}, {})
     n, c = logits.shape
     row_dtype = acc_dtype(logits.dtype)
     loss = backend.new_output(n, dtype=row_dtype, device=logits.device)
@@ -205,6 +227,8 @@ def wce_forward(logits: torch.Tensor, target: torch.Tensor, target_b: torch.Tens
 
 def wce_backward(grad_loss: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor,
                  target_b: torch.Tensor | None, lam: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+    _check_inputs("wce_backward", logits, {"grad_loss": grad_loss, "lse": lse, "target": target,
+                                           "target_b": target_b, "lam": lam}, {})
     n, c = logits.shape
     out = backend.new_output(n, c, like=logits)
     if n == 0 or c == 0:
@@ -219,6 +243,7 @@ def wce_backward(grad_loss: torch.Tensor, logits: torch.Tensor, lse: torch.Tenso
 
 
 def wce_hvp(logits: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    _check_inputs("wce_hvp", logits, {"lse": lse, "scale": scale}, {"u": u})
     n, c = logits.shape
     out = backend.new_output(n, c, like=logits)
     if n == 0 or c == 0:
@@ -233,6 +258,7 @@ def wce_hvp(logits: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor, u: tor
 
 def wce_jvp(logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, target_b: torch.Tensor | None,
             lam: torch.Tensor | None, t: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    _check_inputs("wce_jvp", logits, {"lse": lse, "target": target, "target_b": target_b, "lam": lam}, {"t": t})
     n, c = logits.shape
     out = backend.new_output(n, dtype=acc_dtype(logits.dtype), device=logits.device)
     if n == 0:

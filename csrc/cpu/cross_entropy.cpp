@@ -689,7 +689,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
           zb = gathered.data();
           zs = C;
         }
-        if (rb < 16) {  // long rows: no group of 16 to reduce together
+        if (rb < 16 || C == 0) {  // long rows, or a thread's last rows: no group of 16 to reduce together
           for (int64_t r = 0; r < rb; ++r) mb[r] = C > 0 ? row_max(zb + r * zs, C) : ninf;
           for (int64_t r = 0; r < rb; ++r)
             sb[r] = std::isfinite(mb[r]) ? row_sumexp<T, true>(zb + r * zs, C, mb[r], gblock + r * C) : T(0);

@@ -53,7 +53,8 @@ at::Tensor cpp_col2im(const at::Tensor& cols, at::IntArrayRef output_size, at::I
   const int64_t dh = dilation[0], dw = dilation[1], ph = padding[0], pw = padding[1], sh = stride[0], sw = stride[1];
   TORCH_CHECK(KH > 0 && KW > 0 && dh > 0 && dw > 0 && sh > 0 && sw > 0 && ph >= 0 && pw >= 0 && H > 0 && W > 0,
               "col2im: sizes, dilation and stride must be positive and padding non-negative");
-  // bounded so that no product below overflows (KH * KW, d * (k - 1), H + 2 p, OH * OW)
+  // bounded so that KH * KW, d * (k - 1) and H + 2 p cannot overflow; OH * OW still could (OH up
+  // to ~3 * 2^31), so the column count is compared by division
   constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
   for (const int64_t v : {H, W, KH, KW, dh, dw, ph, pw, sh, sw})
     TORCH_CHECK(v <= kMax, "col2im: sizes, dilation, padding and stride must be at most ", kMax);

@@ -121,7 +121,12 @@ __global__ void __launch_bounds__(kBlock) wce_forward_kernel(const T* z, int64_t
   if (threadIdx.x == 0) {
     const Mix<A> m = load_mix<A>(tg, row);
     A out = A(0);
-    if (m.valid) {
+    // a target out of range (a direct call of the op: the Python layer checks) gives a NaN loss,
+    // never a read outside the row
+    const bool in_range = m.y >= 0 && m.y < c && (!m.mixed || (m.yb >= 0 && m.yb < c));
+    if (m.valid && !in_range) {
+      out = A(NAN);
+    } else if (m.valid) {
       A tgt = m.lam == A(0) ? A(0) : m.lam * to_acc(zr[m.y * szc]);
       if (m.mixed && m.lam != A(1)) tgt += (A(1) - m.lam) * to_acc(zr[m.yb * szc]);
       out = lse - tgt;

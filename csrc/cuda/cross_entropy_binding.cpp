@@ -16,13 +16,34 @@ ck::DType element(const at::Tensor& t, const char* op) { return static_cast<ck::
 
 ck::RowMatrix matrix(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
 
+// Shapes and devices of the inputs (dtypes are converted below): the kernels index rows and
+// columns with them, so a direct call with a bad input is an error, not an access out of bounds.
+// The targets' range is guarded in the forward kernel (an out-of-range target gives a NaN loss
+// without a read): checking it here would synchronise with the host.
+void check_rows(const at::Tensor& t, const at::Tensor& logits, const char* name, const char* op) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == logits.size(0) && t.device() == logits.device(), op, ": ", name,
+              " must have shape [", logits.size(0), "] on the logits' device, got ", t.sizes(), " on ", t.device());
+}
+
+void check_like_logits(const at::Tensor& t, const at::Tensor& logits, const char* name, const char* op) {
+  TORCH_CHECK(t.sizes() == logits.sizes() && t.device() == logits.device(), op, ": ", name,
+              " must have the shape of logits ", logits.sizes(), " on their device, got ", t.sizes(), " on ",
+              t.device());
+}
+
 struct Targets {
   at::Tensor y, yb, lam;  // keep converted tensors alive during the launch
   ck::WceTargets tg;
 };
 
-Targets targets(const at::Tensor& target, const c10::optional<at::Tensor>& target_b,
-                const c10::optional<at::Tensor>& lam, int64_t ignore_index, at::ScalarType row) {
+Targets targets(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& target_b,
+                const c10::optional<at::Tensor>& lam, int64_t ignore_index, at::ScalarType row, const char* op) {
+  check_rows(target, logits, "target", op);
+  TORCH_CHECK(!at::isFloatingType(target.scalar_type()), op, ": target must be an integer tensor");
+  if (target_b.has_value() && lam.has_value()) {
+    check_rows(*target_b, logits, "target_b", op);
+    check_rows(*lam, logits, "lam", op);
+  }
   Targets t;
   t.y = target.to(at::kLong);
   const bool mixed = target_b.has_value() && lam.has_value();
@@ -50,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> wce_forward(const at::Tensor& logits, const a
     lse.fill_(-std::numeric_limits<double>::infinity());
     return {loss, lse};
   }
-  Targets t = targets(target, target_b, lam, ignore_index, row);
+  Targets t = targets(logits, target, target_b, lam, ignore_index, row, op);
   check_cuda(ck::wce_forward(element(logits, op), matrix(logits), n, c, t.tg, loss.data_ptr(), lse.data_ptr(),
                              current_stream()),
              op);
@@ -61,12 +82,15 @@ at::Tensor wce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, c
                         const at::Tensor& target, const c10::optional<at::Tensor>& target_b,
                         const c10::optional<at::Tensor>& lam, int64_t ignore_index) {
   const char* op = "cuda_wce_backward";
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be [N, C]");
   c10::cuda::CUDAGuard guard(logits.device());
   const auto row = acc_type(logits.scalar_type());
   const int64_t n = logits.size(0), c = logits.size(1);
   at::Tensor out = new_output({n, c}, logits.options());
+  check_rows(grad_loss, logits, "grad_loss", op);
+  check_rows(lse, logits, "lse", op);
   at::Tensor g = grad_loss.to(row), l = lse.to(row);
-  Targets t = targets(target, target_b, lam, ignore_index, row);
+  Targets t = targets(logits, target, target_b, lam, ignore_index, row, op);
   check_cuda(ck::wce_backward(element(logits, op), g.data_ptr(), g.stride(0), matrix(logits), n, c, l.data_ptr(),
                               l.stride(0), t.tg, out.data_ptr(), current_stream()),
              op);
@@ -75,10 +99,14 @@ at::Tensor wce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, c
 
 at::Tensor wce_hvp(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& scale, const at::Tensor& u) {
   const char* op = "cuda_wce_hvp";
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be [N, C]");
   c10::cuda::CUDAGuard guard(logits.device());
   const auto row = acc_type(logits.scalar_type());
   const int64_t n = logits.size(0), c = logits.size(1);
   at::Tensor out = new_output({n, c}, logits.options());
+  check_rows(lse, logits, "lse", op);
+  check_rows(scale, logits, "scale", op);
+  check_like_logits(u, logits, "u", op);
   at::Tensor l = lse.to(row), s = scale.to(row), uu = u.to(logits.scalar_type());
   check_cuda(ck::wce_hvp(element(logits, op), matrix(logits), n, c, l.data_ptr(), l.stride(0), s.data_ptr(),
                          s.stride(0), matrix(uu), out.data_ptr(), current_stream()),
@@ -90,13 +118,16 @@ at::Tensor wce_jvp(const at::Tensor& logits, const at::Tensor& lse, const at::Te
                    const c10::optional<at::Tensor>& target_b, const c10::optional<at::Tensor>& lam,
                    const at::Tensor& tangent, int64_t ignore_index) {
   const char* op = "cuda_wce_jvp";
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be [N, C]");
   c10::cuda::CUDAGuard guard(logits.device());
   const auto row = acc_type(logits.scalar_type());
   const int64_t n = logits.size(0), c = logits.size(1);
   at::Tensor out = new_output({n}, logits.options().dtype(row));
   if (c == 0) return out.zero_();
+  check_rows(lse, logits, "lse", op);
+  check_like_logits(tangent, logits, "t", op);
   at::Tensor l = lse.to(row), tt = tangent.to(logits.scalar_type());
-  Targets t = targets(target, target_b, lam, ignore_index, row);
+  Targets t = targets(logits, target, target_b, lam, ignore_index, row, op);
   check_cuda(ck::wce_jvp(element(logits, op), matrix(logits), n, c, l.data_ptr(), l.stride(0), t.tg, matrix(tt),
                          out.data_ptr(), current_stream()),
              op);

@@ -31,8 +31,7 @@ void check_not_capturing(const char* op) {
 
 Table make_table(std::initializer_list<at::TensorList> lists, const char* op) {
   check_not_capturing(op);
-  const at::TensorList& first = *lists.begin();
-  TORCH_CHECK(!first.empty(), op, ": the tensor lists are empty");
+  const at::TensorList& first = *lists.begin();  // not empty: checked by each op before its device guard
   const int64_t T = static_cast<int64_t>(first.size());
   const auto dev = first[0].device();
   std::vector<int64_t> nblocks(T);
@@ -93,7 +92,7 @@ at::Tensor finish(const at::Tensor& partial, const at::Tensor& like) {
 
 void neumann_step(at::TensorList c, at::TensorList p, at::TensorList h, const at::Tensor& alpha) {
   const char* op = "cuda_neumann_step";
-  if (c.empty()) return;
+  TORCH_CHECK(!c.empty(), op, ": the tensor lists are empty");
   c10::cuda::CUDAGuard guard(c[0].device());
   Table t = make_table({c, p, h}, op);
   at::Tensor a = scalar_on(alpha, c[0]);
