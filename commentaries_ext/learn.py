@@ -36,7 +36,7 @@ from .commentary.base import (
     plain_ops,
     validation_loss,
 )
-from .checkpoint import data_fingerprint, make_checkpointer, optimizer_config, rng_state, set_rng_state, shapes
+from .checkpoint import data_fingerprint, make_checkpointer, optimizer_config, plain, rng_state, set_rng_state, shapes
 from .memory import reuse_cpu_memory
 from .wrapper import CommentaryOptimizer
 
@@ -114,6 +114,11 @@ def _commentary_config(commentary, fixed=False):
     if commentary is None:
         return None
     out = {"class": type(commentary).__name__, "shapes": shapes(commentary)}
+    if callable(getattr(commentary, "config", None)):  # its constructor arguments (sigma, reduction, ...)
+        try:
+            out["config"] = plain(commentary.config())
+        except NotImplementedError:
+            pass
     if fixed:
         import hashlib
 
@@ -125,6 +130,13 @@ def _commentary_config(commentary, fixed=False):
             _hash_tensor(h, v.reshape(-1) if torch.is_tensor(v) else torch.as_tensor(v).reshape(-1))
         out["sha256"] = h.hexdigest()
     return out
+
+
+def _student_shapes_of(student_factory):
+    """The shapes of the students ``student_factory`` builds (for a run configuration), without
+    touching the random streams the run draws from."""
+    with torch.random.fork_rng(devices=[]):
+        return shapes(student_factory())
 
 
 def _engine_opt_config(opt):
@@ -215,7 +227,7 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
         "inner_steps": inner_steps, "inner_optimizer": _engine_opt_config(opt), "outer_steps": outer_steps,
         "outer_optimizer": optimizer_config(outer_optimizer), "batch_size": batch_size, "same_init": same_init,
         "truncate": truncate, "activation_checkpoint": checkpoint, "val_batch_size": val_batch_size, "seed": seed,
-        "nan_policy": nan_policy, "commentary": _commentary_config(commentary), "student": shapes(base),
+        "nan_policy": nan_policy, "commentary": _commentary_config(commentary), "student": shapes(base) if base is not None else _student_shapes_of(student_factory),
         "train_data": data_fingerprint((x, y)), "val_data": data_fingerprint((xv, yv))},
         every=checkpoint_every, total=outer_steps, resume=resume)
     start = 0

@@ -298,6 +298,40 @@ def test_another_configuration_is_refused_and_no_resume_starts_afresh(tmp_path, 
     assert losses != ref_losses and read_checkpoint(ckpt)["config"]["optimizer"]["groups"][0]["lr"] == 0.1
 
 
+def test_a_changed_commentary_or_fresh_student_is_refused(tmp_path):
+    """The run configuration holds the commentary's constructor arguments and, with fresh
+    students (same_init=False), the shapes of the students the factory builds: resuming with
+    another sigma or another student size is refused (it resumed silently, continuing weights
+    learned under the old setting); the same setting resumes."""
+    from commentaries_ext.commentary import AttentionMask, Blending
+    from commentaries_ext.learn import learn_bptt, learn_ift
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 1, 8, 8, generator=g), torch.arange(16) % 3
+
+    def ift(sigma, steps):
+        torch.manual_seed(0)
+        student = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+        return learn_ift(AttentionMask(1, num_classes=3, sigma=sigma, width=4), student, (x, y), (x, y),
+                         steps=steps, batch_size=8, checkpoint_path=tmp_path / "ift.ckpt", checkpoint_every=1)
+
+    ift(0.2, 2)
+    with pytest.raises(CheckpointError, match="commentary.config.sigma: checkpoint 0.2, now 0.6"):
+        ift(0.6, 2)
+    ift(0.2, 2)  # the same setting: resumes
+
+    def bptt(hidden):
+        torch.manual_seed(0)
+        return learn_bptt(Blending(3), lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(),
+                                                           nn.Linear(hidden, 3)),
+                          (x, y), (x, y), inner_steps=2, outer_steps=2, batch_size=8, same_init=False,
+                          checkpoint_path=tmp_path / "bptt.ckpt", checkpoint_every=1)
+
+    bptt(8)
+    with pytest.raises(CheckpointError, match=r"student.1.bias: checkpoint \[8\], now \[16\]"):
+        bptt(16)
+
+
 def test_wrapper_state_dict_restores_the_engine_state(deterministic):
     from commentaries_ext.commentary import Blending
     from commentaries_ext.engine import NeumannConfig
