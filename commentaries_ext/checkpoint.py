@@ -18,7 +18,8 @@ File format (one file, written atomically)::
     sha256 of the payload        32 bytes
     payload                       torch.save of a dict of tensors/containers/numbers/strings
 
-Writing goes to ``.<name>.tmp`` in the same directory (flushed and fsynced),
+Writing (one writer at a time: ``.<name>.lock``) goes to ``.<name>.tmp`` in the same
+directory (flushed and fsynced),
 the current file, if it verifies, is rotated to ``<path>.prev``, the temporary
 replaces ``<path>`` (``os.replace``) and the directory is fsynced.  A crash at
 any point leaves a good checkpoint in ``<path>`` or ``<path>.prev``.  Reading
@@ -35,6 +36,7 @@ different one is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -106,6 +108,9 @@ def _verify(path: Path) -> bytes:
         raise CheckpointError(path, f"not a commentaries_ext checkpoint (magic {magic!r}, expected {MAGIC!r})")
     if version > FORMAT_VERSION:
         raise CheckpointError(path, f"format version {version} is newer than this library's ({FORMAT_VERSION})")
+    if version < FORMAT_VERSION:
+        raise CheckpointError(path, f"format version {version} is older than this library's ({FORMAT_VERSION}), "
+                                    "which cannot read it")
     have = len(blob) - HEADER_SIZE
     if have < length:
         raise CheckpointError(path, f"truncated: the payload has {have} of {length} bytes "
@@ -156,7 +161,27 @@ def save_checkpoint(path, state: Mapping[str, Any], *, keep_previous: bool = Tru
             else:
                 os.replace(path, previous_path(path))
 
-    return write_atomic(path, write, tmp=_temp_path(path), before_replace=keep_old)
+    with _writer_lock(path):
+        return write_atomic(path, write, tmp=_temp_path(path), before_replace=keep_old)
+
+
+@contextlib.contextmanager
+def _writer_lock(path: Path):
+    """One writer at a time for ``path`` (an exclusive ``flock`` on ``.<name>.lock`` beside it,
+    released when the write ends or its process dies): two jobs given the same checkpoint path
+    truncated and renamed each other's temporary file, and one crashed. Without ``fcntl``
+    (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    with open(path.with_name(f".{path.name}.lock"), "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _short(e: Exception) -> str:

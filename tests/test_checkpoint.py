@@ -200,6 +200,41 @@ def test_a_crash_mid_write_leaves_the_old_checkpoints_intact(tmp_path, monkeypat
     assert load_checkpoint(path)[0]["step"] == 2
 
 
+def test_concurrent_writers_of_one_path_take_turns(tmp_path):
+    """Two writers of the same checkpoint path (two jobs given one path) each save in turn: the
+    fixed temporary file was truncated and renamed under the other writer, which then crashed
+    (FileNotFoundError); the file left behind verifies."""
+    path = tmp_path / "shared.ckpt"
+    errors = []
+
+    def writer(who):
+        for i in range(40):
+            try:
+                save_checkpoint(path, {"who": who, "i": i, "x": torch.full((20000,), float(who))})
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    state = read_checkpoint(path)
+    assert state["i"] == 39 and torch.equal(state["x"], torch.full((20000,), float(state["who"])))
+    read_checkpoint(previous_path(path))
+
+
+def test_an_older_format_version_is_refused(tmp_path):
+    path = tmp_path / "v.ckpt"
+    save_checkpoint(path, {"a": 1}, keep_previous=False)
+    blob = bytearray(path.read_bytes())
+    blob[8:12] = (0).to_bytes(4, "little")
+    path.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="format version 0 is older"):
+        read_checkpoint(path)
+
+
 def test_payload_loads_weights_only_and_unsafe_state_is_refused_at_save(tmp_path):
     path = _two_checkpoints(tmp_path)
     with pytest.raises(CheckpointError, match="weights_only"):
