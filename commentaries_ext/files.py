@@ -63,7 +63,8 @@ _DTYPES: dict[str, tuple[torch.dtype, int]] = {
 }
 # the JSON metadata of a commentary file (what save_commentary writes); other keys are refused
 META_KEYS = frozenset({"format", "kind", "class", "config", "tensors", "num_classes", "num_examples", "input_shape",
-                       "data", "library_version", "torch_version", "learned_with", "extra", "created"})
+                       "data", "library_version", "torch_version", "learned_with", "extra", "created",
+                       "content_sha256"})
 
 
 class CommentaryFileError(ValueError):
@@ -83,10 +84,21 @@ class CommentaryMismatchError(ValueError):
 # --------------------------------------------------------------------------- fingerprints
 
 
+def _content_sha256(meta: dict, tensors: dict) -> str:
+    """sha256 of a commentary file's metadata (without this hash) and tensors: a flipped bit
+    anywhere (a value, a config number) is refused at load instead of changing the commentary."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "content_sha256"}, sort_keys=True).encode())
+    for k in sorted(tensors):
+        h.update(k.encode() + b"|")
+        _hash_tensor(h, tensors[k])
+    return h.hexdigest()
+
+
 def _hash_tensor(h, t: torch.Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
     if t.numel():
+        t = t.reshape(-1)  # (a 0-dim tensor has no byte view)
         h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
 
 
@@ -173,6 +185,8 @@ def save_commentary(path, commentary: nn.Module, *, data: Any = None, fingerprin
         "extra": extra or {},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    meta = json.loads(json.dumps(meta))  # as load_commentary will read it back (tuples as lists, ...)
+    meta["content_sha256"] = _content_sha256(meta, tensors)
     blob = st_save(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
     _atomic_write(path, blob)
     return path
@@ -527,6 +541,9 @@ def load_commentary(path, *, commentary: nn.Module | None = None, data: Any = No
         raise CommentaryMismatchError(path, problems)
     if built:  # the header matches the module the config describes: now allocate it
         commentary = _build(path, cls, cfg, meta_device=False)
+        floats = {h[0] for h in header.values() if h[0].is_floating_point}
+        if len(floats) == 1:  # in the file's precision (a float64 commentary comes back float64)
+            commentary = commentary.to(floats.pop())
         own = commentary.state_dict()
     try:
         tensors = load_file(str(path), device=str(map_location))
@@ -539,6 +556,10 @@ def load_commentary(path, *, commentary: nn.Module | None = None, data: Any = No
             raise _refuse(path, f"tensor {k!r} holds NaN or Inf")
     if set(tensors) != set(header):
         raise _refuse(path, "the tensors read back differ from the header")
+    want = meta.get("content_sha256")  # (files written before it existed have none)
+    if want is not None and _content_sha256(meta, tensors) != want:
+        raise _refuse(path, "corrupted: the metadata and tensors do not match the file's content_sha256 "
+                            "(a changed byte: edited, or damaged in a copy)")
     with torch.no_grad():
         commentary.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()}, strict=True)
     commentary.file_metadata = meta

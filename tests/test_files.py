@@ -156,6 +156,34 @@ def test_corrupt_and_foreign_files(tmp_path):
         read_metadata(r)
 
 
+def test_a_changed_byte_is_refused_not_loaded(tmp_path):
+    """Every commentary file carries a sha256 of its metadata and tensors: a flipped bit in a
+    tensor's data or in a config number (Blending's alpha 1 -> 3) is refused as corrupted; both
+    loaded silently, changing the commentary."""
+    c = _randomise(Blending(4, alpha=1.0))
+    p = save_commentary(tmp_path / "b.commentary", c)
+    blob = p.read_bytes()
+    flipped = bytearray(blob)
+    flipped[-3] ^= 1  # a bit of the last tensor value
+    (tmp_path / "t.commentary").write_bytes(bytes(flipped))
+    with pytest.raises(CommentaryFileError, match="corrupted"):
+        load_commentary(tmp_path / "t.commentary")
+    key = b'alpha\\": 1.0'  # in the safetensors header the metadata JSON is itself a JSON string
+    i = blob.index(key)
+    edited = blob[:i] + key.replace(b"1.0", b"3.0") + blob[i + len(key):]
+    (tmp_path / "m.commentary").write_bytes(edited)
+    with pytest.raises(CommentaryFileError, match="corrupted"):
+        load_commentary(tmp_path / "m.commentary")
+    back = load_commentary(p)
+    assert all(torch.equal(a, b) for a, b in zip(c.state_dict().values(), back.state_dict().values()))
+
+
+def test_a_float64_commentary_comes_back_float64(tmp_path):
+    c = _randomise(Blending(3)).double()
+    back = load_commentary(save_commentary(tmp_path / "d.commentary", c))
+    assert back.phi.dtype == torch.float64 and torch.equal(back.phi, c.phi)
+
+
 def test_fingerprint():
     x, y = _data()
     f = dataset_fingerprint((x, y))
