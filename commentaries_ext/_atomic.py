@@ -27,6 +27,19 @@ def fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def check_writable(path: Path) -> None:
+    """Raise ``OSError`` naming ``path`` now if a file cannot be written there (its folder is
+    created), before work whose result would then be lost."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+
+
 def write_atomic(path: Path, write: Callable[[BinaryIO], None], *, tmp: Path | None = None,
                  before_replace: Callable[[], None] | None = None) -> Path:
     """Replace ``path`` by what ``write(f)`` writes. ``tmp``: the temporary file (default: a

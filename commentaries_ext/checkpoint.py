@@ -49,7 +49,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ._atomic import write_atomic
+from ._atomic import check_writable, write_atomic
 
 MAGIC = b"CMTXCKPT"
 FORMAT_VERSION = 1
@@ -387,6 +387,11 @@ class Checkpointer:
         if every <= 0:
             raise ValueError(f"checkpoint_every must be a positive number of steps, got {every}")
         self.path, self.kind, self.every, self.total = Path(path), kind, every, total
+        if _is_writer():
+            try:  # now, not at the first save after steps of work
+                check_writable(self.path)
+            except OSError as e:
+                raise CheckpointError(self.path, f"cannot be written ({e.strerror or e})") from e
         self.config = plain(dict(config))
         self.resume = bool(resume)
         self.saves = 0

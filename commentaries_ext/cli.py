@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
+from ._atomic import check_writable
 from .checkpoint import CheckpointError
 from .models import ARCHITECTURES, make_student
 
@@ -248,6 +249,7 @@ def cmd_learn(args) -> dict:
 
     splits = load_data(args)
     out = Path(args.out or f"runs/{splits.name.replace(':', '_').replace('/', '_')}-{args.kind}.commentary")
+    check_writable(out)  # now, not after the learning run
     commentary, res, secs = learn_commentary(args.kind, splits, args, quiet=args.quiet)
     learned_with = dict(res.learned_with(), dataset=splits.name, arch=args.arch, seconds=round(secs, 2))
     save_commentary(out, commentary, data=splits.train, learned_with=learned_with,
@@ -550,7 +552,7 @@ def main(argv=None) -> int:
     except data_mod.DatasetUnavailable as e:
         print(f"commentaries: {e}", file=sys.stderr)
         return 3
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
+    except (OSError, ValueError, CheckpointError) as e:  # (OSError: a file not found or not writable)
         print(f"commentaries: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -80,3 +80,22 @@ def test_python_dash_m():
     r = subprocess.run([sys.executable, "-m", "commentaries_ext", "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "commentaries" in r.stdout
+
+
+def test_an_unwritable_output_fails_before_the_work(tmp_path, capsys, monkeypatch):
+    """An output or checkpoint path that cannot be written (here: under a regular file; a
+    read-only folder alike) is a one-line error at the start, not a traceback after the whole
+    learning run with nothing saved."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    ran = []
+    monkeypatch.setattr(cli, "learn_commentary", lambda *a, **k: ran.append(1))
+    rc = cli.main(["learn", "weighting", "--data", "digits", "--train-size", "100", "--val-size", "50",
+                   "--outer-steps", "1", "--quiet", "--out", str(blocker / "w.commentary")])
+    assert rc == 1 and ran == []
+    err = capsys.readouterr().err
+    assert "cannot write" in err and str(blocker / "w.commentary") in err and "Traceback" not in err
+    from commentaries_ext.checkpoint import CheckpointError, make_checkpointer
+
+    with pytest.raises(CheckpointError, match="cannot be written"):
+        make_checkpointer(blocker / "c.ckpt", "train_student", {}, total=1)
