@@ -189,7 +189,9 @@ def _short(e: Exception) -> str:
     i = msg.find("WeightsUnpickler error:")
     if i >= 0:
         msg = msg[i:]
-    return msg.split("\n")[0][:300]
+    # the first line with more than the "WeightsUnpickler error:" prefix (the reason may follow it)
+    lines = [ln.strip() for ln in msg.split("\n") if ln.strip() and ln.strip() != "WeightsUnpickler error:"]
+    return " ".join(lines[:2])[:300] if lines else type(e).__name__
 
 
 def read_checkpoint(path) -> dict:
