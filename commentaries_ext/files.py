@@ -6,7 +6,9 @@ A commentary file is one ``safetensors`` file: the commentary's tensors (its
     format, kind, class, config (constructor arguments), tensors (shape and
     dtype of each), num_classes, num_examples, input_shape, data (fingerprint
     and size of the training data), library and torch versions, learned_with
-    (how it was learned: algorithm, steps, learning rates ...), created.
+    (how it was learned: algorithm, steps, learning rates ...), created,
+    content_sha256 (of the rest of the metadata and the tensors: a changed
+    byte is refused at load; files written before it existed have none).
 
 Loading never executes code from the file (no pickle): the module is rebuilt
 from a fixed registry of classes and its JSON constructor arguments, or the
