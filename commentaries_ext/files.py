@@ -7,8 +7,9 @@ A commentary file is one ``safetensors`` file: the commentary's tensors (its
     dtype of each), num_classes, num_examples, input_shape, data (fingerprint
     and size of the training data), library and torch versions, learned_with
     (how it was learned: algorithm, steps, learning rates ...), created,
-    content_sha256 (of the rest of the metadata and the tensors: a changed
-    byte is refused at load; files written before it existed have none).
+    content_sha256 (of the tensors and the metadata from format to data: a
+    changed byte there is refused at load; learned_with, extra, created and the
+    versions may be edited; files written before it existed have none).
 
 Loading never executes code from the file (no pickle): the module is rebuilt
 from a fixed registry of classes and its JSON constructor arguments, or the
@@ -86,10 +87,15 @@ class CommentaryMismatchError(ValueError):
 # --------------------------------------------------------------------------- fingerprints
 
 
+# the metadata that says what the commentary is (and the tensors): covered by content_sha256;
+# the rest (learned_with, extra, created, versions) is information a user may edit or drop
+_HASHED_META = ("format", "kind", "class", "config", "tensors", "num_classes", "num_examples", "input_shape", "data")
+
+
 def _content_sha256(meta: dict, tensors: dict) -> str:
-    """sha256 of a commentary file's metadata (without this hash) and tensors: a flipped bit
-    anywhere (a value, a config number) is refused at load instead of changing the commentary."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "content_sha256"}, sort_keys=True).encode())
+    """sha256 of what a commentary file holds (``_HASHED_META`` and the tensors): a flipped bit
+    in a value or a config number is refused at load instead of changing the commentary."""
+    h = hashlib.sha256(json.dumps({k: meta.get(k) for k in _HASHED_META}, sort_keys=True).encode())
     for k in sorted(tensors):
         h.update(k.encode() + b"|")
         _hash_tensor(h, tensors[k])
