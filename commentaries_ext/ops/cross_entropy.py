@@ -794,14 +794,14 @@ def blended_cross_entropy(logits: Tensor, target_a: Tensor, target_b: Tensor, la
     return _reduce(fn, loss, weight, reduction, target_a, ignore_index, maybe_ignored)
 
 
-def _lse(logits: Tensor, target: Tensor | None = None) -> Tensor:
-    """Row logsumexp by the forward kernel (faster than ``torch.logsumexp`` here); not differentiable."""
+def _lse(logits: Tensor) -> Tensor:
+    """Row logsumexp by the forward kernel (faster than ``torch.logsumexp`` here); not differentiable.
+    The targets are all ignored (-1 with ignore_index -1): no class is read."""
     z = logits.detach()
-    if target is None:
-        target = torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
+    target = torch.full((z.shape[0],), -1, dtype=torch.int64, device=z.device)
     if torch.compiler.is_compiling():
-        return wce_forward_op(z, target, None, None, -100)[1]
-    return _k("wce_forward", z.device)(z, target, None, None, -100)[1]
+        return wce_forward_op(z, target, None, None, -1)[1]
+    return _k("wce_forward", z.device)(z, target, None, None, -1)[1]
 
 
 def cross_entropy_hvp(logits: Tensor, u: Tensor, scale: Tensor | float | None = None) -> Tensor:
@@ -835,7 +835,7 @@ def cross_entropy_jvp(logits: Tensor, target: Tensor, t: Tensor, target_b: Tenso
     if target_b is not None:
         target_b, _ = _check_target(fn, "target_b", target_b, logits, ignore_index, rows_of=target)
         lam = _check_row(fn, "lam", lam, logits)
-    return _kernels().jvp(logits, _lse(logits, target), target, target_b, lam, t, int(ignore_index))
+    return _kernels().jvp(logits, _lse(logits), target, target_b, lam, t, int(ignore_index))
 
 
 __all__ = [
