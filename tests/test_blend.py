@@ -313,36 +313,24 @@ def _check_x_a_m_grad_errors(bk, device):
             bwd(grad, x, m, None, perm, [True, False, True])
 
 
+@pytest.mark.parametrize("check", [_check_x_a_m_grad_errors, _check_partner_errors])
 @pytest.mark.parametrize("bk", KERNEL_BACKENDS)
-def test_kernel_ops_check_x_a_m_and_grad(bk):
-    """The kernels address x_a (and their outputs) as dense rows, m per example and grad with
-    x_a's layout: a gapped x_a, an m with other rows, rank, dtype or trailing sizes, a grad of
-    another shape, layout or dtype is an error in every backend (each was a read or write out
-    of bounds or a wrong result in one of them; expand() alone accepts an m of one row)."""
-    _check_x_a_m_grad_errors(bk, "cpu")
+def test_kernel_ops_check_what_they_address(bk, check):
+    """The kernel ops, called directly, refuse what they would address out of bounds or read
+    wrongly, in every backend alike: a gapped x_a; an m with other rows, rank, dtype or trailing
+    sizes (expand() alone accepts an m of one row); a grad of another shape, layout or dtype; x_b
+    rows that are not dense (x_b[::2]: its gradient was written with the wrong row stride), other
+    trailing strides; a perm that is not int64 [N]. The C++ kernels also check perm's range (on a
+    GPU that is masked_blend's check: it would synchronise with the host)."""
+    check(bk, "cpu")
 
 
 @CUDA
-def test_gpu_kernel_ops_check_x_a_m_and_grad():
+@pytest.mark.parametrize("check", [_check_x_a_m_grad_errors, _check_partner_errors])
+def test_gpu_kernel_ops_check_what_they_address(check):
     for bk in backend.candidates("blend_forward", "cuda"):
         if bk != "reference":
-            _check_x_a_m_grad_errors(bk, "cuda")
-
-
-@pytest.mark.parametrize("bk", KERNEL_BACKENDS)
-def test_kernel_ops_check_the_partner(bk):
-    """The kernel ops, called directly, refuse a partner they would address out of bounds: x_b
-    rows that are not dense (x_b[::2]: its gradient would be written with the wrong row stride),
-    other trailing strides, a perm that is not int64 [N]; the C++ kernels also check perm's
-    range (on a GPU that check is masked_blend's: it would sync with the host)."""
-    _check_partner_errors(bk, "cpu")
-
-
-@CUDA
-def test_gpu_kernel_ops_check_the_partner():
-    for bk in backend.candidates("blend_forward", "cuda"):
-        if bk != "reference":
-            _check_partner_errors(bk, "cuda")
+            check(bk, "cuda")
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
