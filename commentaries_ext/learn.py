@@ -195,8 +195,10 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
     dist_on = D.enabled() if distributed is None else bool(distributed)
     world, rank = (D.world_size(process_group), D.rank(process_group)) if dist_on else (1, 0)
     reducer = None
-    if device is not None:  # with the student and the batches; before the broadcast (NCCL: GPU tensors) and
-        commentary.to(device)  # before its optimizer sees its parameters
+    if device is not None:
+        # with the student and the batches, before the broadcast (NCCL needs GPU tensors) and
+        # before its optimizer sees its parameters
+        commentary.to(device)
     if dist_on:
         if batch_size % world:
             raise ValueError(f"batch_size={batch_size} is the global batch under torch.distributed: "
@@ -227,7 +229,8 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
         "inner_steps": inner_steps, "inner_optimizer": _engine_opt_config(opt), "outer_steps": outer_steps,
         "outer_optimizer": optimizer_config(outer_optimizer), "batch_size": batch_size, "same_init": same_init,
         "truncate": truncate, "activation_checkpoint": checkpoint, "val_batch_size": val_batch_size, "seed": seed,
-        "nan_policy": nan_policy, "commentary": _commentary_config(commentary), "student": shapes(base) if base is not None else _student_shapes_of(student_factory),
+        "nan_policy": nan_policy, "commentary": _commentary_config(commentary),
+        "student": shapes(base) if base is not None else _student_shapes_of(student_factory),
         "train_data": data_fingerprint((x, y)), "val_data": data_fingerprint((xv, yv))},
         every=checkpoint_every, total=outer_steps, resume=resume)
     start = 0
