@@ -299,9 +299,9 @@ def test_cpp_kernel_ops_check_their_inputs():
                 call(torch.tensor([0, bad, 1, 2]))
         with pytest.raises(RuntimeError, match=f"{name}: target_b holds 7, out of range"):
             call(good, torch.tensor([1, 7, 0, 0]))
-        with pytest.raises(RuntimeError, match="target must be int64 of shape"):
+        with pytest.raises(RuntimeError, match="target must have shape"):
             call(good[:3])
-        with pytest.raises(RuntimeError, match="target must be int64 of shape"):
+        with pytest.raises(RuntimeError, match="target must be int64"):
             call(good.int())
     with pytest.raises(RuntimeError, match="lse must have shape"):
         ops.cpp_wce_backward(ones, z, lse[:3], good, None, None, IGNORE)
@@ -311,9 +311,9 @@ def test_cpp_kernel_ops_check_their_inputs():
         ops.cpp_wce_forward_grad(z, good, None, None, torch.ones(5), IGNORE)
     with pytest.raises(RuntimeError, match="lam must have shape"):
         ops.cpp_wce_forward(z, good, good, torch.ones(2), IGNORE)
-    with pytest.raises(RuntimeError, match="u must have the shape and dtype of logits"):
+    with pytest.raises(RuntimeError, match="u must have the shape of logits"):
         ops.cpp_wce_hvp(z, lse, ones, torch.randn(4, 4))
-    with pytest.raises(RuntimeError, match="t must have the shape and dtype of logits"):
+    with pytest.raises(RuntimeError, match="t must have the logits dtype"):
         ops.cpp_wce_jvp(z, lse, good, None, None, z.double(), IGNORE)
     loss, lse0 = ops.cpp_wce_forward(torch.randn(3, 0), torch.tensor([0, 3, 1]), None, None, IGNORE)
     assert torch.equal(loss, torch.zeros(3)) and torch.isneginf(lse0).all()

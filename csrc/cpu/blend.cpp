@@ -365,7 +365,7 @@ inline void partner_run(T* dst, const T* g, const T* m, int64_t ms, int64_t len)
 void invert_perm(const int64_t* perm, int64_t n, int64_t rows, std::vector<int64_t>& start,
                  std::vector<int64_t>& src) {
   start.assign(rows + 1, 0);
-  for (int64_t i = 0; i < n; ++i) ++start[perm[i] + 1];  // in range: check_partner
+  for (int64_t i = 0; i < n; ++i) ++start[perm[i] + 1];  // in range: check_perm_range
   for (int64_t r = 0; r < rows; ++r) start[r + 1] += start[r];
   src.assign(n, 0);
   std::vector<int64_t> fill(start.begin(), start.end() - 1);

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cross_entropy_contract.h"
 
 namespace commentaries_ext {
 namespace {
@@ -353,19 +354,18 @@ void check_logits(const at::Tensor& logits, const char* op) {
   TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be a CPU tensor");
 }
 
-// A per-row input: [N] (any stride) of the logits dtype.
+// A per-row input: [N] (any stride), and a per-logit input: the logits' shape (any strides)
+// (csrc/cross_entropy_contract.h), both of the logits dtype here (the kernels read them as T).
 void check_rows(const at::Tensor& t, const at::Tensor& logits, const char* name, const char* op) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == logits.size(0), op, ": ", name, " must have shape [", logits.size(0),
-              "], got ", t.sizes());
+  cross_entropy_contract::check_rows(t, logits, name, op);
   TORCH_CHECK(t.scalar_type() == logits.scalar_type(), op, ": ", name, " must have the logits dtype ",
               logits.scalar_type(), ", got ", t.scalar_type());
 }
 
-// A per-logit input: the logits' shape and dtype (any strides).
 void check_like_logits(const at::Tensor& t, const at::Tensor& logits, const char* name, const char* op) {
-  TORCH_CHECK(t.sizes() == logits.sizes() && t.scalar_type() == logits.scalar_type(), op, ": ", name,
-              " must have the shape and dtype of logits ", logits.sizes(), " ", logits.scalar_type(), ", got ",
-              t.sizes(), " ", t.scalar_type());
+  cross_entropy_contract::check_like_logits(t, logits, name, op);
+  TORCH_CHECK(t.scalar_type() == logits.scalar_type(), op, ": ", name, " must have the logits dtype ",
+              logits.scalar_type(), ", got ", t.scalar_type());
 }
 
 // target (and target_b with lam: mixing) of logits [N, C]: int64 [N], each target in [0, C) or
@@ -373,12 +373,12 @@ void check_like_logits(const at::Tensor& t, const at::Tensor& logits, const char
 Mix make_mix(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& target_b,
              const std::optional<at::Tensor>& lam, int64_t ignore_index, const char* op) {
   const int64_t N = logits.size(0), C = logits.size(1);
-  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == N, op,
-              ": target must be int64 of shape [", N, "]");
+  cross_entropy_contract::check_rows(target, logits, "target", op);
+  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64");
   Mix m{target.const_data_ptr<int64_t>(), target.stride(0), nullptr, 0, ignore_index};
   if (target_b.has_value() && lam.has_value()) {
-    TORCH_CHECK(target_b->scalar_type() == at::kLong && target_b->dim() == 1 && target_b->size(0) == N, op,
-                ": target_b must be int64 of shape [", N, "]");
+    cross_entropy_contract::check_rows(*target_b, logits, "target_b", op);
+    TORCH_CHECK(target_b->scalar_type() == at::kLong, op, ": target_b must be int64");
     check_rows(*lam, logits, "lam", op);
     m.yb = target_b->const_data_ptr<int64_t>();
     m.syb = target_b->stride(0);

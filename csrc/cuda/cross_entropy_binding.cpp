@@ -2,6 +2,7 @@
 #include <torch/library.h>
 
 #include "binding_common.h"
+#include "cross_entropy_contract.h"
 #include "cross_entropy.h"
 
 #include <limits>
@@ -16,20 +17,11 @@ ck::DType element(const at::Tensor& t, const char* op) { return static_cast<ck::
 
 ck::RowMatrix matrix(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
 
-// Shapes and devices of the inputs (dtypes are converted below): the kernels index rows and
-// columns with them, so a direct call with a bad input is an error, not an access out of bounds.
-// The targets' range is guarded in the forward kernel (an out-of-range target gives a NaN loss
-// without a read): checking it here would synchronise with the host.
-void check_rows(const at::Tensor& t, const at::Tensor& logits, const char* name, const char* op) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == logits.size(0) && t.device() == logits.device(), op, ": ", name,
-              " must have shape [", logits.size(0), "] on the logits' device, got ", t.sizes(), " on ", t.device());
-}
-
-void check_like_logits(const at::Tensor& t, const at::Tensor& logits, const char* name, const char* op) {
-  TORCH_CHECK(t.sizes() == logits.sizes() && t.device() == logits.device(), op, ": ", name,
-              " must have the shape of logits ", logits.sizes(), " on their device, got ", t.sizes(), " on ",
-              t.device());
-}
+// Shapes and devices of the inputs are checked (csrc/cross_entropy_contract.h); dtypes are
+// converted below. The targets' range is guarded in the forward kernel (an out-of-range target
+// gives a NaN loss without a read): checking it here would synchronise with the host.
+using cross_entropy_contract::check_like_logits;
+using cross_entropy_contract::check_rows;
 
 struct Targets {
   at::Tensor y, yb, lam;  // keep converted tensors alive during the launch
