@@ -28,6 +28,7 @@ add (read 2, write 1).
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -49,17 +50,21 @@ def sync():
 def bench(fns: dict, args, inner: int, warmup: int = 3) -> dict:
     """Median seconds per call of each fn, rounds interleaving the methods.
 
-    ``args.rounds`` rounds; with ``args.round_warmup`` > 0 each method first runs that many
-    untimed calls in every round: on some VMs a method's first calls after another method's
-    run slowly for several calls (a 0.2 ms blend took 0.6, 0.43, 0.38 ... ms after eager
-    PyTorch), which charges a switching cost to whichever method is short enough to feel it."""
+    ``args.rounds`` rounds, each in a fresh random order of the methods (seeded), so that no
+    method always follows the same one: how fast a method runs depends on what ran before it
+    (which of its buffers are still cached, where the allocator puts its outputs); in a fixed
+    order an identical copy of the masked_blend row took 0.34 ms right after the hand-written
+    eager peer and 0.21 ms right after another blend. With ``args.round_warmup`` > 0 each
+    method also first runs that many untimed calls in every round."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync()
     times = {k: [] for k in fns}
+    items = list(fns.items())
+    order = random.Random(0)
     for _ in range(args.rounds):
-        for k, fn in fns.items():
+        for k, fn in order.sample(items, len(items)):
             for _ in range(args.round_warmup):
                 fn()
             sync()
