@@ -22,7 +22,8 @@ Writing (one writer at a time: ``.<name>.lock``) goes to ``.<name>.tmp`` in the 
 directory (flushed and fsynced),
 the current file, if it verifies, is rotated to ``<path>.prev``, the temporary
 replaces ``<path>`` (``os.replace``) and the directory is fsynced.  A crash at
-any point leaves a good checkpoint in ``<path>`` or ``<path>.prev``.  Reading
+any point leaves a good checkpoint in ``<path>`` or ``<path>.prev`` (and, between the
+two renames, the complete new one in the temporary file, which loading then uses).  Reading
 checks magic, version, length and hash before ``torch.load(weights_only=True)``
 of the verified payload (no code from the file runs); a bad file is refused
 with :class:`CheckpointError` naming the file and the problem, and
@@ -211,7 +212,9 @@ def read_checkpoint(path) -> dict:
 
 def load_checkpoint(path, *, fallback: bool = True) -> tuple[dict, Path]:
     """``(state, file used)``: ``path`` if intact, else (``fallback``) ``<path>.prev``
-    with a :class:`CheckpointWarning` naming what was wrong with ``path``.
+    with a :class:`CheckpointWarning` naming what was wrong with ``path``. When ``path``
+    is missing and the temporary file of an interrupted write is complete (it verifies),
+    that newer version is used instead of ``.prev``.
 
     Raises ``FileNotFoundError`` when neither exists and :class:`CheckpointError`
     when none is usable."""
@@ -220,6 +223,19 @@ def load_checkpoint(path, *, fallback: bool = True) -> tuple[dict, Path]:
     try:
         return read_checkpoint(path), path
     except FileNotFoundError:
+        # A write interrupted between its two renames (the current file moved to .prev, the new
+        # one not yet renamed into place) leaves the new version complete in the temporary file:
+        # newer than .prev, and used if it verifies.
+        tmp = _temp_path(path)
+        if fallback and tmp.exists():
+            try:
+                state = read_checkpoint(tmp)
+            except (CheckpointError, FileNotFoundError):
+                pass
+            else:
+                warnings.warn(f"checkpoint {path} is missing (a write interrupted before its last rename); "
+                              f"using the complete new version left in {tmp}", CheckpointWarning, stacklevel=2)
+                return state, tmp
         if not fallback or not prev.exists():
             raise FileNotFoundError(f"no checkpoint at {path}") from None
         warnings.warn(f"checkpoint {path} is missing (interrupted while being replaced?); "

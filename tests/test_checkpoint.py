@@ -200,6 +200,33 @@ def test_a_crash_mid_write_leaves_the_old_checkpoints_intact(tmp_path, monkeypat
     assert load_checkpoint(path)[0]["step"] == 2
 
 
+@pytest.mark.parametrize("tmp_complete", [True, False])
+def test_a_crash_between_the_two_renames_uses_the_complete_new_version(tmp_path, tmp_complete):
+    """Killed after the current file was rotated to .prev and before the new one was renamed into
+    place: the newest complete state is the temporary file's, and loading uses it (a truncated
+    temporary file is not used: then .prev)."""
+    path = _two_checkpoints(tmp_path)  # path: step 2, .prev: step 1
+    staged = save_checkpoint(tmp_path / "staged.ckpt", {"step": 3, "w": torch.arange(1000.0) * 3},
+                             keep_previous=False)
+    blob = staged.read_bytes()
+    tmp = C._temp_path(path)
+    tmp.write_bytes(blob if tmp_complete else blob[:-100])
+    os.replace(path, previous_path(path))  # the rotation that happened before the kill
+    with pytest.warns(CheckpointWarning, match="missing") as w:
+        state, used = load_checkpoint(path)
+    if tmp_complete:
+        assert used == tmp and state["step"] == 3 and torch.equal(state["w"], torch.arange(1000.0) * 3)
+        assert str(tmp) in str(w[0].message)
+    else:
+        assert used == previous_path(path) and state["step"] == 2
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(path, fallback=False)
+    # the next save replaces the leftover temporary file and leaves the newest intact .prev alone
+    save_checkpoint(path, {"step": 4})
+    assert read_checkpoint(path)["step"] == 4 and read_checkpoint(previous_path(path))["step"] == 2
+    assert not tmp.exists()
+
+
 def test_concurrent_writers_of_one_path_take_turns(tmp_path):
     """Two writers of the same checkpoint path (two jobs given one path) each save in turn: the
     fixed temporary file was truncated and renamed under the other writer, which then crashed
