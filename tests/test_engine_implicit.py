@@ -295,6 +295,24 @@ def test_indefinite_hessian_is_caught():
         implicit_hypergradient(tl, vl, params, phi, solver=CGConfig(max_iter=4))
 
 
+def test_fallback_that_still_grows_keeps_the_partial_sum():
+    """Two power iterations underestimate |lambda_min| (-0.5): the damped series still grows.
+    The fallback warns and returns the damped partial sum up to the last non-growing term
+    (it used to raise and end the training run)."""
+    tl, vl, params, phi = indefinite_problem()
+    with pytest.warns(HypergradientDivergenceWarning, match="still grows after the fallback"):
+        res = implicit_hypergradient(tl, vl, params, phi, solver=NeumannConfig(K=400, alpha=0.3, power_iters=2))
+    info = res.info
+    assert info["fallback"] and info["diverged"] and 0 < info["terms_used"] < 400
+    assert 0 < info["damping"] < 0.5  # not enough to make A + delta I positive definite
+    A = torch.diag(torch.tensor([3.0, 1.0, -0.5, 2.0], dtype=DT)) + info["damping"] * torch.eye(4, dtype=DT)
+    v = 2 * params["t"]  # dL_V / dtheta
+    M = torch.eye(4, dtype=DT) - info["alpha"] * A
+    expected = info["alpha"] * sum(torch.linalg.matrix_power(M, j) @ v for j in range(info["terms_used"]))
+    assert torch.allclose(flat(res.p), expected, rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(as_flat_grads(res)).all()
+
+
 def test_damping_matches_dense():
     tl, vl, params, phi, tb, vb = ridge_problem(1)
     delta = 0.37

@@ -45,7 +45,8 @@ class NeumannConfig:
     * ``"fallback"`` (default): warn (:class:`HypergradientDivergenceWarning`)
       and recompute with ``alpha`` from power iteration and, if the Hessian is
       found indefinite, damping ``delta = -lambda_min + 1e-3 lambda_max``; if that
-      still diverges, raise :class:`HypergradientDivergenceError`;
+      still grows (power iteration underestimates ``|lambda_min|``), warn again and
+      keep the partial sum up to the last non-growing term, as ``"truncate"`` does;
     * ``"raise"``: raise :class:`HypergradientDivergenceError` at once;
     * ``"truncate"``: warn and keep the partial sum up to the last non-growing term.
 
@@ -379,10 +380,18 @@ def inverse_hvp(op, v, solver, state: EngineState | None = None, info: dict | No
         HypergradientDivergenceWarning,
         stacklevel=3,
     )
-    p, ninfo = neumann(op.matvec, v, solver.K, alpha2, solver.growth_tol, sync=sync)
+    # A few power iterations underestimate |lambda_min| (a Rayleigh quotient approaches the
+    # extreme eigenvalue from inside), so on a strongly indefinite minibatch Hessian the damped
+    # series can still grow slowly: keep its partial sum up to the last non-growing term (as
+    # 'truncate' does) rather than end the training run.
+    p, ninfo = neumann(op.matvec, v, solver.K, alpha2, solver.growth_tol, keep_partial=True, sync=sync)
     info.update(fallback=True, alpha=alpha2, damping=op.damping, lambda_max=lam_max, lambda_min=lam_min, **ninfo)
     if ninfo["diverged"]:
-        raise HypergradientDivergenceError(f"Neumann series still diverges after the fallback: {ninfo['reason']}")
+        if "non-finite" in (ninfo["reason"] or ""):
+            _check_grad_finite(op, "the damped Neumann series met a non-finite term")
+        warnings.warn(f"Neumann series still grows after the fallback (alpha={alpha2:.3g}, damping={op.damping:.3g}): "
+                      f"{ninfo['reason']}; keeping the first {ninfo['terms_used'] - 1} terms",
+                      HypergradientDivergenceWarning, stacklevel=3)
     return p, info
 
 
