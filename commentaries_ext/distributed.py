@@ -25,11 +25,12 @@ union's meta-gradient.
 What "the union" is.  The training loss of a rank is its commentary loss on its
 shard; the union's is the same loss on the concatenated shards:
 
-* ``train_reduction="sum"`` (example weighting's default): the sum of the
+* ``train_reduction="sum"`` (the paper's reference code): the sum of the
   ranks' losses -- derivatives are summed;
-* ``"mean"``: ``sum_r n_r L_r / N`` -- derivatives are averaged with weights
-  ``n_r / N`` (the plain mean when every shard has the same size; pass
-  ``train_size=`` so that shards of different sizes are weighted right);
+* ``"mean"`` (example weighting's default): ``sum_r n_r L_r / N`` -- derivatives
+  are averaged with weights ``n_r / N`` (the plain mean when every shard has the
+  same size; pass ``train_size=`` so that shards of different sizes are weighted
+  right);
 * ``"normalized"`` (``sum w l / sum w``) is not a combination of per-rank
   quantities (its mixed term needs the union's ``sum w``): refused.
 

@@ -29,7 +29,7 @@ def _student():
 
 def _grad_after_one_outer(**kw):
     torch.manual_seed(0)
-    c = TabularWeighting(24)
+    c = TabularWeighting(24, reduction="sum")
     opt = torch.optim.SGD(c.parameters(), lr=1.0)
     before = c.logits.detach().clone()
     learn_bptt(c, _student, _data(), _data(seed=1), inner_steps=4, outer_steps=1, inner_optimizer="sgd",
@@ -56,7 +56,7 @@ def test_bptt_inner_optimizers_and_fresh_students(inner):
 
 def test_nan_policy_in_the_learning_loops():
     x, y = _data()
-    c = TabularWeighting(24)
+    c = TabularWeighting(24, reduction="sum")
 
     class Exploding(nn.Module):
         def __init__(self):
@@ -116,10 +116,10 @@ def test_learning_loops_on_a_gpu():
     CPU), data already on the GPU with device=None works (the index follows the batch), and a
     CUDA generator drives the commentary's draws."""
     x, y = _data()
-    c = TabularWeighting(24)
+    c = TabularWeighting(24, reduction="sum")
     learn_ift(c, _student(), (x, y), (x, y), steps=2, batch_size=8, device="cuda")
     assert c.logits.device.type == "cuda"
-    c2 = TabularWeighting(24).cuda()
+    c2 = TabularWeighting(24, reduction="sum").cuda()
     learn_ift(c2, _student().cuda(), (x.cuda(), y.cuda()), (x.cuda(), y.cuda()), steps=2, batch_size=8)
     b = Blending(3)
     losses = train_student(_student(), (x, y), commentary=b, steps=3, batch_size=8, device="cuda")

@@ -33,7 +33,20 @@ def test_teacher_net_shapes_and_weights_in_unit_interval():
         prep = c(c.prepare(x, y, progress=0.5))
         assert prep.weight.shape == (5,)
         assert bool(((prep.weight > 0) & (prep.weight < 1)).all())
-        assert prep.x is x and prep.reduction == "sum"
+        assert prep.x is x and prep.reduction == "mean"  # the default
+
+
+def test_default_reduction_is_mean_and_old_files_keep_sum():
+    # "mean": PyTorch's convention and the CLI's default (a weighted loss on the scale of F.cross_entropy)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 1))
+    for c in (ExampleWeighting.reference((1, 2, 2), 3), ExampleWeighting(net, call="x"), TabularWeighting(4)):
+        assert c.reduction == "mean" and c.config()["reduction"] == "mean"
+    # a file's config without the key was written when the default was "sum"
+    ref = {"net": "teacher", "in_shape": [1, 2, 2], "num_classes": 3}
+    assert ExampleWeighting.from_config(ref).reduction == "sum"
+    assert ExampleWeighting.from_config({"net": "user"}, net=net).reduction == "sum"
+    assert TabularWeighting.from_config({"num_examples": 4}).reduction == "sum"
+    assert ExampleWeighting.from_config(dict(ref, reduction="mean")).reduction == "mean"
 
 
 def test_teacher_architecture_matches_reference():
@@ -162,7 +175,7 @@ def test_teacher_network_learns_with_ift_and_bptt():
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
     student = lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
     for algo in ("bptt", "ift"):
-        c = ExampleWeighting.reference((1, 8, 8), 3, use_label=True)
+        c = ExampleWeighting.reference((1, 8, 8), 3, use_label=True, reduction="sum")
         before = [p.detach().clone() for p in c.parameters()]
         if algo == "bptt":
             learn_bptt(c, student, (x, y), (x, y), inner_steps=3, outer_steps=2, inner_optimizer="sgd",

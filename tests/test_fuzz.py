@@ -1070,8 +1070,9 @@ FILE_DATA = (torch.randn(10, *IMG, generator=torch.Generator().manual_seed(0)), 
 
 def _valid_files(tmp):
     out = {}
-    for name, mod in (("Blending", Blending(C)), ("TabularWeighting", TabularWeighting(10, num_bins=2, num_classes=C)),
-                      ("ExampleWeighting", ExampleWeighting.reference(IMG, C)),
+    for name, mod in (("Blending", Blending(C)),
+                      ("TabularWeighting", TabularWeighting(10, num_bins=2, num_classes=C, reduction="sum")),
+                      ("ExampleWeighting", ExampleWeighting.reference(IMG, C, reduction="sum")),
                       ("AttentionMask", AttentionMask(1, num_classes=C, width=2))):
         with torch.no_grad():
             for p in mod.parameters():
@@ -1499,7 +1500,7 @@ def _ift_problem(nan_val=False, nan_train=False):
 
     torch.manual_seed(0)
     student = nn.Linear(4, 3)
-    com = TabularWeighting(6, num_classes=3)
+    com = TabularWeighting(6, num_classes=3, reduction="sum")
     fm = FunctionalModule(student)
     x, y = torch.randn(6, 4), torch.arange(6) % 3
     xt = x.clone()
@@ -1554,7 +1555,7 @@ def test_wrapper_skips_nonfinite_validation_batches():
 
     torch.manual_seed(0)
     student = nn.Linear(4, 3)
-    com = TabularWeighting(6, num_classes=3)
+    com = TabularWeighting(6, num_classes=3, reduction="sum")
     x, y = torch.randn(6, 4), torch.arange(6) % 3
     xv = x.clone()
     xv[0, 0] = NAN
@@ -1584,12 +1585,13 @@ def test_learn_ift_skips_nonfinite_validation_data():
     x, y = torch.randn(12, 4), torch.arange(12) % 3
     xv = x.clone()
     xv[2, 1] = NAN
-    res = learn_ift(TabularWeighting(12, num_classes=3), nn.Linear(4, 3), (x, y), (xv, y), steps=3, batch_size=4,
-                    nan_policy="skip")
+    res = learn_ift(TabularWeighting(12, num_classes=3, reduction="sum"), nn.Linear(4, 3), (x, y), (xv, y), steps=3,
+                    batch_size=4, nan_policy="skip")
     assert res.info["skipped_hyper_steps"] == 3 and res.info["skipped_student_steps"] == 0
     assert all(math.isnan(r["val_loss"]) for r in res.history)
     with pytest.raises(NonFiniteError):
-        learn_ift(TabularWeighting(12, num_classes=3), nn.Linear(4, 3), (x, y), (xv, y), steps=2, batch_size=4)
+        learn_ift(TabularWeighting(12, num_classes=3, reduction="sum"), nn.Linear(4, 3), (x, y), (xv, y), steps=2,
+                  batch_size=4)
     COUNTS["learn.nonfinite_val"] += 2
 
 

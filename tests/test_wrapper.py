@@ -80,7 +80,7 @@ def test_hyper_steps_every_k_and_state_dicts():
     x, y = _data()
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    com = TabularWeighting(x.shape[0], num_classes=3)
+    com = TabularWeighting(x.shape[0], num_classes=3, reduction="sum")
     teacher = CommentaryOptimizer(opt, model, com, val_loader=[(x[:16], y[:16]), (x[16:32], y[16:32])], hyper_every=2)
     before = com.logits.detach().clone()
     for xb, yb, idx in _batches(x, y):
@@ -97,7 +97,7 @@ def test_hyper_steps_every_k_and_state_dicts():
     # the wrapper's state round-trips
     sd = copy.deepcopy(teacher.state_dict())
     model2 = _model()
-    com2 = TabularWeighting(x.shape[0], num_classes=3)
+    com2 = TabularWeighting(x.shape[0], num_classes=3, reduction="sum")
     t2 = CommentaryOptimizer(torch.optim.Adam(model2.parameters(), lr=1e-2), model2, com2, val_loader=[(x, y)])
     t2.load_state_dict(sd)
     assert t2.steps == 6 and t2.hyper_steps == 3 and torch.equal(com2.logits, com.logits)
@@ -202,10 +202,48 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     assert env["teacher"].steps == 3 and (tmp_path / "fmnist.commentary").exists()
 
 
+def test_readme_loop_with_sgd_trains_under_the_default_reduction():
+    # the README's recipe (default ExampleWeighting, SGD lr 0.05 momentum 0.9): with the old "sum"
+    # default the step was batch-size times larger and the student stayed near chance
+    g = torch.Generator().manual_seed(0)
+
+    def data(n):  # a class-coded bright pixel on noise
+        y = torch.randint(0, 10, (n,), generator=g)
+        x = 0.5 * torch.rand(n, 1, 12, 12, generator=g)
+        x[torch.arange(n), 0, y, y] += 1.0
+        return x, y
+
+    (x, y), (xv, yv) = data(512), data(64)
+    torch.manual_seed(0)
+    from commentaries_ext.models import make_student
+
+    model, steps = make_student("convnet", (1, 12, 12), 10), 40
+    commentary = ExampleWeighting.reference((1, 12, 12), num_classes=10)
+    assert commentary.reduction == "mean"
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    teacher = CommentaryOptimizer(optimizer, model, commentary, val_loader=[(xv, yv)], hyper_every=10,
+                                  total_steps=steps)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randperm(x.shape[0], generator=g)[:32]
+        teacher.zero_grad()
+        loss = teacher.loss(x[idx], y[idx])
+        loss.backward()
+        teacher.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+    assert teacher.hyper_steps == 4
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+    model.eval()
+    with torch.no_grad():
+        assert float((model(xv).argmax(1) == yv).float().mean()) > 0.8
+
+
 def test_fresh_training_batch_for_the_hyper_step():
     x, y = _data()
     model = _model()
-    com = TabularWeighting(x.shape[0])
+    com = TabularWeighting(x.shape[0], reduction="sum")
     loader = [(x[i:i + 8], y[i:i + 8], torch.arange(i, i + 8)) for i in range(24, 48, 8)]
     teacher = CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, com, val_loader=[(x, y)],
                                   hyper_train_loader=loader)
@@ -239,8 +277,9 @@ def test_ddp_single_process_gloo(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("make", [lambda: Blending(3), lambda: ExampleWeighting.reference((1, 4, 4), 3),
-                                  lambda: TabularWeighting(48)])
+@pytest.mark.parametrize("make", [lambda: Blending(3),
+                                  lambda: ExampleWeighting.reference((1, 4, 4), 3, reduction="sum"),
+                                  lambda: TabularWeighting(48, reduction="sum")])
 def test_cuda_amp(make):
     x, y = _data()
     x, y = x.cuda(), y.cuda()

@@ -9,8 +9,11 @@
 * :class:`TabularWeighting` -- one weight per training example (addressed by
   its dataset index), optionally one per example and progress bin.
 
-The training loss is ``reduce_i w_i * CE_i`` with ``reduction`` ``"sum"`` (the
-reference code), ``"mean"`` (divide by N) or ``"normalized"`` (divide by sum w).
+The training loss is ``reduce_i w_i * CE_i`` with ``reduction`` ``"mean"``
+(divide by N; the default, PyTorch's convention and the CLI's, so that a learning
+rate tuned for ``F.cross_entropy`` fits), ``"sum"`` (the paper's reference code,
+used with Adam, which is invariant to the loss scale; with SGD it multiplies the
+step by the batch size) or ``"normalized"`` (divide by sum w).
 """
 from __future__ import annotations
 
@@ -18,6 +21,10 @@ import torch
 from torch import nn
 
 from .base import REDUCTIONS, BatchError, Commentary, Prepared, check_param_dtype
+
+
+# a commentary file whose config has no "reduction" was written when the default was "sum"
+_FILE_REDUCTION = "sum"
 
 
 def _check_reduction(reduction: str) -> str:
@@ -88,7 +95,7 @@ class ExampleWeighting(Commentary):
 
     kind = "example_weighting"
 
-    def __init__(self, net: nn.Module, *, num_classes: int | None = None, reduction: str = "sum",
+    def __init__(self, net: nn.Module, *, num_classes: int | None = None, reduction: str = "mean",
                  call: str = "x_progress_y", _config: dict | None = None):
         super().__init__(num_classes)
         if call not in ("x_progress_y", "x"):
@@ -100,7 +107,7 @@ class ExampleWeighting(Commentary):
 
     @classmethod
     def reference(cls, in_shape, num_classes: int | None = None, *, use_label: bool = False,
-                  progress_channel: bool = True, reduction: str = "sum") -> "ExampleWeighting":
+                  progress_channel: bool = True, reduction: str = "mean") -> "ExampleWeighting":
         """The reference teacher network (paper / reference code)."""
         net = TeacherNet(in_shape, num_classes, use_label=use_label, progress_channel=progress_channel)
         cfg = {"net": "teacher", "in_shape": list(net.in_shape), "num_classes": num_classes,
@@ -135,11 +142,11 @@ class ExampleWeighting(Commentary):
         if cfg.get("net") == "teacher":
             return cls.reference(cfg["in_shape"], cfg.get("num_classes"), use_label=cfg.get("use_label", False),
                                  progress_channel=cfg.get("progress_channel", True),
-                                 reduction=cfg.get("reduction", "sum"))
+                                 reduction=cfg.get("reduction", _FILE_REDUCTION))
         if net is None:
             raise ValueError("this commentary file holds a user network: pass the network module "
                              "(load_commentary(path, commentary=ExampleWeighting(your_net, ...)))")
-        return cls(net, num_classes=cfg.get("num_classes"), reduction=cfg.get("reduction", "sum"),
+        return cls(net, num_classes=cfg.get("num_classes"), reduction=cfg.get("reduction", _FILE_REDUCTION),
                    call=cfg.get("call", "x_progress_y"))
 
     def plot(self, x, y, **kw):
@@ -160,7 +167,7 @@ class TabularWeighting(Commentary):
     needs_index = True
 
     def __init__(self, num_examples: int, *, num_bins: int = 1, num_classes: int | None = None,
-                 reduction: str = "sum", init: float = 0.0):
+                 reduction: str = "mean", init: float = 0.0):
         super().__init__(num_classes)
         if num_examples <= 0 or num_bins <= 0:
             raise ValueError(f"num_examples and num_bins must be positive, got {num_examples}, {num_bins}")
@@ -193,7 +200,7 @@ class TabularWeighting(Commentary):
     @classmethod
     def from_config(cls, cfg: dict, net=None) -> "TabularWeighting":
         return cls(cfg["num_examples"], num_bins=cfg.get("num_bins", 1), num_classes=cfg.get("num_classes"),
-                   reduction=cfg.get("reduction", "sum"), init=cfg.get("init", 0.0))
+                   reduction=cfg.get("reduction", _FILE_REDUCTION), init=cfg.get("init", 0.0))
 
     def plot(self, labels=None, **kw):
         from .plots import plot_tabular_weights
