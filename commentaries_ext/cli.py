@@ -231,14 +231,12 @@ def plot_commentary(commentary, splits, path: Path):
     """The commentary's plot (weights / matrix / masks) to ``path`` (PNG)."""
     kind = type(commentary).__name__
     xv, yv = splits.val[0][:256], splits.val[1][:256]
-    if kind == "ExampleWeighting":
-        fig = commentary.plot(xv, yv)
-    elif kind == "TabularWeighting":
-        fig = commentary.plot(splits.train[1])
+    if kind == "TabularWeighting":
+        fig = commentary.plot(xv, yv, labels=splits.train[1])
     elif kind == "Blending":
-        fig = commentary.plot(splits.class_names or None)
-    elif kind == "AttentionMask":
-        fig = commentary.plot(xv[:8])
+        fig = commentary.plot(xv, yv, class_names=splits.class_names or None)
+    elif kind in ("ExampleWeighting", "AttentionMask"):
+        fig = commentary.plot(xv, yv)
     else:  # pragma: no cover
         return None
     return _save_fig(fig, path)

@@ -206,6 +206,21 @@ def test_plot():
     assert isinstance(plot_blending(Blending(4), ["a", "b", "c", "d"]), Figure)
 
 
+def test_plot_takes_the_readme_call_and_the_older_one():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_val, y_val = torch.randn(12, 1, 8, 8), torch.randint(0, 4, (12,))
+    names = ["a", "b", "c", "d"]
+    for fig, want in ((Blending(4).plot(x_val[:256], y_val[:256]), ["0", "1", "2", "3"]),  # x, y: ignored
+                      (Blending(4).plot(names), names),  # the older positional class names
+                      (Blending(4).plot(x_val, y_val, class_names=names), names)):
+        assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == want
+        plt.close(fig)
+
+
 def test_fused_blend_matches_plain_and_engine_losses_use_plain(monkeypatch):
     from commentaries_ext.commentary import base, blending
 

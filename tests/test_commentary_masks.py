@@ -124,3 +124,17 @@ def test_plot():
 
     assert isinstance(plot_masks(AttentionMask(1), torch.randn(4, 1, 8, 8)), Figure)
     assert isinstance(AttentionMask(3).plot(torch.randn(2, 3, 8, 8)), Figure)
+
+
+def test_plot_takes_the_readme_call():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_val, y_val = torch.randn(12, 1, 8, 8), torch.randint(0, 3, (12,))
+    fig = AttentionMask(1).plot(x_val[:256], y_val[:256])  # y is not needed: ignored
+    assert len(fig.axes) == 3 * 8  # image, mask, student input for the first max_images=8
+    plt.close(fig)
+    with pytest.raises(TypeError, match=r"needs images: plot\(x\)"):
+        AttentionMask(1).plot()

@@ -199,6 +199,29 @@ def test_plots():
     assert isinstance(t.plot(), Figure)
 
 
+def test_plot_takes_the_readme_call():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_val, y_val = torch.randn(20, 1, 8, 8), torch.randint(0, 3, (20,))
+    fig = ExampleWeighting.reference((1, 8, 8), 3).plot(x_val[:256], y_val[:256])
+    assert len(fig.axes) == 2
+    with pytest.raises(TypeError, match=r"needs a batch: plot\(x, y\)"):
+        ExampleWeighting.reference((1, 8, 8), 3).plot(x_val)
+    t = TabularWeighting(12, num_bins=3)
+    train_labels = torch.arange(12) % 3
+    readme = t.plot(x_val[:256], y_val[:256])  # a batch says nothing about the table's examples: ignored
+    assert len(readme.axes) == 2  # sorted weights and their histogram
+    for fig in (t.plot(train_labels), t.plot(labels=train_labels), t.plot(x_val, y_val, labels=train_labels)):
+        assert len(fig.axes) == 3  # the per-class panel has a colour bar
+        plt.close(fig)
+    with pytest.raises(ValueError, match=r"labels must hold the class of every training example \(shape \[12\]\)"):
+        t.plot(labels=y_val)
+    plt.close("all")
+
+
 def test_per_example_ce_matches_torch():
     logits = torch.randn(7, 4, dtype=torch.float64)
     y = torch.randint(0, 4, (7,))

@@ -345,7 +345,16 @@ class Commentary(nn.Module):
         """The trainable parameters ``phi`` as a dict (detached)."""
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
-    def plot(self, *args, **kwargs):  # pragma: no cover - overridden
+    def plot(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, **kwargs):  # pragma: no cover
+        """A matplotlib figure of what the commentary learned.
+
+        One call for every type: ``plot(x_val[:256], y_val[:256])``. ``x, y`` are a batch of
+        examples and labels; each type uses what it needs and ignores the rest:
+        ExampleWeighting both (the weights of these examples), AttentionMask ``x`` (the
+        masks of its first ``max_images``), Blending neither (its class-pair matrix;
+        ``class_names=``), TabularWeighting neither (its weights belong to training
+        examples by index; ``labels=`` the labels of all training examples, in order,
+        for the per-class panel). Other keywords go to the plot function."""
         raise NotImplementedError
 
 

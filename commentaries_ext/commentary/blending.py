@@ -133,9 +133,12 @@ class Blending(Commentary):
         return cls(cfg["num_classes"], policy=cfg.get("policy", "learned"), init=cfg.get("init", -1.0),
                    alpha=cfg.get("alpha", 1.0))
 
-    def plot(self, class_names=None, **kw):
+    def plot(self, x=None, y=None, *, class_names=None, **kw):
+        """:meth:`Commentary.plot`: the learned matrix; ``x, y`` are ignored."""
         from .plots import plot_blending
 
+        if x is not None and not torch.is_tensor(x) and class_names is None:
+            class_names = x  # the older call plot(class_names)
         return plot_blending(self, class_names, **kw)
 
 

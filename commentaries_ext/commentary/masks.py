@@ -153,7 +153,10 @@ class AttentionMask(Commentary):
         cfg = dict(cfg)
         return cls(cfg.pop("in_channels"), **cfg)
 
-    def plot(self, x, **kw):
+    def plot(self, x=None, y=None, **kw):
+        """:meth:`Commentary.plot`: the masks of ``x``'s first ``max_images`` (``y`` is ignored)."""
         from .plots import plot_masks
 
+        if x is None:
+            raise TypeError("AttentionMask.plot needs images: plot(x), e.g. plot(x_val[:256], y_val[:256])")
         return plot_masks(self, x, **kw)

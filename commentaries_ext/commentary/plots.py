@@ -59,6 +59,9 @@ def plot_tabular_weights(commentary, labels=None, *, title=None):
     if w.shape[1] > 1:
         a0.legend(fontsize="small")
     if labels is not None:
+        if not torch.is_tensor(labels) or labels.shape != (w.shape[0],):
+            raise ValueError(f"labels must hold the class of every training example (shape [{w.shape[0]}]), got "
+                             f"{tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__}")
         labels = labels.cpu()
         C = int(labels.max()) + 1
         means = torch.stack([w[labels == c].mean(0) if (labels == c).any() else torch.zeros(w.shape[1])

@@ -149,9 +149,12 @@ class ExampleWeighting(Commentary):
         return cls(net, num_classes=cfg.get("num_classes"), reduction=cfg.get("reduction", _FILE_REDUCTION),
                    call=cfg.get("call", "x_progress_y"))
 
-    def plot(self, x, y, **kw):
+    def plot(self, x=None, y=None, **kw):
+        """:meth:`Commentary.plot`: the weights of the examples ``(x, y)`` (both needed)."""
         from .plots import plot_weights
 
+        if x is None or y is None:
+            raise TypeError("ExampleWeighting.plot needs a batch: plot(x, y), e.g. plot(x_val[:256], y_val[:256])")
         return plot_weights(self, x, y, **kw)
 
 
@@ -202,7 +205,11 @@ class TabularWeighting(Commentary):
         return cls(cfg["num_examples"], num_bins=cfg.get("num_bins", 1), num_classes=cfg.get("num_classes"),
                    reduction=cfg.get("reduction", _FILE_REDUCTION), init=cfg.get("init", 0.0))
 
-    def plot(self, labels=None, **kw):
+    def plot(self, x=None, y=None, *, labels=None, **kw):
+        """:meth:`Commentary.plot`: ``x, y`` are ignored; ``labels``: the class of every
+        training example (``[num_examples]``) for the per-class panel."""
         from .plots import plot_tabular_weights
 
+        if labels is None and y is None and torch.is_tensor(x) and not x.is_floating_point():
+            labels = x  # the older call plot(labels)
         return plot_tabular_weights(self, labels, **kw)
