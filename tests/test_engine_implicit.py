@@ -546,6 +546,52 @@ def test_auto_falls_back_for_data_dependent_loss():
     assert torch.allclose(op.matvec(c)[0], 12 * hp["a"] * params["w"] ** 2)
 
 
+def test_trace_check_tolerates_rounding_noise_of_zero_gradients():
+    """The U-Net's last bias before the spatial softmax has a zero mixed term, rounding noise of
+    long float32 sums in both computations (numbers from a learn_ift run where the check
+    refused the trace); a real disagreement is still found, also in a small tensor."""
+    from commentaries_ext.engine import linearize as LZ
+
+    big = torch.tensor([0.212, -0.1])
+    zero_ref, zero_got = torch.tensor([7.75e-7]), torch.tensor([7.75e-7 - 2.68e-7])
+    assert LZ._first_mismatch(["w", "b"], [big.clone(), zero_got], [big, zero_ref]) is None
+    big2 = torch.tensor([0.186, 0.05])  # another run: noise 2.52e-6 on 1.34e-6
+    zero_ref, zero_got = torch.tensor([1.34e-6]), torch.tensor([1.34e-6 - 2.52e-6])
+    assert LZ._first_mismatch(["w", "b"], [big2.clone(), zero_got], [big2, zero_ref]) is None
+    assert LZ._first_mismatch(["w", "b"], [big.clone(), torch.tensor([2e-3])], [big, torch.tensor([1e-3])]) == "b"
+    assert LZ._first_mismatch(["w", "b"], [big * 1.001, zero_ref], [big, zero_ref]) == "w"
+
+
+def test_separate_runs_do_not_trip_the_retrace_guard():
+    """Each run (a new wrapper, learn_ift call or model) traces its loss once and then reuses
+    the trace: runs in one process never switch to double backward; a loss that captures new
+    objects at every call (a miss every time) still does."""
+    from commentaries_ext.engine import linearize as LZ
+
+    def make_loss(scale):
+        s = torch.tensor(scale, dtype=DT)  # a new captured object per run
+
+        def tl(p, h, b):
+            return (h["a"] * s * p["w"] ** 4).sum()
+        return tl
+
+    params = {"w": torch.tensor([0.5, 1.0], dtype=DT)}
+    hp = {"a": torch.tensor([1.0, 2.0], dtype=DT)}
+    LZ.clear_cache()
+    try:
+        for run in range(3 * LZ.MAX_TRACES_PER_CODE):
+            tl = make_loss(1.0 + run)
+            for _ in range(2):  # the run's hyper-steps: a trace, then a reuse
+                op = LZ.linearized_hvp(tl, params, hp, None, auto=True)
+            c = [torch.ones(2, dtype=DT)]
+            assert torch.allclose(op.hvp(c)[0], 12 * (1.0 + run) * hp["a"] * params["w"] ** 2)
+        with pytest.raises(LZ.TooManyTraces):
+            for run in range(LZ.MAX_TRACES_PER_CODE + 1):
+                LZ.linearized_hvp(make_loss(100.0 + run), params, hp, None, auto=True)
+    finally:
+        LZ.clear_cache()
+
+
 @pytest.mark.parametrize("with_bn", [True, False])
 def test_auto_with_few_products_uses_the_linearised_product_only_with_batch_norm(with_bn):
     """hvp="auto" for one product: the linearised forward-over-reverse operator when the
