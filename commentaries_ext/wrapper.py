@@ -266,10 +266,17 @@ class CommentaryOptimizer:
                                        progress=self.progress(), generator=self.generator)
 
     def _module(self) -> nn.Module:
+        """The plain student the engine differentiates: inside DDP's ``module`` and a
+        ``torch.compile``d module's ``_orig_mod`` (compiled graphs have no double backward).
+        It holds the same parameters; ``loss`` still calls the user's (compiled) model."""
         m = self.model
-        if isinstance(m, nn.parallel.DistributedDataParallel):
-            return m.module
-        return m
+        while True:
+            if isinstance(m, nn.parallel.DistributedDataParallel):
+                m = m.module
+            elif isinstance(getattr(m, "_orig_mod", None), nn.Module):
+                m = m._orig_mod
+            else:
+                return m
 
     def _dist(self) -> bool:
         import torch.distributed as dist
@@ -312,7 +319,7 @@ class CommentaryOptimizer:
 
             reduce = ShardReducer(self.process_group, train_reduction=getattr(self.commentary, "reduction", "mean"),
                                   train_size=int(train_batch["x"].shape[0]), val_size=int(xv.shape[0]))
-        with autocast_off:
+        with autocast_off, _eager_calls(fm.module):
             res = implicit_hypergradient(
                 train_loss, val_loss, fm.params(), hparams, train_batch, val_batch,
                 solver=self._solver(), curvature=self.curvature, hvp=self.hvp, state=self._engine_state,
@@ -386,6 +393,21 @@ class CommentaryOptimizer:
                 lambda_max=None if es.get("lambda_max") is None else float(es["lambda_max"]),
                 eigvec=None if eig is None else [t.to(dev) for t in eig],
                 estimated_at=int(es.get("estimated_at", -(10**9))))
+
+
+@contextlib.contextmanager
+def _eager_calls(module: nn.Module):
+    """Submodules compiled in place (``module.compile()``) run eagerly inside: the engine
+    differentiates the student twice, which compiled graphs do not support."""
+    compiled = [(m, m._compiled_call_impl) for m in module.modules()
+                if getattr(m, "_compiled_call_impl", None) is not None]
+    for m, _ in compiled:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, impl in compiled:
+            m._compiled_call_impl = impl
 
 
 def cycle(loader: Iterable):

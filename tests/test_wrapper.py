@@ -240,6 +240,34 @@ def test_readme_loop_with_sgd_trains_under_the_default_reduction():
         assert float((model(xv).argmax(1) == yv).float().mean()) > 0.8
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method:DeprecationWarning")  # (torch.compile's imports)
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile"])
+def test_compiled_student(how):
+    # the hyper-step differentiates the uncompiled module (compiled graphs have no double backward);
+    # the user's training forward stays compiled
+    x, y = _data()
+    hyper = {}
+    for name in ("eager", "compiled"):
+        model = _model()
+        student = model
+        if name == "compiled":
+            if how == "torch.compile":
+                student = torch.compile(model)
+            else:
+                model.compile()
+        teacher = CommentaryOptimizer(torch.optim.SGD(student.parameters(), lr=0.05), student, Blending(3),
+                                      val_loader=[(x, y)], generator=torch.Generator().manual_seed(0))
+        for xb, yb, _ in list(_batches(x, y))[:2]:
+            teacher.zero_grad()
+            teacher.loss(xb, yb).backward()
+            teacher.step()
+        assert teacher.hyper_steps == 2
+        hyper[name] = teacher.last_hyper.grads["phi"]
+    assert (student is not model) if how == "torch.compile" else model._compiled_call_impl is not None
+    torch.testing.assert_close(hyper["compiled"], hyper["eager"], rtol=1e-4, atol=1e-6)
+    torch.compiler.reset()
+
+
 def test_fresh_training_batch_for_the_hyper_step():
     x, y = _data()
     model = _model()
