@@ -455,10 +455,13 @@ def load_commentary(path, *, commentary: nn.Module | None = None, data: Any = No
     ``commentary``: a module to load into (needed for user networks; otherwise
     the module is rebuilt from the file's class and config).  ``data``: the
     training data it is applied to (fingerprint and size are checked unless
-    ``check_data=False``, e.g. to reuse a commentary on new data on purpose).
-    ``model``: the student it will train (its number of outputs must be the
-    file's class count).  Raises :class:`CommentaryMismatchError` listing every
-    mismatch.
+    ``check_data=False``, e.g. to reuse a commentary on new data on purpose;
+    a commentary whose own network needs one input shape -- the reference
+    weighting teacher, the mask U-Net's channels -- is refused for data of
+    another shape either way).  ``model``: the student it will train (its
+    number of outputs must be the file's class count; it is run on an example
+    of ``data``'s shape, or of the file's data without ``data``).  Raises
+    :class:`CommentaryMismatchError` listing every mismatch.
     """
     from safetensors.torch import load_file
 
@@ -532,11 +535,14 @@ def load_commentary(path, *, commentary: nn.Module | None = None, data: Any = No
     if got is not None and n_ex is not None and got["size"] != n_ex and not (check_data and fp is not None):
         problems.append(f"num_examples: the tabular commentary has {n_ex} examples, the data has {got['size']}")
 
-    # the student model
+    # the commentary's own network and the student model, on examples of the data when given (the
+    # data may be other data on purpose: check_data=False), else of the data the file was learned on
+    shape = got["shapes"][0] if got is not None and got["shapes"] else meta.get("input_shape")
+    why = commentary.input_mismatch(shape) if got is not None and hasattr(commentary, "input_mismatch") else None
+    if why is not None:
+        problems.append(f"input shape: {why}; the data has examples of shape {list(shape)}, so this "
+                        f"{type(commentary).__name__} cannot be applied to it")
     if model is not None and C is not None:
-        shape = meta.get("input_shape")
-        if shape is None and got is not None and got["shapes"]:
-            shape = got["shapes"][0]
         try:
             out_c = _model_classes(model, shape)
         except Exception as e:  # noqa: BLE001

@@ -88,6 +88,32 @@ def test_refuses_mismatched_dataset_and_names_every_problem(tmp_path):
     assert load_commentary(path, data=(x, y2), check_data=False) is not None
 
 
+def test_reuse_on_data_of_another_shape(tmp_path):
+    # check_data=False: the student is probed with the new data's examples, not the file's
+    x, y = _data()
+    x12, y12 = torch.randn(6, 1, 12, 12), torch.randint(0, 3, (6,))
+    student12 = nn.Sequential(nn.Flatten(), nn.Linear(144, 3))
+    path = save_commentary(tmp_path / "b.commentary", Blending(3), data=(x, y))
+    assert isinstance(load_commentary(path, data=(x12, y12), check_data=False, model=student12), Blending)
+    with pytest.raises(CommentaryMismatchError) as e:  # checked, the shapes differ too
+        load_commentary(path, data=(x12, y12), model=student12)
+    assert "data shapes" in str(e.value) and "model" not in str(e.value)
+    # the mask U-Net takes any height and width, not another channel count
+    path = save_commentary(tmp_path / "m.commentary", AttentionMask(1, num_classes=3, width=4), data=(x, y))
+    assert isinstance(load_commentary(path, data=(x12, y12), check_data=False, model=student12), AttentionMask)
+    with pytest.raises(CommentaryMismatchError) as e:
+        load_commentary(path, data=(x12.expand(6, 3, 12, 12), y12), check_data=False)
+    assert e.value.problems == ["input shape: the mask network takes images [1, H, W]; the data has examples of "
+                                "shape [3, 12, 12], so this AttentionMask cannot be applied to it"]
+    # the reference teacher's linear layer is sized for the file's images: a clear refusal, not a matmul error
+    path = save_commentary(tmp_path / "w.commentary", ExampleWeighting.reference((1, 8, 8), 3), data=(x, y))
+    with pytest.raises(CommentaryMismatchError) as e:
+        load_commentary(path, data=(x12, y12), check_data=False, model=student12)
+    assert e.value.problems == ["input shape: the reference teacher network takes examples of shape [1, 8, 8] "
+                                "(its linear layer is sized for them); the data has examples of shape [1, 12, 12], "
+                                "so this ExampleWeighting cannot be applied to it"]
+
+
 def test_refuses_mismatched_module(tmp_path):
     x, y = _data()
     path = save_commentary(tmp_path / "b.commentary", Blending(3), data=(x, y))

@@ -341,6 +341,11 @@ class Commentary(nn.Module):
         prep = self(batch)
         return commentary_loss(model(prep.x), prep)
 
+    def input_mismatch(self, shape) -> str | None:
+        """Why the commentary's own network cannot take examples of ``shape`` (``x.shape[1:]``),
+        or None (it can, or it does not look at ``x``). Checked when a file is loaded for data."""
+        return None
+
     def hparams(self) -> dict[str, torch.Tensor]:
         """The trainable parameters ``phi`` as a dict (detached)."""
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}

@@ -98,6 +98,12 @@ class AttentionMask(Commentary):
             perm[s] = torch.roll(s, -1)
             batch["perm"] = perm.to(x.device)
 
+    def input_mismatch(self, shape) -> str | None:
+        # the U-Net takes any height and width, but its first convolution has in_channels inputs
+        if len(shape) != 3 or int(shape[0]) != self.in_channels:
+            return f"the mask network takes images [{self.in_channels}, H, W]"
+        return None
+
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """The spatial softmax ``[N, H, W]``."""
         z = self.net(x)[:, 0] / self.temperature

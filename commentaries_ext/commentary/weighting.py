@@ -114,6 +114,13 @@ class ExampleWeighting(Commentary):
                "use_label": bool(use_label), "progress_channel": bool(progress_channel), "reduction": reduction}
         return cls(net, num_classes=num_classes, reduction=reduction, _config=cfg)
 
+    def input_mismatch(self, shape) -> str | None:
+        # the reference teacher's linear head is sized for one image shape; a user network is not known
+        if isinstance(self.net, TeacherNet) and tuple(int(s) for s in shape) != self.net.in_shape:
+            return (f"the reference teacher network takes examples of shape {list(self.net.in_shape)} (its "
+                    "linear layer is sized for them)")
+        return None
+
     def weight_logits(self, x, progress, y):
         z = self.net(x, progress, y) if self.call == "x_progress_y" else self.net(x)
         if z.dim() == 2 and z.shape[1] == 1:
