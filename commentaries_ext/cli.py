@@ -201,23 +201,29 @@ def learn_commentary(kind: str, splits, args, quiet=False):
             if "val_loss" in rec:
                 bar.set_postfix(val_loss=f"{rec['val_loss']:.3f}")
 
-        solver = None
-        if args.solver == "cg":
-            from .engine import CGConfig
-
-            solver = CGConfig()
-        elif args.neumann_k is not None:
-            from .engine import NeumannConfig
-
-            solver = NeumannConfig(K=args.neumann_k)
         res = learn_ift(commentary, factory(), splits.train, splits.val, steps=args.steps, batch_size=args.batch_size,
-                        student_lr=args.lr, hyper_lr=args.hyper_lr, hyper_every=args.hyper_every, solver=solver,
+                        student_lr=args.lr, hyper_lr=args.hyper_lr, hyper_every=args.hyper_every, solver=_ift_solver(args),
                         val_batch_size=args.val_batch_size or 128, seed=args.seed, nan_policy="skip", callback=cb,
                         log_every=max(1, args.steps // 100), **_checkpoint_kwargs(args))
     else:
         raise ValueError(f"--algorithm must be bptt or ift, got {algo!r}")
     bar.close()
     return commentary, res, time.perf_counter() - t0
+
+
+def _ift_solver(args):
+    """The IFT solver of ``--solver``/``--neumann-k`` (None: the wrapper's default, Neumann K=1
+    with alpha = the student's learning rate)."""
+    if args.solver == "cg":
+        from .engine import CGConfig
+
+        return CGConfig()
+    if args.neumann_k is None:
+        return None
+    from .engine import NeumannConfig
+
+    # only K changes: alpha stays the student's learning rate (NeumannConfig's own default is a fixed 1e-3)
+    return NeumannConfig(K=args.neumann_k, alpha=args.lr)
 
 
 def _checkpoint_kwargs(args) -> dict:
@@ -446,7 +452,9 @@ def _add_learn(p):
     g.add_argument("--hyper-every", type=int, default=1, help="ift: a hyper-step every N student steps (default: %(default)s)")
     g.add_argument("--solver", choices=("neumann", "cg"), default="neumann",
                    help="ift: inverse-Hessian approximation (default: %(default)s)")
-    g.add_argument("--neumann-k", type=int, default=None, help="ift: Neumann terms K (default: the engine's, K=1)")
+    g.add_argument("--neumann-k", type=int, default=None,
+                   help="ift: Neumann terms K (default: 1); the step alpha is the student's learning rate --lr "
+                        "either way")
     g.add_argument("--val-batch-size", type=int, default=None,
                    help="validation batch of the hypergradient (default: whole split for bptt, 128 for ift)")
     g.add_argument("--reduction", choices=("sum", "mean", "normalized"), default="mean",

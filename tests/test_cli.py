@@ -69,6 +69,22 @@ def test_learn_ift_kinds(tmp_path, capsys, kind, extra):
     assert json.loads(out.with_suffix(".json").read_text())["learned_with"]["algorithm"] == "ift"
 
 
+def test_neumann_k_changes_only_k(tmp_path):
+    # giving the default --neumann-k 1 is the same run as not giving it (alpha: the student's --lr)
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, flag in (("none", []), ("k1", ["--neumann-k", "1"]), ("k3", ["--neumann-k", "3"])):
+        out = tmp_path / f"{name}.commentary"
+        assert cli.main(["learn", "blending", "--data", "digits", "--train-size", "100", "--val-size", "50",
+                         "--test-size", "50", "--steps", "2", "--lr", "0.02", "--quiet", "--out", str(out), *flag]) == 0
+        runs[name] = (json.loads(out.with_suffix(".json").read_text())["learned_with"]["solver"],
+                      load_file(str(out))["phi"])
+    assert runs["k1"][0] == runs["none"][0] and "K=1," in runs["none"][0] and "alpha=0.02," in runs["none"][0]
+    assert runs["k1"][1].equal(runs["none"][1])
+    assert runs["k3"][0] == runs["none"][0].replace("K=1,", "K=3,")
+
+
 def test_missing_dataset_and_file(tmp_path, capsys):
     assert cli.main(["learn", "mask", "--data-dir", str(tmp_path / "none"), "--steps", "1", "--quiet"]) == 3
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
