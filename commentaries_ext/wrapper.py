@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -64,7 +66,9 @@ class CommentaryOptimizer:
     hyper_every: a hyper-step after every ``k`` student steps (0: never -- apply a fixed commentary).
     hyper_optimizer: optimizer over the commentary's parameters (default ``Adam(lr=hyper_lr)``).
     solver: ``engine.NeumannConfig`` / ``engine.CGConfig``; default Neumann with ``K=1`` and
-        ``alpha`` = the student's current learning rate (the reference setting).
+        ``alpha`` = the student's current learning rate (the reference setting): with several
+        parameter groups, the first group's (a warning says so once if their rates differ; pass
+        ``solver=NeumannConfig(K=1, alpha=...)`` to choose).
     curvature, hvp: passed to ``engine.implicit_hypergradient``.
     total_steps: for the training progress ``i/T`` fed to the commentary (default: 0).
     criterion: the plain loss used when switched off (default ``F.cross_entropy``).
@@ -145,6 +149,7 @@ class CommentaryOptimizer:
         self.process_group = process_group
         self._engine_state = None
         self._fm = None
+        self._warned_lrs = False
         if commentary is not None:
             hp = [p for p in commentary.parameters() if p.requires_grad]
             if hyper_optimizer is None and hp:
@@ -289,7 +294,14 @@ class CommentaryOptimizer:
 
         if self.solver is not None:
             return self.solver
-        return NeumannConfig(K=1, alpha=float(self.optimizer.param_groups[0]["lr"]))
+        lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
+        if len(set(lrs)) > 1 and not self._warned_lrs:
+            self._warned_lrs = True
+            warnings.warn(f"CommentaryOptimizer: the parameter groups have different learning rates {lrs}; the "
+                          f"hyper-step's Neumann alpha is the first group's ({lrs[0]}). Pass "
+                          "solver=NeumannConfig(K=1, alpha=...) to choose it", UserWarning,
+                          stacklevel=_outside_this_file())
+        return NeumannConfig(K=1, alpha=lrs[0])
 
     def hypergradient(self, train_batch: dict | None = None, val_batch: Any = None):
         """The engine's IFT hypergradient at the current student (no update)."""
@@ -393,6 +405,14 @@ class CommentaryOptimizer:
                 lambda_max=None if es.get("lambda_max") is None else float(es["lambda_max"]),
                 eigvec=None if eig is None else [t.to(dev) for t in eig],
                 estimated_at=int(es.get("estimated_at", -(10**9))))
+
+
+def _outside_this_file() -> int:
+    """The ``stacklevel`` of the first caller outside this file (step, hyper_step, ... lead here)."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 @contextlib.contextmanager

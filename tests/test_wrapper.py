@@ -121,6 +121,27 @@ def test_hyper_step_uses_the_engine_settings():
     assert res.info["solver"] == "neumann" and res.info["alpha"] == pytest.approx(0.05)
 
 
+@pytest.mark.parametrize("lrs", [(0.05, 0.01), (0.05, 0.05)])
+def test_alpha_is_the_first_groups_lr_with_a_warning_once_when_they_differ(lrs):
+    import warnings
+
+    x, y = _data()
+    model = _model()
+    groups = [{"params": model[1].parameters(), "lr": lrs[0]}, {"params": model[2:].parameters(), "lr": lrs[1]}]
+    teacher = CommentaryOptimizer(torch.optim.SGD(groups), model, Blending(3), val_loader=[(x, y)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for xb, yb, _ in list(_batches(x, y))[:3]:
+            teacher.zero_grad()
+            teacher.loss(xb, yb).backward()
+            teacher.step()
+    assert teacher.hyper_steps == 3 and teacher.last_hyper.info["alpha"] == pytest.approx(0.05)
+    ours = [w for w in caught if "different learning rates" in str(w.message)]
+    assert len(ours) == (1 if lrs[0] != lrs[1] else 0)
+    if ours:
+        assert "[0.05, 0.01]" in str(ours[0].message) and ours[0].filename == __file__
+
+
 def test_amp_autocast_and_grad_scaler():
     x, y = _data()
     model = _model()
