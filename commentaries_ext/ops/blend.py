@@ -54,7 +54,8 @@ With ``xb = (x_a if x_b is None else x_b)[perm]`` (no gather when ``perm`` is No
       has size 1 (keepdim), shape ``m.shape``, **contiguous**, ``m``'s dtype.
 
 Double backward (``create_graph=True``) runs the backward as differentiable
-PyTorch ops.
+PyTorch ops. Forward-mode AD and ``torch.func.grad``/``vjp``/``jvp`` work;
+``torch.func.vmap`` does not (no batching rule).
 """
 from __future__ import annotations
 
@@ -177,7 +178,7 @@ class _EagerBlend(torch.autograd.Function):
     pytree handling), about 50 us per forward+backward; traced code uses
     :func:`masked_blend_op` so that the graph holds the registered op. Written
     with ``setup_context`` and a ``jvp`` so that ``torch.func.grad``/``jvp`` and
-    forward-mode AD work through it."""
+    forward-mode AD work through it (``vmap`` does not: no batching rule)."""
 
     @staticmethod
     def forward(x_a, m, x_b, perm):

@@ -32,8 +32,10 @@ The kernel ops ``wce_forward``/``wce_backward``/``wce_hvp``/``wce_jvp``
 and autograd registrations (``torch.compile`` and ``opcheck`` use them). In eager
 mode the public functions use ``torch.autograd.Function`` s with the same
 formulas calling the kernels directly (``setup_context`` + ``jvp``, so forward AD
-and ``torch.func`` work): the custom-op layer costs ~25 us per op call here
-(Python dispatch, pytree), which at C=10 would be most of the time.
+and ``torch.func.grad``/``vjp``/``jvp`` work; ``torch.func.vmap`` does not: the
+Functions have no batching rule and the target check reads values): the custom-op
+layer costs ~25 us per op call here (Python dispatch, pytree), which at C=10 would
+be most of the time.
 
 Derivatives (all composed of the four kernel ops, so any order works):
 ``d loss/d z = g (p - mix)`` (wce_backward); ``d loss/d lam = z[yb] - z[y]``;
