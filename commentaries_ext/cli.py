@@ -552,6 +552,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.command == "demo":
         args.kind = "weighting"
+    if getattr(args, "solver", None) == "cg" and getattr(args, "neumann_k", None) is not None:
+        parser.error("--neumann-k sets the Neumann series' terms; it has no effect with --solver cg")
     _finish_defaults(args)
     try:
         args.func(args)

@@ -85,6 +85,12 @@ def test_neumann_k_changes_only_k(tmp_path):
     assert runs["k3"][0] == runs["none"][0].replace("K=1,", "K=3,")
 
 
+def test_neumann_k_with_cg_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["learn", "blending", "--data", "digits", "--solver", "cg", "--neumann-k", "3", "--quiet"])
+    assert e.value.code == 2 and "--neumann-k" in capsys.readouterr().err
+
+
 def test_missing_dataset_and_file(tmp_path, capsys):
     assert cli.main(["learn", "mask", "--data-dir", str(tmp_path / "none"), "--steps", "1", "--quiet"]) == 3
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
