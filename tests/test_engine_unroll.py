@@ -18,6 +18,10 @@ OPTS = {
     "nesterov": dict(cls=torch.optim.SGD, kw=dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
     "adam": dict(cls=torch.optim.Adam, kw=dict(lr=1e-2)),
     "adam_wd_ams": dict(cls=torch.optim.Adam, kw=dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01, amsgrad=True)),
+    # decoupled weight decay (from_torch once turned these into Adam's coupled L2 decay)
+    "adamw": dict(cls=torch.optim.AdamW, kw=dict(lr=1e-2, weight_decay=0.5)),
+    "adamw_ams": dict(cls=torch.optim.AdamW, kw=dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.3, amsgrad=True)),
+    "adam_decoupled": dict(cls=torch.optim.Adam, kw=dict(lr=1e-2, weight_decay=0.5, decoupled_weight_decay=True)),
 }
 
 
@@ -75,7 +79,8 @@ def weighted_setup(opt_name, T=4, seed=0, bn=False):
         return (w * nn.functional.cross_entropy(fm(p, x), y, reduction="none")).mean()
 
     bs = [(x, y, i) for i, (x, y) in enumerate(bs)]
-    spec = {"sgd": SGD(lr=0.3), "momentum": SGD(lr=0.2, momentum=0.9), "adam": Adam(lr=0.05)}[opt_name]
+    spec = {"sgd": lambda: SGD(lr=0.3), "momentum": lambda: SGD(lr=0.2, momentum=0.9), "adam": lambda: Adam(lr=0.05),
+            "adamw": lambda: Adam(lr=0.05, weight_decay=0.3, decoupled_weight_decay=True)}[opt_name]()
 
     def meta_loss(phi, truncate=None, checkpoint=None):
         res = unroll(loss_fn, fm.params(), spec, bs, hparams={"phi": phi}, truncate=truncate, checkpoint=checkpoint)
@@ -104,6 +109,8 @@ def weighted_setup(opt_name, T=4, seed=0, bn=False):
                 m = [g if t == 0 else 0.9 * b + g for b, g in zip(m, gs)]
                 ps = [p - 0.2 * b for p, b in zip(ps, m)]
             else:
+                if opt_name == "adamw":  # decoupled: shrink p before the update, the moments see plain g
+                    ps = [p * (1 - 0.05 * 0.3) for p in ps]
                 m = [0.9 * a + 0.1 * g for a, g in zip(m, gs)]
                 v = [0.999 * a + 0.001 * g * g for a, g in zip(v, gs)]
                 mh = [a / (1 - 0.9 ** (t + 1)) for a in m]
@@ -115,7 +122,7 @@ def weighted_setup(opt_name, T=4, seed=0, bn=False):
     return phi0, meta_loss, hand
 
 
-@pytest.mark.parametrize("opt_name", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("opt_name", ["sgd", "momentum", "adam", "adamw"])
 @pytest.mark.parametrize("bn", [False, True], ids=["plain", "batchnorm"])
 def test_bptt_matches_hand_unrolled_and_finite_differences(opt_name, bn):
     # bn: BatchNorm1d in training mode (batch statistics) inside every differentiated step
@@ -176,6 +183,49 @@ def test_lr_as_differentiable_hyperparameter():
     with torch.no_grad():
         fd = (meta(lr + 1e-6) - meta(lr - 1e-6)) / 2e-6
     assert abs(float(g) - float(fd)) < 1e-6
+
+
+def test_adamw_tensor_lr_and_weight_decay_match_a_hand_unroll():
+    # tensor hyperparameters take the generic (stock-op) Adam step, floats the fused node: both
+    # against torch.optim.AdamW's update written out with create_graph in plain PyTorch
+    net = make_net(6)
+    fm = FunctionalModule(net)
+    bs = batches(4, 6)
+    xv, yv = batches(1, 7)[0]
+    names = list(fm.params())
+
+    def loss_fn(p, buf, h, b):
+        return nn.functional.cross_entropy(fm(p, b[0]), b[1])
+
+    def meta(lr, wd):
+        res = unroll(loss_fn, fm.params(), Adam(lr=lr, betas=(0.8, 0.99), weight_decay=wd, decoupled_weight_decay=True), bs)
+        return nn.functional.cross_entropy(fm(res.params, xv), yv)
+
+    def hand(lr, wd):
+        ps = [p.clone() for p in fm.params().values()]
+        m = [torch.zeros_like(p) for p in ps]
+        v = [torch.zeros_like(p) for p in ps]
+        for t, (x, y) in enumerate(bs):
+            ps = [p if p.requires_grad else p.requires_grad_() for p in ps]
+            gs = torch.autograd.grad(loss_fn(dict(zip(names, ps)), None, None, (x, y)), ps, create_graph=True)
+            ps = [p * (1 - lr * wd) for p in ps]
+            m = [0.8 * a + 0.2 * g for a, g in zip(m, gs)]
+            v = [0.99 * a + 0.01 * g * g for a, g in zip(v, gs)]
+            ps = [p - lr / (1 - 0.8 ** (t + 1)) * a / (b.sqrt() / (1 - 0.99 ** (t + 1)) ** 0.5 + 1e-8)
+                  for p, a, b in zip(ps, m, v)]
+        return nn.functional.cross_entropy(fm(dict(zip(names, ps)), xv), yv)
+
+    lr = torch.tensor(0.05, dtype=DT, requires_grad=True)
+    wd = torch.tensor(0.4, dtype=DT, requires_grad=True)
+    L = meta(lr, wd)
+    g = torch.autograd.grad(L, (lr, wd))
+    gh = torch.autograd.grad(hand(lr, wd), (lr, wd))
+    for a, b in zip(g, gh):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-13)
+    assert torch.allclose(L, meta(0.05, 0.4).detach(), rtol=1e-12)  # the fused path's trajectory
+    with torch.no_grad():
+        fd = (meta(lr + 1e-6, wd) - meta(lr - 1e-6, wd)) / 2e-6
+    assert abs(float(g[0]) - float(fd)) < 1e-6 * max(1.0, abs(float(fd)))
 
 
 # ----------------------------------------------------------------- the fused Adam node
@@ -251,7 +301,8 @@ def test_fused_adam_node_gradcheck_and_matches_the_generic_graph(zero_v):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), i
 
 
-@pytest.mark.parametrize("opts", [dict(), dict(weight_decay=0.01), dict(maximize=True)])
+@pytest.mark.parametrize("opts", [dict(), dict(weight_decay=0.01), dict(maximize=True),
+                                  dict(weight_decay=0.2, decoupled_weight_decay=True)])
 def test_fused_adam_reference_backend_is_torch_optim_bit_for_bit(opts):
     # the reference kernels are torch.optim.Adam's own ops: the same float32 parameters over several steps
     from commentaries_ext import backend

@@ -5,8 +5,9 @@ Optimisers (results match ``torch.optim`` step by step for the same
 hyperparameters; hyperparameters may be tensors requiring grad):
 
     SGD(lr, momentum=0, dampening=0, weight_decay=0, nesterov=False)
-    Adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False)
-    from_torch(optimizer)            # the spec of an existing torch.optim optimizer
+    Adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False,
+         decoupled_weight_decay=False)   # True: AdamW's decay, p *= 1 - lr * weight_decay
+    from_torch(optimizer)            # the spec of an existing torch.optim optimizer (AdamW too)
 
 Each has ``init(params) -> state`` and ``step(params, grads, state) -> (params, state)``
 over dicts of tensors, built from differentiable out-of-place ops.
@@ -77,9 +78,20 @@ class SGD:
 
 
 class Adam:
-    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False):
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                 decoupled_weight_decay=False):
         self.lr, self.betas, self.eps = lr, betas, eps
         self.weight_decay, self.amsgrad, self.maximize = weight_decay, amsgrad, maximize
+        self.decoupled_weight_decay = bool(decoupled_weight_decay)
+
+    def _decay(self, p, g):
+        """``(p, g)`` after weight decay, in torch.optim.Adam's order: decoupled (AdamW) shrinks
+        the parameter before the update and leaves the moments alone; coupled adds it to g."""
+        if not self.weight_decay:
+            return p, g
+        if self.decoupled_weight_decay:
+            return p * (1 - self.lr * self.weight_decay), g
+        return p, g + self.weight_decay * p
 
     def init(self, params):
         z = {k: torch.zeros_like(p, memory_format=torch.preserve_format).detach() for k, p in params.items()}
@@ -105,8 +117,7 @@ class Adam:
                 continue
             if self.maximize:
                 g = -g
-            if self.weight_decay:
-                g = g + self.weight_decay * p
+            p, g = self._decay(p, g)
             m = torch.lerp(state["m"][k], g, 1 - b1)  # as torch.optim.Adam
             v = state["v"][k] * b2 + (1 - b2) * g * g
             m_new[k], v_new[k] = m, v
@@ -128,13 +139,15 @@ class Adam:
     def _fused_step(self, params, grads, state, t, bc1, bc2):
         """The step as one autograd node (:class:`_AdamStep`) over the parameters that have a gradient."""
         keys = [k for k in params if grads[k] is not None]
-        gs = []
+        ps, gs = [], []
         for k in keys:
-            g = -grads[k] if self.maximize else grads[k]
-            gs.append(g + self.weight_decay * params[k] if self.weight_decay else g)
+            # decoupled decay is a separate differentiable op before the node (the kernel has no decay)
+            p, g = self._decay(params[k], -grads[k] if self.maximize else grads[k])
+            ps.append(p)
+            gs.append(g)
         n = len(keys)
         hp = (float(self.lr), float(self.betas[0]), float(self.betas[1]), float(self.eps), bc1, bc2)
-        out = _AdamStep.apply(hp, n, *[params[k] for k in keys], *gs, *[state["m"][k] for k in keys],
+        out = _AdamStep.apply(hp, n, *ps, *gs, *[state["m"][k] for k in keys],
                               *[state["v"][k] for k in keys]) if n else ()
         new_p, m_new, v_new = dict(params), dict(state["m"]), dict(state["v"])
         for i, k in enumerate(keys):
@@ -211,13 +224,16 @@ def _safe_sqrt(x):
 
 
 def from_torch(optimizer: torch.optim.Optimizer, group: int = 0):
-    """The differentiable spec of a ``torch.optim`` SGD / Adam optimizer's param group."""
+    """The differentiable spec of a ``torch.optim`` SGD / Adam / AdamW optimizer's param group."""
     g = optimizer.param_groups[group]
-    if isinstance(optimizer, torch.optim.Adam):
-        return Adam(g["lr"], g["betas"], g["eps"], g["weight_decay"], g.get("amsgrad", False), g.get("maximize", False))
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        # AdamW: a subclass of Adam with decoupled_weight_decay=True in recent torch, its own class before
+        decoupled = g.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
+        return Adam(g["lr"], g["betas"], g["eps"], g["weight_decay"], g.get("amsgrad", False), g.get("maximize", False),
+                    decoupled_weight_decay=decoupled)
     if isinstance(optimizer, torch.optim.SGD):
         return SGD(g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"], g.get("maximize", False))
-    raise TypeError(f"no differentiable version of {type(optimizer).__name__} (SGD and Adam are supported)")
+    raise TypeError(f"no differentiable version of {type(optimizer).__name__} (SGD, Adam and AdamW are supported)")
 
 
 @dataclass
