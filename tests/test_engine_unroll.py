@@ -165,6 +165,42 @@ def test_checkpointing_gives_the_same_metagradient(seg):
     assert torch.allclose(g0, g1, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("checkpoint", [None, 2])
+def test_steps_takes_only_the_batches_it_needs_from_an_endless_iterator(checkpoint):
+    # unroll once drained the iterable before looking at steps (an endless stream hung); this
+    # stream raises instead of going on forever past T + 5 items, so that the old code fails fast
+    phi0, meta_loss, _ = weighted_setup("sgd", T=4, seed=5)
+    data = batches(4, 5)
+    net = make_net(5)
+    fm = FunctionalModule(net)
+    drawn = []
+
+    def stream():
+        while True:
+            for i, (x, y) in enumerate(data):
+                if len(drawn) >= len(data) + 5:
+                    raise RuntimeError("unroll drained the stream")
+                drawn.append(i)
+                yield x, y, i
+
+    def loss_fn(p, buf, h, b):
+        x, y, i = b
+        return (torch.sigmoid(h["phi"][i]) * nn.functional.cross_entropy(fm(p, x), y, reduction="none")).mean()
+
+    phi = phi0.clone().requires_grad_(True)
+    it = stream()
+    res = unroll(loss_fn, fm.params(), SGD(lr=0.3), it, hparams={"phi": phi}, steps=3, checkpoint=checkpoint)
+    assert drawn == [0, 1, 2] and res.info["steps"] == 3
+    assert next(it)[2] == 3  # the iterator is left at the next batch
+    ref = unroll(loss_fn, fm.params(), SGD(lr=0.3), [(x, y, i) for i, (x, y) in enumerate(data)],
+                 hparams={"phi": phi}, steps=3)
+    for k in ref.params:
+        assert torch.equal(res.params[k], ref.params[k])
+    g = torch.autograd.grad(sum(p.sum() for p in res.params.values()), phi)[0]
+    gr = torch.autograd.grad(sum(p.sum() for p in ref.params.values()), phi)[0]
+    assert torch.allclose(g, gr, rtol=1e-12, atol=1e-15) and g[:3].abs().sum() > 0 and torch.all(g[3] == 0)
+
+
 def test_lr_as_differentiable_hyperparameter():
     net = make_net(4)
     fm = FunctionalModule(net)

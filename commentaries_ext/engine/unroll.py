@@ -20,6 +20,7 @@ gives the new running statistics of BatchNorm out of place).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
@@ -295,6 +296,10 @@ def unroll(
 ) -> UnrollResult:
     """Run ``steps`` differentiable inner steps (one per batch) from ``params``.
 
+    ``batches``: any iterable; with ``steps`` only its first ``steps`` items are taken (an
+    endless iterator is fine, and an iterator is left at the next unused batch); without
+    ``steps`` all of them (one step each).
+
     ``truncate=k``: only the last ``k`` steps are differentiated (the earlier
     ones run without a graph).  ``checkpoint=s``: the differentiated steps are
     grouped into segments of ``s`` steps whose activations are recomputed in
@@ -311,11 +316,12 @@ def unroll(
     """
     hparams = {} if hparams is None else dict(hparams)
     buffers = {} if buffers is None else {k: v.detach() for k, v in buffers.items()}
-    batches = list(batches)
-    T = len(batches) if steps is None else steps
-    for name, v in (("steps", T), ("truncate", truncate), ("checkpoint", checkpoint)):
+    for name, v in (("steps", steps), ("truncate", truncate), ("checkpoint", checkpoint)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
             raise ValueError(f"unroll: {name} must be None or an int >= 0, got {v!r}")
+    # with steps, take only the batches used: an endless stream or a long DataLoader is not drained
+    batches = list(batches) if steps is None else list(itertools.islice(batches, steps))
+    T = len(batches) if steps is None else steps
     if T > len(batches):
         raise ValueError(f"steps={T} but only {len(batches)} batches were given")
     params = dict(params)
