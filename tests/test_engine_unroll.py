@@ -201,6 +201,36 @@ def test_steps_takes_only_the_batches_it_needs_from_an_endless_iterator(checkpoi
     assert torch.allclose(g, gr, rtol=1e-12, atol=1e-15) and g[:3].abs().sum() > 0 and torch.all(g[3] == 0)
 
 
+@pytest.mark.parametrize("checkpoint", [None, 1])
+def test_call_update_without_buffers_leaves_the_module_alone(checkpoint):
+    # buffers= forgotten: call_update once let BatchNorm update the module's own running stats in
+    # place; now the missing stats start from a copy of the module's, as if buffers=fm.buffers()
+    net = make_net(8, bn=True).train()
+    fm = FunctionalModule(net)
+    before = {k: v.clone() for k, v in fm.buffers().items()}
+    bs = batches(3, 8)
+    phi0 = torch.zeros(3, dtype=DT)
+
+    def loss_fn(p, buf, h, b):
+        out, nb = fm.call_update(p, buf, b[0] * (1 + h["phi"][b[2]]))
+        return nn.functional.cross_entropy(out, b[1]), nb
+
+    bs = [(x, y, i) for i, (x, y) in enumerate(bs)]
+    runs = []
+    for given in (None, {k: v.clone() for k, v in before.items()}):
+        phi = phi0.clone().requires_grad_(True)
+        res = unroll(loss_fn, fm.params(), SGD(lr=0.2), bs, hparams={"phi": phi}, buffers=given, checkpoint=checkpoint)
+        g = torch.autograd.grad(sum(p.sum() for p in res.params.values()), phi)[0]
+        runs.append((res, g))
+        for k, v in fm.buffers().items():
+            assert torch.equal(v, before[k]), k
+    (a, ga), (b, gb) = runs
+    assert set(a.buffers) == set(before) and int(a.buffers["2.num_batches_tracked"]) == 3
+    for k in before:
+        assert torch.equal(a.buffers[k], b.buffers[k]), k
+    assert torch.equal(ga, gb)
+
+
 def test_lr_as_differentiable_hyperparameter():
     net = make_net(4)
     fm = FunctionalModule(net)

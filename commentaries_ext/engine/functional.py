@@ -16,7 +16,8 @@ therefore passes ``None`` for the running statistics of modules in training mode
 a gradient work with BatchNorm in training mode, and what keeps K Hessian-vector
 products from updating the running statistics K times), and the real buffers for
 modules in eval mode.  ``call_update`` gives the updated running statistics as
-new tensors (the inputs are not mutated).
+new tensors (the inputs are not mutated; a buffer not given starts from a copy of
+the module's).
 """
 from __future__ import annotations
 
@@ -81,8 +82,15 @@ class FunctionalModule:
         return functional_call(self.module, state, args, kwargs, strict=False)
 
     def call_update(self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor], *args, **kwargs):
-        """``(output, new_buffers)``: running statistics updated out of place."""
+        """``(output, new_buffers)``: running statistics updated out of place.
+
+        A buffer missing from ``buffers`` (e.g. ``unroll`` without ``buffers=``) starts from a
+        copy of the module's own, and is in ``new_buffers``: the module is never mutated."""
         new_buffers = {n: b.detach().clone() for n, b in buffers.items()}
+        # functional_call(strict=False) would use the module's tensor for a missing name, and
+        # BatchNorm in training mode would update that in place
+        own = self.buffers()
+        new_buffers.update({n: own[n].detach().clone() for n in self.buffer_names if n not in new_buffers})
         state = dict(self.frozen)
         state.update(params)
         state.update(new_buffers)
