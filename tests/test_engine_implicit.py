@@ -546,6 +546,97 @@ def test_auto_falls_back_for_data_dependent_loss():
     assert torch.allclose(op.matvec(c)[0], 12 * hp["a"] * params["w"] ** 2)
 
 
+_WD = 0.1  # read by a loss below as a module-level constant
+
+
+def _stale_problem():
+    torch.manual_seed(0)
+    X, y = torch.randn(30, 4, dtype=DT), torch.randn(30, dtype=DT)
+    params = {"w": torch.randn(4, dtype=DT)}
+    hparams = {"l2": torch.full((4,), 0.3, dtype=DT)}
+
+    def vl(p, h, b):
+        return ((p["w"] - 1.0) ** 2).sum()
+
+    def data_term(p, b):
+        Xb, yb = (torch.as_tensor(b["x"]), torch.as_tensor(b["y"])) if isinstance(b, dict) else (X, y)
+        return ((Xb @ p["w"] - yb) ** 2).mean()
+
+    return params, hparams, vl, data_term
+
+
+def _traced_and_eager(tl, vl, params, hparams, batch):
+    kw = dict(solver=NeumannConfig(K=3, alpha=0.05))
+    lin = implicit_hypergradient(tl, vl, params, hparams, batch, None, hvp="forward_over_reverse", **kw)
+    db = implicit_hypergradient(tl, vl, params, hparams, batch, None, hvp="double_backward", **kw)
+    return as_flat_grads(lin), as_flat_grads(db)
+
+
+def test_traced_hvp_follows_state_the_loss_reads():
+    """The linearised HVP's trace freezes Python numbers and outside tensors: a loss reading a
+    changed module global, attribute, container entry or numpy batch must be traced again, not
+    reuse the old values (found by a review: relative errors of 0.2 to 9 without a warning)."""
+    global _WD
+    params, hparams, vl, data_term = _stale_problem()
+
+    def tl_global(p, h, b):
+        return data_term(p, b) + (h["l2"] * p["w"] ** 2).sum() + _WD * (p["w"] ** 4).sum()
+
+    class Problem:
+        wd = 0.1
+
+        def tl(self, p, h, b):
+            return data_term(p, b) + (h["l2"] * p["w"] ** 2).sum() + self.wd * (p["w"] ** 4).sum()
+
+    cfg = {"wd": 0.1}
+
+    def tl_dict(p, h, b):
+        return data_term(p, b) + (h["l2"] * p["w"] ** 2).sum() + cfg["wd"] * (p["w"] ** 4).sum()
+
+    prob = Problem()
+    old = _WD
+    try:
+        for wd in (0.1, 3.0):
+            _WD, prob.wd, cfg["wd"] = wd, wd, wd
+            for tl in (tl_global, prob.tl, tl_dict):
+                lin, db = _traced_and_eager(tl, vl, params, hparams, None)
+                assert rel(lin, db) < 1e-12, (wd, tl)
+    finally:
+        _WD = old
+    # numpy arrays in the batch whose repr() is the same (only the first and last rows print)
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(0)
+    x1, y1 = rng.normal(size=(2000, 4)), rng.normal(size=2000)
+    x2, y2 = x1.copy(), y1.copy()
+    x2[3:-3] *= 3.0
+    assert repr(x1) == repr(x2)
+    for b in ({"x": x1, "y": y1}, {"x": x2, "y": y2}):
+        lin, db = _traced_and_eager(tl_global, vl, params, hparams, b)
+        assert rel(lin, db) < 1e-12
+
+
+def test_traced_hvp_reused_while_the_state_is_unchanged():
+    """A loss re-created every call over the same objects still reuses its trace."""
+    from commentaries_ext.engine import linearize as LZ
+
+    params, hparams, vl, data_term = _stale_problem()
+    cfg = {"wd": 0.2}
+
+    def make():
+        def tl(p, h, b):
+            return data_term(p, b) + (h["l2"] * p["w"] ** 2).sum() + cfg["wd"] * (p["w"] ** 4).sum()
+        return tl
+
+    LZ.clear_cache()
+    try:
+        for _ in range(3):
+            implicit_hypergradient(make(), vl, params, hparams, None, None, solver=NeumannConfig(K=3, alpha=0.05),
+                                   hvp="forward_over_reverse")
+        assert len(LZ._FALLBACK_CACHE) == 1
+    finally:
+        LZ.clear_cache()
+
+
 def test_trace_check_tolerates_rounding_noise_of_zero_gradients():
     """The U-Net's last bias before the spatial softmax has a zero mixed term, rounding noise of
     long float32 sums in both computations (numbers from a learn_ift run where the check

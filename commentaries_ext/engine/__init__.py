@@ -52,7 +52,15 @@ the tangent part per product (~0.6x a double-backward product on the
 ConvNet); ``"auto"`` takes double backward for up to two products (Neumann
 K <= 2), the linearised form otherwise, and double backward whenever the loss
 cannot be traced (data-dependent Python control flow).  Pass the same loss
-callable every hyper-step so that the trace is reused.
+callable every hyper-step so that the trace is reused.  A trace freezes what
+the loss reads besides its arguments (Python numbers as literals, outside
+tensors as constants), so it is reused only while that state is unchanged:
+the globals its code names, its closure, its defaults and, for a bound method,
+its object's attributes, followed three levels into containers, functions and
+objects (numbers and strings by value, numpy arrays by content, tensors by
+identity -- in-place changes are seen --, modules by identity and train/eval
+flags); non-tensor batch entries likewise.  A loss that reads changing state
+deeper than that needs ``hvp="double_backward"``.
 
 CPU fast paths (same values and derivatives): ``implicit_hypergradient`` runs
 inside ``commentaries_ext.memory.reuse_cpu_memory()`` (its products reuse freed

@@ -38,7 +38,9 @@ MAX_ENTRIES = 8
 
 
 def _sig(xs):
-    return tuple((tuple(x.shape), x.dtype, x.device.type, x.requires_grad) if torch.is_tensor(x) else ("obj", repr(x)) for x in xs)
+    """Tensors by their metadata (they are graph inputs); anything else as a trace freezes it."""
+    return tuple((tuple(x.shape), x.dtype, x.device.type, x.requires_grad) if torch.is_tensor(x)
+                 else ("obj", _state_sig(x, 2)) for x in xs)
 
 
 class _Traced:
@@ -342,8 +344,10 @@ class LinearizedHVP:
 
 
 def _loss_key(loss):
-    """Functions are keyed by code and closure contents (so a closure re-created every
-    hyper-step over the same objects hits the cache); other callables by identity."""
+    """Functions are keyed by code and the state they read besides their arguments
+    (:func:`_state_sig`), so a closure re-created every hyper-step over the same objects hits
+    the cache, and one whose state changed is traced again; other callables by identity and
+    their attributes."""
     from .hvp import SplitLoss, WeightedLoss
 
     if isinstance(loss, WeightedLoss):
@@ -353,11 +357,72 @@ def _loss_key(loss):
     fn = getattr(loss, "__func__", loss)
     code = getattr(fn, "__code__", None)
     if code is None:
-        return ("obj", type(loss), id(loss)), loss
-    cells = tuple(id(c.cell_contents) for c in (fn.__closure__ or ()) if _cell_ok(c))
-    modes = tuple(_mode_sig(c.cell_contents) for c in (fn.__closure__ or ()) if _cell_ok(c))
-    bound = id(getattr(loss, "__self__", None))
-    return ("fn", code, cells, modes, bound), None
+        return ("obj", type(loss), id(loss), _state_sig(loss, 2)), loss
+    bound = getattr(loss, "__self__", None)
+    return ("fn", code, _fn_sig(fn, _STATE_DEPTH), None if bound is None else _state_sig(bound, 2)), None
+
+
+# What a trace may have frozen besides the loss's arguments, and how deep it is looked for: a
+# graph traced with make_fx holds Python numbers as literals and outside tensors as constants,
+# so a loss reading a changed global, attribute or container entry would silently reuse stale
+# values. State deeper than this, or past _STATE_ITEMS entries of a container, is not seen
+# (documented in engine/__init__.py: use hvp="double_backward" for such losses).
+_STATE_DEPTH = 3
+_STATE_ITEMS = 64
+_SCALARS = (int, float, complex, bool, str, bytes, type(None))
+
+
+def _state_sig(obj, depth: int):
+    """A hashable fingerprint of ``obj`` as a trace would have frozen it: numbers and strings
+    by value; tensors by identity (the graph holds the tensor itself, so in-place changes are
+    seen); modules by identity and training flags; numpy arrays by content; containers,
+    functions and plain objects' attributes element-wise, ``depth`` levels down."""
+    import types
+
+    if isinstance(obj, _SCALARS):
+        return obj
+    if torch.is_tensor(obj):
+        return ("tensor", id(obj))
+    if isinstance(obj, torch.nn.Module):
+        return ("module", id(obj), _mode_sig(obj))
+    if isinstance(obj, (types.ModuleType, type, types.BuiltinFunctionType)):
+        return ("id", id(obj))
+    if type(obj).__module__ == "numpy" and hasattr(obj, "tobytes"):  # an array or numpy scalar: by value
+        import hashlib
+
+        return ("numpy", getattr(obj, "shape", ()), str(obj.dtype), hashlib.blake2b(obj.tobytes(), digest_size=16).digest())
+    if depth <= 0:
+        return ("id", id(obj))
+    if isinstance(obj, (tuple, list)):
+        return (type(obj).__name__, len(obj), tuple(_state_sig(x, depth - 1) for x in obj[:_STATE_ITEMS]))
+    if isinstance(obj, dict):
+        items = list(obj.items())[:_STATE_ITEMS]
+        return ("dict", len(obj), tuple((k if isinstance(k, _SCALARS) else id(k), _state_sig(v, depth - 1))
+                                        for k, v in items))
+    if isinstance(obj, types.FunctionType):
+        return ("function", _fn_sig(obj, depth - 1))
+    if isinstance(obj, types.MethodType):
+        return ("method", _fn_sig(obj.__func__, depth - 1), _state_sig(obj.__self__, depth - 1))
+    attrs = getattr(obj, "__dict__", None)
+    if isinstance(attrs, dict):
+        return ("object", id(obj), _state_sig(attrs, depth - 1))
+    return ("id", id(obj))
+
+
+def _fn_sig(fn, depth: int):
+    """A Python function's code and the state it reads: the globals its code (and nested code)
+    names, its closure cells and its defaults."""
+    code = fn.__code__
+    names, stack = set(), [code]
+    while stack:
+        c = stack.pop()
+        names.update(c.co_names)
+        stack.extend(k for k in c.co_consts if hasattr(k, "co_names"))
+    glob = fn.__globals__
+    gsig = tuple((n, _state_sig(glob[n], depth)) for n in sorted(names) if n in glob)
+    cells = tuple(_state_sig(c.cell_contents, depth) if _cell_ok(c) else None for c in (fn.__closure__ or ()))
+    defaults = (_state_sig(fn.__defaults__, depth), _state_sig(fn.__kwdefaults__, depth))
+    return (code, gsig, cells, defaults)
 
 
 def _mode_sig(obj):
