@@ -313,6 +313,44 @@ def test_fallback_that_still_grows_keeps_the_partial_sum():
     assert torch.isfinite(as_flat_grads(res)).all()
 
 
+def test_inverse_hvp_keeps_the_operators_damping():
+    """make_operator(damping=d) then inverse_hvp with an undamped solver solves (H + d I) p = v
+    (the solver's damping adds to it) and leaves op.damping as it was (found by a review:
+    the solver's 0 replaced it)."""
+    from commentaries_ext.engine import inverse_hvp
+
+    tl, vl, params, phi, tb, vb = ridge_problem(1)
+    hyper, H, v, p = dense_reference(tl, vl, params, phi, tb, vb)
+    op = make_operator(tl, params, phi, tb, damping=2.0, hvp="double_backward")
+    vv = unflat(v, list(params.values()))
+    eye = torch.eye(H.shape[0], dtype=DT)
+    got, info = inverse_hvp(op, vv, CGConfig(max_iter=50, tol=1e-14))
+    assert rel(flat(got), torch.linalg.solve(H + 2.0 * eye, v)) < 1e-10 and op.damping == 2.0
+    got, info = inverse_hvp(op, vv, CGConfig(max_iter=50, tol=1e-14, damping=0.5))
+    assert rel(flat(got), torch.linalg.solve(H + 2.5 * eye, v)) < 1e-10 and op.damping == 2.0
+
+
+def test_cg_first_direction_without_curvature_returns_zero():
+    """v^T H v <= 0 on CG's first direction: p = 0 (the last iterate, as documented), so the
+    hypergradient is the direct term; it used to be p = v, here of the wrong sign."""
+    Hm = torch.diag(torch.tensor([-1.0, 1e3, 1e3], dtype=DT))
+
+    def tl(p, h, b):
+        return 0.5 * p["w"] @ Hm @ p["w"] + 0.5 * h["s"] * (p["w"] ** 2).sum() - (p["w"] * h["s"]).sum()
+
+    def vl(p, h, b):
+        return 5.0 * p["w"][0] + h["s"] ** 2
+
+    params, hp = {"w": torch.zeros(3, dtype=DT)}, {"s": torch.tensor(0.5, dtype=DT)}  # H = diag(-0.5, ...)
+    with pytest.warns(HypergradientDivergenceWarning, match="returning p = 0"):
+        res = implicit_hypergradient(tl, vl, params, hp, solver=CGConfig(max_iter=10))
+    assert float(flat(res.p).abs().max()) == 0.0
+    assert torch.allclose(res.grads["s"], torch.tensor(1.0, dtype=DT))  # d(s^2)/ds, the direct term
+    with pytest.raises(HypergradientDivergenceError, match="non-positive curvature") as e:
+        implicit_hypergradient(tl, vl, params, hp, solver=CGConfig(max_iter=10, on_divergence="raise"))
+    assert "returning" not in str(e.value)
+
+
 def test_damping_matches_dense():
     tl, vl, params, phi, tb, vb = ridge_problem(1)
     delta = 0.37

@@ -70,8 +70,9 @@ class CGConfig:
     """Conjugate gradients on ``(H + delta I) p = v``; stops at ``max_iter`` or
     ``||r|| <= tol ||v||``.  Non-positive curvature ``c^T (H + delta I) c <= 0``
     (an indefinite Hessian) is handled by ``on_divergence``: ``"fallback"``
-    warns and returns the last iterate (truncated CG) -- consider damping or
-    ``curvature="gauss_newton"``; ``"raise"`` raises."""
+    warns and returns the last iterate (truncated CG; ``p = 0`` when the first
+    direction ``v`` already has it, so the hypergradient is the direct term) --
+    consider damping or ``curvature="gauss_newton"``; ``"raise"`` raises."""
 
     max_iter: int = 20
     tol: float = 1e-10
@@ -193,9 +194,7 @@ def conjugate_gradient(matvec: Callable, v: list, max_iter: int, tol: float = 1e
         if not torch.isfinite(dhd) or float(dhd) <= 0.0:
             info["negative_curvature"] = True
             info["curvature"] = float(dhd)
-            if k == 0:  # steepest-descent direction: fall back to p = v / ||.||-scaled step
-                x = V.clone(v)
-            break
+            break  # the last iterate (0 on the first direction: no curvature to scale a step by)
         a = rr / dhd
         r_new_dot = _synced(sync, V.cg_update_(x, r, d, hd, a))[0]  # x <- x + a d ; r <- r - a Hd ; <r, r>
         info["iterations"] = k + 1
@@ -303,7 +302,16 @@ def inverse_hvp(op, v, solver, state: EngineState | None = None, info: dict | No
     ``reduce`` (several processes, e.g. ``distributed.ShardReducer``): ``op``'s products
     are combined over the ranks (``op`` is wrapped in :class:`~.hvp.ReducedOperator`
     unless it is one) and every scalar that steers the solver is synchronised;
-    ``v`` must already be the same on every rank."""
+    ``v`` must already be the same on every rank.  The solver's damping adds to the
+    operator's own (``make_operator(damping=...)``); ``op.damping`` is as given afterwards."""
+    base = op.damping
+    try:
+        return _inverse_hvp(op, v, solver, state, info, reduce, base)
+    finally:
+        op.damping = base
+
+
+def _inverse_hvp(op, v, solver, state, info, reduce, base):
     info = {} if info is None else info
     check_solver(solver)
     sync = None
@@ -313,25 +321,27 @@ def inverse_hvp(op, v, solver, state: EngineState | None = None, info: dict | No
         op = op if isinstance(op, ReducedOperator) else ReducedOperator(op, reduce)
         sync = reduce.sync
     if isinstance(solver, CGConfig):
-        op.damping = solver.damping
+        op.damping = base + solver.damping
         p, cg = conjugate_gradient(op.matvec, v, solver.max_iter, solver.tol, sync=sync)
         info.update(solver="cg", **cg)
         if cg["negative_curvature"] and not math.isfinite(cg.get("curvature", 0.0)):
             _check_grad_finite(op, "conjugate gradients met a non-finite curvature")
         if cg["negative_curvature"]:
             msg = (f"conjugate gradients met non-positive curvature ({cg.get('curvature')}) after "
-                   f"{cg['iterations']} iterations: the Hessian is indefinite here; returning the last iterate. "
-                   "Use damping or curvature='gauss_newton'.")
+                   f"{cg['iterations']} iterations: the Hessian is indefinite here")
+            hint = "Use damping or curvature='gauss_newton'."
             if solver.on_divergence == "raise":
-                raise HypergradientDivergenceError(msg)
-            warnings.warn(msg, HypergradientDivergenceWarning, stacklevel=3)
+                raise HypergradientDivergenceError(f"{msg}. {hint}")
+            last = ("returning the last iterate" if cg["iterations"] else
+                    "returning p = 0 (the last iterate: the hypergradient is the direct term alone)")
+            warnings.warn(f"{msg}; {last}. {hint}", HypergradientDivergenceWarning, stacklevel=3)
         return p, info
     if not isinstance(solver, NeumannConfig):
         raise TypeError(f"solver must be NeumannConfig or CGConfig, got {type(solver).__name__}")
     if solver.on_divergence not in ("fallback", "raise", "truncate"):
         raise ValueError(f"on_divergence must be 'fallback', 'raise' or 'truncate', got {solver.on_divergence!r}")
     state = EngineState() if state is None else state
-    op.damping = solver.damping
+    op.damping = base + solver.damping
     alpha = solver.alpha
     if alpha is None:
         try:
@@ -372,7 +382,7 @@ def inverse_hvp(op, v, solver, state: EngineState | None = None, info: dict | No
     extra = 0.0
     if lam_min <= 0:
         extra = -lam_min + 1e-3 * lam_max
-    op.damping = solver.damping + extra
+    op.damping = base + solver.damping + extra
     alpha2 = solver.alpha_scale / (lam_max + extra)
     warnings.warn(
         msg + f"; falling back to alpha={alpha2:.3g} from power iteration (lambda_max~{lam_max:.3g}, "
@@ -471,9 +481,9 @@ def implicit_hypergradient(
                 raise ValueError("implicit_hypergradient: v must be a list of tensors shaped like params "
                                  f"({[tuple(t.shape) for t in params.values()]})")
             Lv, direct = torch.tensor(float("nan")), [torch.zeros_like(t) for t in hparams.values()]
-        damping = solver.damping
         expected = solver.K if isinstance(solver, NeumannConfig) and solver.alpha is not None else None
-        op = make_operator(train_loss, params, hparams, train_batch, curvature=curvature, hvp=hvp, damping=damping,
+        # undamped: inverse_hvp adds the solver's damping (and any fallback's)
+        op = make_operator(train_loss, params, hparams, train_batch, curvature=curvature, hvp=hvp, damping=0.0,
                            linearize=linearize, expected_products=expected)
         info["hvp"] = type(op).__name__
         if reduce is not None:
