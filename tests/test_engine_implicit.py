@@ -351,6 +351,38 @@ def test_cg_first_direction_without_curvature_returns_zero():
     assert "returning" not in str(e.value)
 
 
+def test_loss_mistakes_get_errors_that_name_the_loss():
+    tl, vl, params, phi, tb, vb = ridge_problem(2)
+    run = lambda t, v, **kw: implicit_hypergradient(t, v, params, phi, tb, vb, solver=CGConfig(max_iter=5), **kw)  # noqa: E731
+    with pytest.raises(TypeError, match="val_loss must return a scalar tensor, got float"):
+        run(tl, lambda p, h, b: 0.0)
+    with pytest.raises(ValueError, match="val_loss depends on neither params nor hparams"):
+        run(tl, lambda p, h, b: torch.tensor(1.0, dtype=DT))
+    for hvp in ("double_backward", "forward_over_reverse"):
+        with pytest.raises(ValueError, match=r"train_loss must return a scalar tensor \(one element\), got shape \(3,\)"):
+            run(lambda p, h, b: tl(p, h, b) * torch.ones(3, dtype=DT), vl, hvp=hvp)
+        # a one-element loss of shape [1] is a scalar on every path (forward-over-reverse refused it)
+        one = run(lambda p, h, b: tl(p, h, b).reshape(1), vl, hvp=hvp)
+        assert rel(as_flat_grads(one), as_flat_grads(run(tl, vl, hvp=hvp))) < 1e-12
+
+
+def test_frozen_params_and_a_foreign_engine_state_are_reported():
+    tl, vl, params, phi, tb, vb = logistic_problem(3)
+    assert len(params) == 2
+    mixed = {k: t.detach().requires_grad_(i == 0) for i, (k, t) in enumerate(params.items())}
+    with pytest.warns(UserWarning, match="do not require grad"):
+        implicit_hypergradient(tl, vl, mixed, phi, tb, vb, solver=CGConfig(max_iter=5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # all detached: no warning
+        implicit_hypergradient(tl, vl, params, phi, tb, vb, solver=CGConfig(max_iter=5))
+    tl, vl, params, phi, tb, vb = ridge_problem(3)
+    state = EngineState()
+    implicit_hypergradient(tl, vl, params, phi, tb, vb, solver=NeumannConfig(K=2, alpha=None), state=state)
+    tl2, vl2, params2, phi2, tb2, vb2 = ridge_problem(3, d=4)
+    with pytest.raises(ValueError, match="one EngineState per problem"):
+        implicit_hypergradient(tl2, vl2, params2, phi2, tb2, vb2, solver=NeumannConfig(K=2, alpha=None), state=state)
+
+
 def test_damping_matches_dense():
     tl, vl, params, phi, tb, vb = ridge_problem(1)
     delta = 0.37

@@ -115,6 +115,18 @@ class SplitLoss:
 # --------------------------------------------------------------------------- helpers
 
 
+def scalar_loss(name: str, value) -> torch.Tensor:
+    """A loss's value as a 0-dim tensor, or an error naming the loss (instead of autograd's or
+    torch.func's about implicit gradients of non-scalars, floats not being iterable ...)."""
+    if not torch.is_tensor(value):
+        raise TypeError(f"{name} must return a scalar tensor, got {type(value).__name__}")
+    if value.numel() != 1:
+        raise ValueError(f"{name} must return a scalar tensor (one element), got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must return a floating-point tensor, got {value.dtype}")
+    return value.reshape(())
+
+
 def _leaves(d: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().requires_grad_(True) for k, v in d.items()}
 
@@ -191,7 +203,9 @@ class DoubleBackwardHessian(_Base):
         self._th = _leaves(self.params)
         self._ph = _leaves(self.hparams)
         with torch.enable_grad(), rules(pool_rules(), conv_rules(), batch_norm_reverse_rules()):
-            L = self.loss(self._th, self._ph, self.batch)
+            L = scalar_loss("train_loss", self.loss(self._th, self._ph, self.batch))
+            if not L.requires_grad:
+                raise ValueError("train_loss does not depend on params (its value has no gradient)")
             g = torch.autograd.grad(L, list(self._th.values()), create_graph=True, allow_unused=True)
         self._g = _zeros_if_none(g, list(self._th.values()))
         self._graph_ok = [gi.requires_grad for gi in self._g]

@@ -18,7 +18,7 @@ import torch
 
 from . import vector as V
 from ..memory import reuse_cpu_memory
-from .hvp import make_operator
+from .hvp import make_operator, scalar_loss
 from .pooling import pool_rules
 
 
@@ -288,7 +288,10 @@ def _val_grads(val_loss, params, hparams, batch):
     th = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     ph = {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
     with torch.enable_grad(), pool_rules():  # ATen's NCHW max-pool is slow on the CPU (engine/pooling.py)
-        L = val_loss(th, ph, batch)
+        L = scalar_loss("val_loss", val_loss(th, ph, batch))
+        if not L.requires_grad:
+            raise ValueError("val_loss depends on neither params nor hparams (its value has no gradient), so "
+                             "the hypergradient would be zero; was it computed under no_grad or from detached tensors?")
         gs = torch.autograd.grad(L, list(th.values()) + list(ph.values()), allow_unused=True)
     n = len(th)
     gt = [torch.zeros_like(t) if g is None else g for g, t in zip(gs[:n], th.values())]
@@ -459,10 +462,18 @@ def implicit_hypergradient(
     if curvature not in ("hessian", "gauss_newton"):
         raise ValueError(f"curvature must be 'hessian' or 'gauss_newton', got {curvature!r}")
     state = EngineState() if state is None else state
-    params = {k: t.detach() for k, t in _check_state("params", params).items()}
+    frozen = [k for k, t in _check_state("params", params).items() if not t.requires_grad]
+    if frozen and len(frozen) < len(params):  # named_parameters() with frozen entries, say
+        warnings.warn(f"implicit_hypergradient: params {frozen} do not require grad, yet every entry of params is "
+                      "differentiated as a student parameter; leave frozen ones out (FunctionalModule.params() "
+                      "does)", UserWarning, stacklevel=2)
+    params = {k: t.detach() for k, t in params.items()}
     hparams = {k: t.detach() for k, t in _check_state("hparams", hparams).items()}
     if not params:
         raise ValueError("implicit_hypergradient: params is empty (no student parameters to differentiate)")
+    if state.eigvec is not None and [t.shape for t in state.eigvec] != [t.shape for t in params.values()]:
+        raise ValueError("implicit_hypergradient: state holds the power-iteration estimate of parameters shaped "
+                         f"{[tuple(t.shape) for t in state.eigvec]}, not like params; use one EngineState per problem")
     # The K products allocate the same buffers again and again (commentaries_ext/memory.py).
     with reuse_cpu_memory():
         info: dict = {"curvature": curvature}

@@ -30,6 +30,7 @@ from torch.func import jvp as fjvp
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .batchnorm import batch_norm_rules
+from .hvp import scalar_loss
 from .pooling import pool_channels_last
 from .conv import CONV_BWD, fold_is_faster, input_grad_by_fold
 
@@ -65,8 +66,8 @@ class _Traced:
 
             def g(th_d):
                 if nQ:
-                    return fgrad(lambda t, h: loss(t, h, batch), argnums=(0, 1))(th_d, ph)
-                return fgrad(lambda t: loss(t, ph, batch))(th_d), {}
+                    return fgrad(lambda t, h: scalar_loss("train_loss", loss(t, h, batch)), argnums=(0, 1))(th_d, ph)
+                return fgrad(lambda t: scalar_loss("train_loss", loss(t, ph, batch)))(th_d), {}
 
             with rules:  # BatchNorm's backward in a few passes per product
                 (gt, gp), (ht, hp) = fjvp(g, (dict(zip(pnames, th_l)),), (dict(zip(pnames, c_l)),))
@@ -503,13 +504,14 @@ def clear_cache() -> None:
 def _validate(op: LinearizedHVP, loss, th, ph, batch):
     g = torch.Generator(device="cpu").manual_seed(1234)
     c = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t in th.values()]
-    gfn = fgrad(lambda q: loss(q, {k: v.detach() for k, v in ph.items()}, batch))
+    gfn = fgrad(lambda q: scalar_loss("train_loss", loss(q, {k: v.detach() for k, v in ph.items()}, batch)))
     gref, href = fjvp(gfn, ({k: v.detach() for k, v in th.items()},), (dict(zip(th, c)),))
     got_h = op.hvp(c)
     checks = [("gradient", list(th), op.grad(), list(gref.values())), ("HVP", list(th), got_h, list(href.values()))]
     if op.has_mixed:
         th_d = {k: v.detach() for k, v in th.items()}
-        gphi = lambda q: fgrad(lambda h: loss(q, h, batch))({k: v.detach() for k, v in ph.items()})  # noqa: E731
+        gphi = lambda q: fgrad(lambda h: scalar_loss("train_loss", loss(q, h, batch)))(  # noqa: E731
+            {k: v.detach() for k, v in ph.items()})
         _, mref = fjvp(gphi, (th_d,), (dict(zip(th, c)),))
         checks.append(("mixed term", list(ph), op.mixed(c), [mref[k] for k in ph]))
     for what, names, got, ref in checks:
