@@ -91,8 +91,8 @@ Backpropagation through training
 
     res = unroll(
         loss_fn,               # (params, buffers, hparams, batch) -> scalar | (scalar, new_buffers)
-        params0, Adam(lr=1e-4) | SGD(lr, momentum=...) | from_torch(torch_opt),
-        batches,               # one per inner step
+        params0, Adam(lr=1e-4, decoupled_weight_decay=...) | SGD(lr, momentum=...) | from_torch(torch_opt),
+        batches, steps=None,   # one batch per inner step (steps=T: the first T)
         hparams=hparams, buffers=buffers0,
         truncate=None | k,     # differentiate only the last k steps
         checkpoint=None | s,   # recompute activations per segment of s steps
@@ -100,7 +100,10 @@ Backpropagation through training
     L_V = val_loss(res.params, ...); phi_grads = torch.autograd.grad(L_V, list(hparams.values()))
 
 ``hparams`` tensors that require grad are differentiated through the whole
-(tracked) trajectory; the inner optimisers reproduce ``torch.optim`` step by step.
+(tracked) trajectory; the inner optimisers reproduce ``torch.optim`` step by step
+(``from_torch`` maps SGD, Adam and AdamW -- decoupled weight decay -- and refuses
+others).  With ``steps=T`` only the first T items of ``batches`` are taken (an
+endless iterator is fine).
 Adam (float hyperparameters, no amsgrad) is one autograd node per step over all
 parameters, on the ``adam_step`` kernel ops (``ops/solver.py``); the inner steps run
 under the pooling and convolution fast paths above, and their ReLUs keep a bool mask
