@@ -76,8 +76,9 @@ class CommentaryOptimizer:
         ``g_T`` is then taken on a fresh training batch (the reference setting) instead of
         the batch of the last student step.
     distributed: several processes, each with its shard of every batch (default: when a
-        ``torch.distributed`` process group is initialised); ``process_group``: the group
-        (default: the world).  See "Several processes" below.
+        ``torch.distributed`` process group is initialised; ``True`` without one raises
+        ``ValueError``); ``process_group``: the group (default: the world).  See "Several
+        processes" below.
 
     Several processes
     -----------------
@@ -123,6 +124,8 @@ class CommentaryOptimizer:
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
                                         or total_steps < 0):
             raise ValueError(f"total_steps must be None or an int >= 0, got {total_steps!r}")
+        if distributed and not _process_group_initialised():  # not a silent one-process run (as learn_*)
+            raise ValueError("distributed=True needs an initialised torch.distributed process group")
         self.optimizer, self.model, self.commentary = optimizer, model, commentary
         self.enabled = bool(enabled) and commentary is not None
         self.val_loader = val_loader
@@ -284,9 +287,7 @@ class CommentaryOptimizer:
                 return m
 
     def _dist(self) -> bool:
-        import torch.distributed as dist
-
-        on = dist.is_available() and dist.is_initialized()
+        on = _process_group_initialised()
         return on if self.distributed is None else (bool(self.distributed) and on)
 
     def _solver(self):
@@ -405,6 +406,12 @@ class CommentaryOptimizer:
                 lambda_max=None if es.get("lambda_max") is None else float(es["lambda_max"]),
                 eigvec=None if eig is None else [t.to(dev) for t in eig],
                 estimated_at=int(es.get("estimated_at", -(10**9))))
+
+
+def _process_group_initialised() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _outside_this_file() -> int:

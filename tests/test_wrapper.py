@@ -195,6 +195,9 @@ def test_errors():
         CommentaryOptimizer(object(), model, None)
     with pytest.raises(ValueError, match="nan_policy"):
         CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, None, nan_policy="ignore")
+    # as learn_ift/learn_bptt: not a silent one-process run
+    with pytest.raises(ValueError, match="distributed=True needs an initialised torch.distributed process group"):
+        CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, Blending(3), distributed=True)
     x, y = _data()
     t = CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, Blending(3))
     t.loss(x[:8], y[:8]).backward()
