@@ -102,7 +102,11 @@ class CommentaryOptimizer:
     averages the student's gradients), ``"normalized"`` is refused.  BatchNorm in
     training mode uses each shard's statistics (DDP without ``SyncBatchNorm``),
     so the result is the hypergradient of the mean of the per-rank losses, not
-    that of one process on the concatenated batch.
+    that of one process on the concatenated batch.  ``nan_policy`` decides for
+    all ranks at once (one small all-reduce per step): a non-finite batch, loss
+    or gradient on any rank skips the step and its hyper-step on every rank
+    (``"skip"``, counted on each) or makes ``step`` raise on every rank
+    (``"raise"``; a NaN/Inf training batch already raises in ``loss``, on its rank).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, commentary: Commentary | None = None, *,
@@ -222,9 +226,13 @@ class CommentaryOptimizer:
         bad = self._bad_batch or (self._last_loss is not None and not bool(torch.isfinite(self._last_loss.detach())))
         if not bad and self.scaler is None:
             bad = not self._grads_finite()
+        here = bad
+        if self._dist():  # one decision for all ranks: a rank alone skipping would mis-pair the next collectives
+            bad = self._any_rank(bad)
         if bad:
             if self.nan_policy == "raise":
-                raise NonFiniteError(f"non-finite training loss or gradients at step {self.steps} (nan_policy='raise')")
+                raise NonFiniteError(f"non-finite training loss or gradients at step {self.steps}"
+                                     f"{'' if here else ' on another rank'} (nan_policy='raise')")
             self.skipped_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
             self._bad_batch = False
@@ -242,6 +250,16 @@ class CommentaryOptimizer:
         if self.hyper_every and self.steps % self.hyper_every == 0 and self.hyper_optimizer is not None:
             self.hyper_step()
         return out
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (one small all-reduce)."""
+        import torch.distributed as dist
+
+        from .distributed import _group_device
+
+        t = torch.tensor([float(flag)], device=_group_device(self.process_group))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+        return bool(t.item())
 
     # ------------------------------------------------------------------ hyper-steps
     def _next_from(self, attr: str, loader, what: str):

@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from commentaries_ext import distributed as D
-from commentaries_ext.commentary import Blending, ExampleWeighting, train_loss_fn, val_loss_fn
+from commentaries_ext.commentary import Blending, ExampleWeighting, NonFiniteError, train_loss_fn, val_loss_fn
 from commentaries_ext.commentary.base import per_example_ce
 from commentaries_ext.engine import (
     CGConfig,
@@ -259,6 +259,29 @@ def _ift_run(r, distributed):
             "val_losses": [h["val_loss"] for h in res.history]}
 
 
+def _nan_policy_run(r, policy):
+    """Three wrapper steps with a plain student (gradients not averaged); rank 1 alone
+    has a NaN: in its batch at step 1 (``"skip"``) or in a gradient at step 0 (``"raise"``)."""
+    com, model = _weighting(70, "mean"), _student(60)
+    teacher = CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, com, hyper_every=1,
+                                  val_loader=[_data(4, 32 + r)], solver=NeumannConfig(K=1, alpha=0.1),
+                                  nan_policy=policy)
+    for t in range(3):
+        xb, yb = _data(4, 33 + 10 * t + r)
+        if policy == "skip" and r == 1 and t == 1:
+            xb[0, 0] = float("nan")
+        teacher.zero_grad()
+        teacher.loss(xb, yb).backward()
+        if policy == "raise" and r == 1:
+            model[0].weight.grad[0, 0] = float("nan")
+        try:
+            teacher.step()
+        except NonFiniteError as exc:
+            return {"error": str(exc), "steps": teacher.steps}
+    return {"commentary": {k: v.clone() for k, v in com.state_dict().items()}, "steps": teacher.steps,
+            "skipped": teacher.skipped_steps, "hyper_steps": teacher.hyper_steps}
+
+
 # --------------------------------------------------------------------------- the ranks
 
 
@@ -290,6 +313,8 @@ def _worker(r, world, tmp):
         for name in BPTT_CASES:
             out[f"bptt/{name}"] = _bptt_run(name, r, True)
         out["ift"] = _ift_run(r, True)
+        for policy in ("skip", "raise"):
+            out[f"nan/{policy}"] = _nan_policy_run(r, policy)
         t = torch.full((3,), float(r + 1), dtype=torch.float64)  # 1 on rank 0 (weight 1), 2 on rank 1 (weight 3)
         out["weighted_mean"] = D.all_reduce_mean([t, t[:1].float()], weight=1 + 2 * r)
         # settings that differ between the ranks are refused on every rank
@@ -419,6 +444,18 @@ def test_learn_ift_matches_single_process(ranks):
     assert len(got[0]["val_losses"]) == 3
     for a, b in zip(got[0]["val_losses"], ref["val_losses"]):
         assert abs(a - b) <= RTOL * abs(b)
+
+
+def test_nan_policy_decides_alike_on_every_rank(ranks):
+    # a NaN on rank 1 alone skips the step (and its hyper-step) on both ranks, counted on both
+    skip = [ranks[r]["nan/skip"] for r in range(WORLD)]
+    for got in skip:
+        assert (got["steps"], got["skipped"], got["hyper_steps"]) == (2, 1, 2)
+    _assert_identical(skip[0]["commentary"], skip[1]["commentary"], "commentary")
+    # a NaN gradient on rank 1 alone: step raises on both ranks, before stepping
+    rais = [ranks[r]["nan/raise"] for r in range(WORLD)]
+    assert all(got["steps"] == 0 for got in rais)
+    assert "on another rank" in rais[0]["error"] and "on another rank" not in rais[1]["error"]
 
 
 def test_weighted_all_reduce_mean(ranks):
