@@ -38,7 +38,7 @@ from .commentary.base import (
 )
 from .checkpoint import data_fingerprint, make_checkpointer, optimizer_config, plain, rng_state, set_rng_state, shapes
 from .memory import reuse_cpu_memory
-from .wrapper import CommentaryOptimizer
+from .wrapper import CommentaryOptimizer, broadcast_buffers_
 
 NAN_POLICIES = ("raise", "skip")
 
@@ -171,7 +171,9 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
     of the union of the shards; the validation loss is computed alike on every
     rank and the commentary's meta-gradient averaged over the ranks before the
     outer step -- it is then that of one process on the union.  Commentary,
-    outer-optimizer state and student initialisation come from rank 0.
+    outer-optimizer state and student initialisation come from rank 0, and after
+    each outer step the commentary's buffers (BatchNorm running statistics, updated
+    from each rank's shard) are rank 0's again (``DistributedDataParallel``'s convention).
 
     ``checkpoint`` is *activation* checkpointing of the unroll (recompute every
     N inner steps; memory).  ``checkpoint_path`` is a resumable checkpoint of the
@@ -295,6 +297,8 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
                 outer_optimizer.zero_grad(set_to_none=True)
             else:
                 outer_optimizer.step()
+            if dist_on:  # the unroll updated the commentary's buffers (BatchNorm) from this rank's shard
+                broadcast_buffers_(commentary, process_group)
             rec = {"step": step, "val_loss": float(L_V.detach()), "train_loss": train_loss, "skipped": not ok}
             result.history.append(rec)
             if callback is not None:
@@ -326,7 +330,8 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
     the world size; the validation batch is split as evenly as it goes) and the
     wrapper computes the hypergradient of the union of the shards.  The student's
     gradients are averaged over the ranks (by the student itself when it is a
-    ``DistributedDataParallel``, else here), its initial weights come from rank 0.
+    ``DistributedDataParallel``, else here), its initial weights come from rank 0;
+    the commentary's buffers are rank 0's after each step (see ``CommentaryOptimizer``).
 
     ``checkpoint_path``: a resumable checkpoint of the job (student, commentary,
     both optimizers, engine state, RNGs, history), written every

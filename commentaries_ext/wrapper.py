@@ -91,7 +91,10 @@ class CommentaryOptimizer:
                                       commentary, val_loader=my_val_shards, hyper_every=1)
 
     At construction the commentary's parameters and buffers and the hyper-optimizer's
-    state are broadcast from rank 0.  Each hyper-step is the hypergradient of the
+    state are broadcast from rank 0; after each ``step`` the commentary's buffers
+    (e.g. the reference teacher's BatchNorm running statistics, updated by ``loss``
+    from each rank's shard) are rank 0's again, as ``DistributedDataParallel`` does
+    with a student's buffers.  Each hyper-step is the hypergradient of the
     *union* of the ranks' shards (``commentaries_ext.distributed``): ``v = dL_V/dtheta``,
     every Hessian-vector product, the mixed term and the solvers' scalars are
     combined across ranks (averaging each rank's final hypergradient would not be:
@@ -229,6 +232,8 @@ class CommentaryOptimizer:
         here = bad
         if self._dist():  # one decision for all ranks: a rank alone skipping would mis-pair the next collectives
             bad = self._any_rank(bad)
+            # loss() ran the commentary on this rank's shard (BatchNorm running statistics)
+            broadcast_buffers_(self.commentary, self.process_group)
         if bad:
             if self.nan_policy == "raise":
                 raise NonFiniteError(f"non-finite training loss or gradients at step {self.steps}"
@@ -424,6 +429,20 @@ class CommentaryOptimizer:
                 lambda_max=None if es.get("lambda_max") is None else float(es["lambda_max"]),
                 eigvec=None if eig is None else [t.to(dev) for t in eig],
                 estimated_at=int(es.get("estimated_at", -(10**9))))
+
+
+def broadcast_buffers_(module: nn.Module, group=None) -> None:
+    """Give every rank rank 0's buffers of ``module`` (in place; one broadcast per dtype).
+
+    DistributedDataParallel's convention (``broadcast_buffers``): buffers such as BatchNorm
+    running statistics are updated from each rank's shard and would drift apart; rank 0's
+    are kept.  (Averaging would suit running means only, not integer counters or other
+    buffers, and would still not give the union's running variance.)"""
+    from .distributed import _coalesced_broadcast_
+
+    buffers = list(module.buffers())
+    if buffers:
+        _coalesced_broadcast_(buffers, 0, group)
 
 
 def _process_group_initialised() -> bool:

@@ -14,6 +14,9 @@ one process on the union of their shards, in float64.
   one on the union of the shards (each rank takes half of each global batch);
 * learn_ift (a plain student, gradients averaged by learn_ift): the commentary
   and the student equal the single-process run on the global batches.
+* the reference teacher's BatchNorm buffers, updated from each rank's shard, are
+  rank 0's on every rank after the wrapper's steps, learn_ift and learn_bptt;
+* nan_policy decides alike on every rank when only one rank sees a NaN.
 
 The students have no BatchNorm: in training mode each rank would normalise with
 its shard's statistics, which is not the union's (see commentaries_ext.distributed).
@@ -282,6 +285,39 @@ def _nan_policy_run(r, policy):
             "skipped": teacher.skipped_steps, "hyper_steps": teacher.hyper_steps}
 
 
+def _teacher_runs(r):
+    """The reference teacher (BatchNorm) through the wrapper (DDP student), learn_ift and
+    learn_bptt; each rank's shard updates its running statistics.  Its buffers after each."""
+    def teacher():
+        torch.manual_seed(3)
+        return ExampleWeighting.reference((1, 2, 2), C).double()
+
+    def student():
+        torch.manual_seed(4)
+        return nn.Sequential(nn.Flatten(), nn.Linear(4, C)).double()
+
+    x, y = _data(16, 61)
+    x = x[:, :4].reshape(16, 1, 2, 2)
+    xv, yv = x[:4] + 0.5, y[:4]
+    out = {}
+    com, model = teacher(), nn.parallel.DistributedDataParallel(student())
+    teacher_opt = CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, com, hyper_every=1,
+                                      val_loader=[(_shard(xv, r), _shard(yv, r))], solver=NeumannConfig(K=1, alpha=0.1))
+    for t in range(2):
+        s = slice(8 * t + 4 * r, 8 * t + 4 * r + 4)
+        teacher_opt.zero_grad()
+        teacher_opt.loss(x[s], y[s]).backward()
+        teacher_opt.step()
+    out["wrapper"] = dict(com.named_buffers())
+    com = teacher()
+    learn_ift(com, student(), (x, y), (xv, yv), steps=2, batch_size=8, solver=NeumannConfig(K=1, alpha=0.1))
+    out["ift"] = dict(com.named_buffers())
+    com = teacher()
+    learn_bptt(com, student, (x, y), (xv, yv), inner_steps=2, outer_steps=1, batch_size=8, inner_lr=0.1)
+    out["bptt"] = dict(com.named_buffers())
+    return out
+
+
 # --------------------------------------------------------------------------- the ranks
 
 
@@ -313,6 +349,7 @@ def _worker(r, world, tmp):
         for name in BPTT_CASES:
             out[f"bptt/{name}"] = _bptt_run(name, r, True)
         out["ift"] = _ift_run(r, True)
+        out["teacher_buffers"] = _teacher_runs(r)
         for policy in ("skip", "raise"):
             out[f"nan/{policy}"] = _nan_policy_run(r, policy)
         t = torch.full((3,), float(r + 1), dtype=torch.float64)  # 1 on rank 0 (weight 1), 2 on rank 1 (weight 3)
@@ -456,6 +493,14 @@ def test_nan_policy_decides_alike_on_every_rank(ranks):
     rais = [ranks[r]["nan/raise"] for r in range(WORLD)]
     assert all(got["steps"] == 0 for got in rais)
     assert "on another rank" in rais[0]["error"] and "on another rank" not in rais[1]["error"]
+
+
+@pytest.mark.parametrize("how", ["wrapper", "ift", "bptt"])
+def test_commentary_buffers_stay_identical(ranks, how):
+    got = [ranks[r]["teacher_buffers"][how] for r in range(WORLD)]
+    _assert_identical(got[0], got[1], how)  # rank 0's running statistics on every rank
+    means = [v for k, v in got[0].items() if k.endswith("running_mean")]
+    assert len(means) == 2 and all(float(m.abs().sum()) > 0 for m in means)  # they were updated
 
 
 def test_weighted_all_reduce_mean(ranks):
