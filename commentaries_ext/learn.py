@@ -38,7 +38,7 @@ from .commentary.base import (
 )
 from .checkpoint import data_fingerprint, make_checkpointer, optimizer_config, plain, rng_state, set_rng_state, shapes
 from .memory import reuse_cpu_memory
-from .wrapper import CommentaryOptimizer, broadcast_buffers_
+from .wrapper import CommentaryOptimizer, broadcast_buffers_, check_same_settings
 
 NAN_POLICIES = ("raise", "skip")
 
@@ -171,7 +171,10 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
     of the union of the shards; the validation loss is computed alike on every
     rank and the commentary's meta-gradient averaged over the ranks before the
     outer step -- it is then that of one process on the union.  Commentary,
-    outer-optimizer state and student initialisation come from rank 0, and after
+    outer-optimizer state (and so its learning rate) and student initialisation
+    come from rank 0; the other settings must agree on every rank (``ValueError``
+    naming those that differ: ``inner_lr`` and the inner optimizer, ``outer_lr``,
+    the step counts, ``batch_size``, ``same_init``, ...), and after
     each outer step the commentary's buffers (BatchNorm running statistics, updated
     from each rank's shard) are rank 0's again (``DistributedDataParallel``'s convention).
 
@@ -196,6 +199,7 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
         raise ValueError("distributed=True needs an initialised torch.distributed process group")
     dist_on = D.enabled() if distributed is None else bool(distributed)
     world, rank = (D.world_size(process_group), D.rank(process_group)) if dist_on else (1, 0)
+    opt = _inner_opt(inner_optimizer, inner_lr)
     reducer = None
     if device is not None:
         # with the student and the batches, before the broadcast (NCCL needs GPU tensors) and
@@ -205,9 +209,14 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
         if batch_size % world:
             raise ValueError(f"batch_size={batch_size} is the global batch under torch.distributed: "
                              f"it must be divisible by the world size {world}")
-        D.check_same({"inner_steps": inner_steps, "outer_steps": outer_steps, "batch_size": batch_size,
-                      "truncate": truncate, "checkpoint": checkpoint, "val_batch_size": val_batch_size,
-                      "train examples": x.shape[0], "validation examples": xv.shape[0]}, process_group)
+        # the inner optimizer is built here on each rank (not broadcast): its settings must agree
+        inner_cfg = {k: v for k, v in _engine_opt_config(opt).items() if k != "lr"}
+        check_same_settings({"inner_steps": inner_steps, "outer_steps": outer_steps, "batch_size": batch_size,
+                             "truncate": truncate, "checkpoint": checkpoint, "val_batch_size": val_batch_size,
+                             "train examples": x.shape[0], "validation examples": xv.shape[0],
+                             "inner_lr": getattr(opt, "lr", None), "same_init": int(bool(same_init)),
+                             "outer_lr": outer_lr if outer_optimizer is None else None},
+                            {"inner_optimizer": inner_cfg, "nan_policy": nan_policy}, process_group)
         seed = D.broadcast_int(seed, group=process_group)
         D.broadcast_module_(commentary, group=process_group)
         reducer = D.ShardReducer(process_group, train_reduction=getattr(commentary, "reduction", "mean"))
@@ -215,7 +224,6 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
     hnames = [n for n, p in commentary.named_parameters() if p.requires_grad]
     if outer_optimizer is None:
         outer_optimizer = torch.optim.Adam([p for p in commentary.parameters() if p.requires_grad], lr=outer_lr)
-    opt = _inner_opt(inner_optimizer, inner_lr)
     base = student_factory() if same_init else None
     if base is not None and device is not None:
         base = base.to(device)
@@ -224,8 +232,10 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
         if base is not None:
             D.broadcast_module_(base, group=process_group)
     result = LearnResult(commentary=commentary, info={
-        "algorithm": "bptt", "inner_steps": inner_steps, "inner_optimizer": type(opt).__name__, "inner_lr": inner_lr,
-        "outer_steps": outer_steps, "outer_lr": outer_lr, "batch_size": batch_size, "same_init": same_init,
+        # the learning rates used: an inner_optimizer object's, the outer optimizer's (rank 0's)
+        "algorithm": "bptt", "inner_steps": inner_steps, "inner_optimizer": type(opt).__name__,
+        "inner_lr": getattr(opt, "lr", inner_lr), "outer_steps": outer_steps,
+        "outer_lr": outer_optimizer.param_groups[0]["lr"], "batch_size": batch_size, "same_init": same_init,
         "truncate": truncate, "checkpoint": checkpoint, "seed": seed})
     ck = make_checkpointer(checkpoint_path, "learn_bptt", lambda: {
         "inner_steps": inner_steps, "inner_optimizer": _engine_opt_config(opt), "outer_steps": outer_steps,
@@ -330,7 +340,10 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
     the world size; the validation batch is split as evenly as it goes) and the
     wrapper computes the hypergradient of the union of the shards.  The student's
     gradients are averaged over the ranks (by the student itself when it is a
-    ``DistributedDataParallel``, else here), its initial weights come from rank 0;
+    ``DistributedDataParallel``, else here), its initial weights come from rank 0,
+    and so do a given ``student_optimizer``'s state and learning rates; the other
+    settings (``student_lr``, ``hyper_lr``, ``solver``, the step counts, ...) must
+    agree on every rank (``ValueError`` naming those that differ);
     the commentary's buffers are rank 0's after each step (see ``CommentaryOptimizer``).
 
     ``checkpoint_path``: a resumable checkpoint of the job (student, commentary,
@@ -351,9 +364,13 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
         if batch_size % world:
             raise ValueError(f"batch_size={batch_size} is the global batch under torch.distributed: "
                              f"it must be divisible by the world size {world}")
+        # a default student optimizer is built here on each rank (not broadcast): its rate must agree
         D.check_same({"steps": steps, "batch_size": batch_size, "hyper_every": hyper_every,
                       "val_batch_size": val_batch_size, "fresh_train_batch": int(fresh_train_batch),
-                      "train examples": x.shape[0], "validation examples": xv.shape[0]}, process_group)
+                      "train examples": x.shape[0], "validation examples": xv.shape[0],
+                      "student_lr": student_lr if student_optimizer is None else None,
+                      "student_optimizer given": int(student_optimizer is not None),
+                      "hyper_lr": hyper_lr if hyper_optimizer is None else None}, process_group)
         seed = D.broadcast_int(seed, group=process_group)
     gen = torch.Generator().manual_seed(seed)
     if device is not None:
@@ -382,7 +399,8 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
                                   generator=gen, distributed=dist_on, process_group=process_group)
     result = LearnResult(commentary=commentary, student=student, info={
         "algorithm": "ift", "steps": steps, "batch_size": batch_size, "student_optimizer": type(student_optimizer).__name__,
-        "student_lr": student_optimizer.param_groups[0]["lr"], "hyper_lr": hyper_lr, "hyper_every": hyper_every,
+        "student_lr": student_optimizer.param_groups[0]["lr"], "hyper_every": hyper_every,
+        "hyper_lr": hyper_lr if teacher.hyper_optimizer is None else teacher.hyper_optimizer.param_groups[0]["lr"],
         "solver": repr(teacher._solver()) if solver is None else repr(solver), "curvature": curvature, "seed": seed})
 
     def draw():

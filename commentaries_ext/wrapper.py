@@ -30,6 +30,7 @@ import contextlib
 import itertools
 import sys
 import warnings
+import zlib
 from typing import Any, Callable, Iterable
 
 import torch
@@ -94,7 +95,10 @@ class CommentaryOptimizer:
     state are broadcast from rank 0; after each ``step`` the commentary's buffers
     (e.g. the reference teacher's BatchNorm running statistics, updated by ``loss``
     from each rank's shard) are rank 0's again, as ``DistributedDataParallel`` does
-    with a student's buffers.  Each hyper-step is the hypergradient of the
+    with a student's buffers.  What is not broadcast must agree, and is checked at
+    construction (``ValueError`` naming it): ``solver``, ``curvature``, ``hvp``,
+    ``hyper_every``, ``total_steps``, ``nan_policy`` and the optimizer's first
+    learning rate (the default Neumann ``alpha``).  Each hyper-step is the hypergradient of the
     *union* of the ranks' shards (``commentaries_ext.distributed``): ``v = dL_V/dtheta``,
     every Hessian-vector product, the mixed term and the solvers' scalars are
     combined across ranks (averaging each rank's final hypergradient would not be:
@@ -165,12 +169,20 @@ class CommentaryOptimizer:
             if hyper_optimizer is None and hp:
                 hyper_optimizer = torch.optim.Adam(hp, lr=hyper_lr)
         self.hyper_optimizer = hyper_optimizer
+        lr0 = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else None
         if commentary is not None and self._dist():  # every rank starts from rank 0's commentary
             from . import distributed as D
 
             D.broadcast_module_(commentary, group=process_group)
             if hyper_optimizer is not None:
                 D.broadcast_optimizer_state_(hyper_optimizer, group=process_group)
+            # not broadcast, so they must agree: each rank would otherwise take its own hyper-step
+            # (the default Neumann alpha is the student's learning rate) or issue other collectives
+            check_same_settings({"hyper_every": hyper_every, "total_steps": total_steps,
+                                 "enabled": int(self.enabled), "optimizer lr (first group)": lr0,
+                                 "optimizer parameter groups": len(optimizer.param_groups)},
+                                {"solver": solver, "curvature": curvature, "hvp": hvp, "nan_policy": nan_policy},
+                                process_group)
 
     # ------------------------------------------------------------------ optimizer face
     @property
@@ -443,6 +455,22 @@ def broadcast_buffers_(module: nn.Module, group=None) -> None:
     buffers = list(module.buffers())
     if buffers:
         _coalesced_broadcast_(buffers, 0, group)
+
+
+def check_same_settings(numbers: dict, texts: dict, group=None) -> None:
+    """``distributed.check_same`` (``ValueError`` naming each setting that differs between
+    the ranks) on ``numbers`` and on ``texts`` -- strings, solver configurations -- by a
+    crc32 of their ``repr`` (of their type's name for objects without a dataclass repr,
+    whose default repr holds an address).  Every rank must pass the same names."""
+    from dataclasses import is_dataclass
+
+    from .distributed import check_same
+
+    def text(v):
+        plain = v is None or isinstance(v, (str, int, float, bool, tuple, list, dict)) or is_dataclass(v)
+        return repr(v) if plain else type(v).__qualname__
+
+    check_same({**numbers, **{f"{k} (crc32)": zlib.crc32(text(v).encode()) for k, v in texts.items()}}, group)
 
 
 def _process_group_initialised() -> bool:

@@ -233,7 +233,7 @@ def _bptt_run(name, r, distributed):
                      inner_lr=0.3, outer_steps=2, outer_optimizer=opt, batch_size=8, same_init=True,
                      checkpoint=ckpt if distributed else None, seed=7 + 10 * r, distributed=distributed)
     return {"meta_grads": opt.seen, "commentary": {k: v.clone() for k, v in com.state_dict().items()},
-            "val_losses": [h["val_loss"] for h in res.history]}
+            "val_losses": [h["val_loss"] for h in res.history], "info": res.info}
 
 
 def _solver_decisions(r, sync):
@@ -259,7 +259,7 @@ def _ift_run(r, distributed):
                     solver=CGConfig(max_iter=4, damping=0.5), seed=9 + 10 * r, distributed=distributed)
     return {"commentary": {k: v.clone() for k, v in com.state_dict().items()},
             "student": {k: v.detach().clone() for k, v in student.state_dict().items()},
-            "val_losses": [h["val_loss"] for h in res.history]}
+            "val_losses": [h["val_loss"] for h in res.history], "info": res.info}
 
 
 def _nan_policy_run(r, policy):
@@ -359,6 +359,16 @@ def _worker(r, world, tmp):
             ("check_same", lambda: D.check_same({"steps": 3 + r})),
             ("bptt_batch", lambda: learn_bptt(_weighting(1, "sum"), lambda: _student(1), _data(8, 1), _data(4, 2),
                                               inner_steps=1, outer_steps=1, batch_size=3)),
+            # learning rates and solvers are not broadcast: each rank would follow its own
+            ("ift_student_lr", lambda: learn_ift(_weighting(1, "sum"), _student(1), _data(8, 1), _data(4, 2),
+                                                 steps=1, batch_size=4, student_lr=1e-3 * (r + 1))),
+            ("bptt_inner_lr", lambda: learn_bptt(_weighting(1, "sum"), lambda: _student(1), _data(8, 1), _data(4, 2),
+                                                 inner_steps=1, outer_steps=1, batch_size=4, inner_lr=0.1 * (r + 1))),
+            ("wrapper_solver", lambda: CommentaryOptimizer(
+                torch.optim.SGD(_student(1).parameters(), lr=0.1), _student(1), _weighting(1, "sum"),
+                solver=NeumannConfig(K=1 + r, alpha=0.1))),
+            ("wrapper_lr", lambda: CommentaryOptimizer(
+                torch.optim.SGD(_student(1).parameters(), lr=0.1 * (r + 1)), _student(1), _weighting(1, "sum"))),
         ):
             try:
                 fn()
@@ -469,6 +479,8 @@ def test_learn_bptt_meta_gradient_equals_union(ranks, name):
     _assert_close_dict(got[0]["commentary"], ref["commentary"], name)
     for a, b in zip(got[0]["val_losses"], ref["val_losses"]):
         assert abs(a - b) <= RTOL * abs(b)
+    for r in range(WORLD):  # the outer optimizer's rate, not the unused outer_lr argument
+        assert got[r]["info"]["outer_lr"] == 0.5 and got[r]["info"]["inner_lr"] == 0.3
 
 
 def test_learn_ift_matches_single_process(ranks):
@@ -479,6 +491,8 @@ def test_learn_ift_matches_single_process(ranks):
     _assert_close_dict(got[0]["commentary"], ref["commentary"], "commentary")
     _assert_close_dict(got[0]["student"], ref["student"], "student")
     assert len(got[0]["val_losses"]) == 3
+    for r in range(WORLD):  # the hyper-optimizer's rate, not the unused hyper_lr argument
+        assert got[r]["info"]["hyper_lr"] == 0.5
     for a, b in zip(got[0]["val_losses"], ref["val_losses"]):
         assert abs(a - b) <= RTOL * abs(b)
 
@@ -514,6 +528,10 @@ def test_differing_settings_are_refused_on_every_rank(ranks):
     for r in range(WORLD):
         assert "steps" in ranks[r]["error/check_same"]
         assert "divisible by the world size 2" in ranks[r]["error/bptt_batch"]
+        assert "student_lr (from 0.001 to 0.002)" in ranks[r]["error/ift_student_lr"]
+        assert "inner_lr (from 0.1 to 0.2)" in ranks[r]["error/bptt_inner_lr"]
+        assert "solver (crc32)" in ranks[r]["error/wrapper_solver"]
+        assert "optimizer lr (first group) (from 0.1 to 0.2)" in ranks[r]["error/wrapper_lr"]
 
 
 def test_normalized_reduction_is_refused():
