@@ -45,6 +45,13 @@ NAN_POLICIES = ("raise", "skip")
 
 @dataclass
 class LearnResult:
+    """What a learning loop returns.  ``history``: one dict per logged step --
+    ``val_loss`` (the validation loss; under torch.distributed that of the union
+    of the shards, the same on every rank) and ``train_loss`` (the commentary-shaped
+    training loss; learn_bptt: the mean over the inner steps).  Under
+    torch.distributed ``train_loss`` is this rank's loss on its own shard, so it
+    differs between the ranks (it is not averaged: that would cost a collective per step)."""
+
     commentary: Commentary
     history: list = field(default_factory=list)  # dicts: step, val_loss, train_loss ...
     skipped_steps: int = 0
@@ -177,6 +184,7 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
     the step counts, ``batch_size``, ``same_init``, ...), and after
     each outer step the commentary's buffers (BatchNorm running statistics, updated
     from each rank's shard) are rank 0's again (``DistributedDataParallel``'s convention).
+    ``history``'s ``train_loss`` is this rank's, on its shard (see :class:`LearnResult`).
 
     ``checkpoint`` is *activation* checkpointing of the unroll (recompute every
     N inner steps; memory).  ``checkpoint_path`` is a resumable checkpoint of the
@@ -345,6 +353,7 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
     settings (``student_lr``, ``hyper_lr``, ``solver``, the step counts, ...) must
     agree on every rank (``ValueError`` naming those that differ);
     the commentary's buffers are rank 0's after each step (see ``CommentaryOptimizer``).
+    ``history``'s ``train_loss`` is this rank's, on its shard (see :class:`LearnResult`).
 
     ``checkpoint_path``: a resumable checkpoint of the job (student, commentary,
     both optimizers, engine state, RNGs, history), written every
