@@ -52,6 +52,7 @@ small bookkeeping tensors go on the group's device (CUDA for NCCL).
 """
 from __future__ import annotations
 
+import zlib
 from typing import Iterable, Sequence
 
 import torch
@@ -101,10 +102,16 @@ def _reduce_flat(tensors: Sequence[torch.Tensor], pre, post, group) -> list[torc
     out: list = [None] * len(tensors)
     for _, idx in _by_dtype(tensors).items():
         flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
-        if pre != 1.0:
+        # a coefficient 0 is a rank with an empty shard: its values (a mean over no examples is
+        # NaN) weigh nothing, and 0 * NaN would still poison the sum
+        if pre == 0.0:
+            flat.zero_()
+        elif pre != 1.0:
             flat.mul_(pre)
         dist.all_reduce(flat, group=group)
-        if post != 1.0:
+        if post == 0.0:
+            flat.zero_()
+        elif post != 1.0:
             flat.mul_(post)
         off = 0
         for i in idx:
@@ -228,6 +235,11 @@ class ShardReducer:
     * ``val(tensors)``: derivatives of the validation loss (and the loss);
     * ``sync(t)``: a tensor of scalars made identical on every rank (their mean).
 
+    A rank whose shard is empty (a validation batch smaller than the world) weighs 0 and its
+    values (NaN means) are dropped.  The first ``train``/``val`` call checks that every rank
+    passes tensors of the same shapes and dtypes, and sizes must be given on all ranks or none;
+    ``implicit_hypergradient`` checks a ``WeightedLoss``'s reduction against ``train_reduction``.
+
     This is the object ``engine.implicit_hypergradient(..., reduce=)``,
     ``engine.inverse_hvp(..., reduce=)`` and ``engine.unroll(..., grad_reduce=reducer.train)`` take.
     """
@@ -245,24 +257,44 @@ class ShardReducer:
         self.world = world_size(group)
         self.train_reduction = train_reduction
         self.train_coef = self.val_coef = 1.0 / self.world
+        # always one all-reduce, with which sizes each rank gave: a size given on some ranks only
+        # would otherwise pair this collective with another one of the other ranks
         sizes = (train_size, val_size)
-        if any(s is not None for s in sizes):
-            t = torch.tensor([float(0 if s is None else s) for s in sizes] + [1.0], dtype=torch.float64,
-                             device=_group_device(group))
-            _dist().all_reduce(t, group=group)
-            if train_size is not None:
-                self.train_coef = float(train_size) / float(t[0])
-            if val_size is not None:
-                self.val_coef = float(val_size) / float(t[1])
+        t = torch.tensor([float(0 if s is None else s) for s in sizes] + [float(s is not None) for s in sizes],
+                         dtype=torch.float64, device=_group_device(group))
+        _dist().all_reduce(t, group=group)
+        for i, name in enumerate(("train_size", "val_size")):
+            if 0 < float(t[2 + i]) < self.world:
+                raise ValueError(f"ShardReducer: {name} is given on {int(t[2 + i])} of {self.world} ranks; give it on "
+                                 "every rank or on none")
+        if train_size is not None:
+            self.train_coef = float(train_size) / float(t[0])
+        if val_size is not None:
+            self.val_coef = float(val_size) / float(t[1])
         if train_reduction == "sum":
             self.train_coef = 1.0
         self.train_size, self.val_size = train_size, val_size
+        self._checked_kinds: set = set()
 
     def train(self, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        tensors = self._checked("train", tensors)
         return _combine(tensors, self.train_coef, 1.0, self.group)
 
     def val(self, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        tensors = self._checked("val", tensors)
         return _combine(tensors, self.val_coef, 1.0, self.group)
+
+    def _checked(self, kind: str, tensors) -> list[torch.Tensor]:
+        """On the first call of each kind: the ranks pass the same number of tensors with the same
+        shapes and dtypes (else a flattened all-reduce mixes different layouts of equal size, or
+        gloo aborts on a size mismatch); one small all-reduce."""
+        tensors = list(tensors)
+        if kind not in self._checked_kinds:
+            self._checked_kinds.add(kind)
+            layout = repr([(tuple(t.shape), str(t.dtype)) for t in tensors]).encode()
+            check_same({f"{kind}: number of tensors": len(tensors),
+                        f"{kind}: shapes and dtypes (crc32)": zlib.crc32(layout)}, self.group)
+        return tensors
 
     def sync(self, t: torch.Tensor) -> torch.Tensor:
         return _reduce_flat([t], 1.0 / self.world, 1.0, self.group)[0]

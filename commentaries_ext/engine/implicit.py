@@ -284,6 +284,21 @@ def _check_state(name: str, d) -> dict:
 # --------------------------------------------------------------------------- main entry
 
 
+def _check_reduction(train_loss, reduce) -> None:
+    """A WeightedLoss's reduction must be the one the reducer combines for: a "sum" loss
+    combined as a mean (or the reverse) is off by the number of ranks, and "normalized"
+    (sum w l / sum w) is not a combination of per-rank losses at all."""
+    from .hvp import WeightedLoss
+
+    want = getattr(reduce, "train_reduction", None)
+    if isinstance(train_loss, WeightedLoss) and want is not None and train_loss.reduction != want:
+        raise ValueError(f"implicit_hypergradient: train_loss reduces with {train_loss.reduction!r} but reduce "
+                         f"combines the ranks' derivatives for {want!r}"
+                         + (" (sum w l / sum w over the union is not a combination of per-rank losses: use 'mean' "
+                            "or 'sum')" if train_loss.reduction == "normalized" else
+                            f"; build the reducer with train_reduction={train_loss.reduction!r}"))
+
+
 def _val_grads(val_loss, params, hparams, batch):
     th = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     ph = {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
@@ -474,6 +489,8 @@ def implicit_hypergradient(
     if state.eigvec is not None and [t.shape for t in state.eigvec] != [t.shape for t in params.values()]:
         raise ValueError("implicit_hypergradient: state holds the power-iteration estimate of parameters shaped "
                          f"{[tuple(t.shape) for t in state.eigvec]}, not like params; use one EngineState per problem")
+    if reduce is not None:
+        _check_reduction(train_loss, reduce)
     # The K products allocate the same buffers again and again (commentaries_ext/memory.py).
     with reuse_cpu_memory():
         info: dict = {"curvature": curvature}
