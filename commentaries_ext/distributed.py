@@ -45,8 +45,9 @@ draw it per shard: partners are within a rank's shard.
 
 Functions: :func:`enabled`, :func:`world_size`, :func:`rank`,
 :func:`all_reduce_mean` (one flattened all-reduce per dtype),
-:func:`broadcast_module_`, :func:`broadcast_optimizer_state_`,
-:func:`broadcast_int`, :func:`check_same`; class :class:`ShardReducer`.
+:func:`broadcast_module_`, :func:`broadcast_buffers_`, :func:`broadcast_optimizer_state_`,
+:func:`broadcast_int`, :func:`any_rank`, :func:`check_same`, :func:`check_same_settings`;
+class :class:`ShardReducer`.
 Collectives run on the tensors' device (gloo on CPU, NCCL on GPU); the
 small bookkeeping tensors go on the group's device (CUDA for NCCL).
 """
@@ -219,6 +220,41 @@ def check_same(values: dict, group=None) -> None:
     bad = [f"{k} (from {float(lo[i]):g} to {float(hi[i]):g})" for i, k in enumerate(names) if hi[i] != lo[i]]
     if bad:
         raise ValueError("these settings differ between the ranks: " + ", ".join(bad))
+
+
+def check_same_settings(numbers: dict, texts: dict, group=None) -> None:
+    """:func:`check_same` on ``numbers`` and on ``texts`` -- strings, solver configurations --
+    by a crc32 of their ``repr`` (of their type's name for objects without a dataclass repr,
+    whose default repr holds an address).  Every rank must pass the same names."""
+    from dataclasses import is_dataclass
+
+    def text(v):
+        plain = v is None or isinstance(v, (str, int, float, bool, tuple, list, dict)) or is_dataclass(v)
+        return repr(v) if plain else type(v).__qualname__
+
+    check_same({**numbers, **{f"{k} (crc32)": zlib.crc32(text(v).encode()) for k, v in texts.items()}}, group)
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """Whether ``flag`` is true on any rank (one 1-element all-reduce; the same answer on
+    every rank, so that all take the same branch)."""
+    if not enabled():
+        return bool(flag)
+    t = torch.tensor([float(flag)], device=_group_device(group))
+    _dist().all_reduce(t, op=_dist().ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+def broadcast_buffers_(module: torch.nn.Module, src: int = 0, group=None) -> None:
+    """Give every rank rank ``src``'s buffers of ``module`` (in place; one broadcast per dtype).
+
+    DistributedDataParallel's convention (``broadcast_buffers``): buffers such as BatchNorm
+    running statistics are updated from each rank's shard and would drift apart; rank 0's
+    are kept.  (Averaging would suit running means only, not integer counters or other
+    buffers, and would still not give the union's running variance.)"""
+    if not enabled():
+        return
+    _coalesced_broadcast_(list(module.buffers()), src, group)
 
 
 class ShardReducer:

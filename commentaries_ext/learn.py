@@ -38,7 +38,7 @@ from .commentary.base import (
 )
 from .checkpoint import data_fingerprint, make_checkpointer, optimizer_config, plain, rng_state, set_rng_state, shapes
 from .memory import reuse_cpu_memory
-from .wrapper import CommentaryOptimizer, broadcast_buffers_, check_same_settings
+from .wrapper import CommentaryOptimizer
 
 NAN_POLICIES = ("raise", "skip")
 
@@ -219,7 +219,7 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
                              f"it must be divisible by the world size {world}")
         # the inner optimizer is built here on each rank (not broadcast): its settings must agree
         inner_cfg = {k: v for k, v in _engine_opt_config(opt).items() if k != "lr"}
-        check_same_settings({"inner_steps": inner_steps, "outer_steps": outer_steps, "batch_size": batch_size,
+        D.check_same_settings({"inner_steps": inner_steps, "outer_steps": outer_steps, "batch_size": batch_size,
                              "truncate": truncate, "checkpoint": checkpoint, "val_batch_size": val_batch_size,
                              "train examples": x.shape[0], "validation examples": xv.shape[0],
                              "inner_lr": getattr(opt, "lr", None), "same_init": int(bool(same_init)),
@@ -316,7 +316,7 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
             else:
                 outer_optimizer.step()
             if dist_on:  # the unroll updated the commentary's buffers (BatchNorm) from this rank's shard
-                broadcast_buffers_(commentary, process_group)
+                D.broadcast_buffers_(commentary, group=process_group)
             rec = {"step": step, "val_loss": float(L_V.detach()), "train_loss": train_loss, "skipped": not ok}
             result.history.append(rec)
             if callback is not None:

@@ -30,13 +30,13 @@ import contextlib
 import itertools
 import sys
 import warnings
-import zlib
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as D
 from .commentary.base import (
     BatchError,
     Commentary,
@@ -171,14 +171,12 @@ class CommentaryOptimizer:
         self.hyper_optimizer = hyper_optimizer
         lr0 = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else None
         if commentary is not None and self._dist():  # every rank starts from rank 0's commentary
-            from . import distributed as D
-
             D.broadcast_module_(commentary, group=process_group)
             if hyper_optimizer is not None:
                 D.broadcast_optimizer_state_(hyper_optimizer, group=process_group)
             # not broadcast, so they must agree: each rank would otherwise take its own hyper-step
             # (the default Neumann alpha is the student's learning rate) or issue other collectives
-            check_same_settings({"hyper_every": hyper_every, "total_steps": total_steps,
+            D.check_same_settings({"hyper_every": hyper_every, "total_steps": total_steps,
                                  "enabled": int(self.enabled), "optimizer lr (first group)": lr0,
                                  "optimizer parameter groups": len(optimizer.param_groups)},
                                 {"solver": solver, "curvature": curvature, "hvp": hvp, "nan_policy": nan_policy},
@@ -243,9 +241,9 @@ class CommentaryOptimizer:
             bad = not self._grads_finite()
         here = bad
         if self._dist():  # one decision for all ranks: a rank alone skipping would mis-pair the next collectives
-            bad = self._any_rank(bad)
+            bad = D.any_rank(bad, self.process_group)
             # loss() ran the commentary on this rank's shard (BatchNorm running statistics)
-            broadcast_buffers_(self.commentary, self.process_group)
+            D.broadcast_buffers_(self.commentary, group=self.process_group)
         if bad:
             if self.nan_policy == "raise":
                 raise NonFiniteError(f"non-finite training loss or gradients at step {self.steps}"
@@ -267,16 +265,6 @@ class CommentaryOptimizer:
         if self.hyper_every and self.steps % self.hyper_every == 0 and self.hyper_optimizer is not None:
             self.hyper_step()
         return out
-
-    def _any_rank(self, flag: bool) -> bool:
-        """Whether ``flag`` is true on any rank (one small all-reduce)."""
-        import torch.distributed as dist
-
-        from .distributed import _group_device
-
-        t = torch.tensor([float(flag)], device=_group_device(self.process_group))
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
-        return bool(t.item())
 
     # ------------------------------------------------------------------ hyper-steps
     def _next_from(self, attr: str, loader, what: str):
@@ -441,36 +429,6 @@ class CommentaryOptimizer:
                 lambda_max=None if es.get("lambda_max") is None else float(es["lambda_max"]),
                 eigvec=None if eig is None else [t.to(dev) for t in eig],
                 estimated_at=int(es.get("estimated_at", -(10**9))))
-
-
-def broadcast_buffers_(module: nn.Module, group=None) -> None:
-    """Give every rank rank 0's buffers of ``module`` (in place; one broadcast per dtype).
-
-    DistributedDataParallel's convention (``broadcast_buffers``): buffers such as BatchNorm
-    running statistics are updated from each rank's shard and would drift apart; rank 0's
-    are kept.  (Averaging would suit running means only, not integer counters or other
-    buffers, and would still not give the union's running variance.)"""
-    from .distributed import _coalesced_broadcast_
-
-    buffers = list(module.buffers())
-    if buffers:
-        _coalesced_broadcast_(buffers, 0, group)
-
-
-def check_same_settings(numbers: dict, texts: dict, group=None) -> None:
-    """``distributed.check_same`` (``ValueError`` naming each setting that differs between
-    the ranks) on ``numbers`` and on ``texts`` -- strings, solver configurations -- by a
-    crc32 of their ``repr`` (of their type's name for objects without a dataclass repr,
-    whose default repr holds an address).  Every rank must pass the same names."""
-    from dataclasses import is_dataclass
-
-    from .distributed import check_same
-
-    def text(v):
-        plain = v is None or isinstance(v, (str, int, float, bool, tuple, list, dict)) or is_dataclass(v)
-        return repr(v) if plain else type(v).__qualname__
-
-    check_same({**numbers, **{f"{k} (crc32)": zlib.crc32(text(v).encode()) for k, v in texts.items()}}, group)
 
 
 def _process_group_initialised() -> bool:
