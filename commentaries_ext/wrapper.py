@@ -21,7 +21,8 @@ pass ``scaler=`` (the wrapper then calls ``scaler.step(optimizer)`` and
 
 Non-finite data or losses follow ``nan_policy``: ``"raise"``
 (:class:`~commentaries_ext.commentary.NonFiniteError`) or ``"skip"`` (the step
-is dropped, gradients cleared, and counted in ``skipped_steps``; non-finite
+is dropped, gradients cleared, the running statistics the batch changed in the
+commentary and the student restored, and counted in ``skipped_steps``; non-finite
 hypergradients likewise in ``skipped_hyper_steps``).
 """
 from __future__ import annotations
@@ -145,6 +146,7 @@ class CommentaryOptimizer:
         self.total_steps = total_steps
         self.scaler = scaler
         self.nan_policy = nan_policy
+        self._saved_buffers: list | None = None  # nan_policy="skip": the buffers before loss()
         self.criterion = criterion
         self.generator = generator
         self.steps = 0
@@ -210,6 +212,8 @@ class CommentaryOptimizer:
             raise NonFiniteError(f"training batch at step {self.steps} contains NaN or Inf (nan_policy='raise')")
         batch = self.commentary.prepare(x, y, index=index, progress=self.progress() if progress is None else progress,
                                         generator=self.generator)
+        if self.nan_policy == "skip":  # a skipped step also drops what its batch did to running statistics
+            self._saved_buffers = [b.detach().clone() for b in self._buffers()]
         with torch.no_grad():  # the student step needs no graph into the commentary
             prep = self.commentary(batch)
         out = commentary_loss(self.model(prep.x), prep)
@@ -218,6 +222,10 @@ class CommentaryOptimizer:
         return out
 
     # ------------------------------------------------------------------ steps
+    def _buffers(self) -> list[torch.Tensor]:
+        """The commentary's and the student's buffers (BatchNorm running statistics)."""
+        return list(self.commentary.buffers()) + list(self._module().buffers())
+
     def _grads_finite(self) -> bool:
         gs = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not gs:
@@ -242,7 +250,12 @@ class CommentaryOptimizer:
         here = bad
         if self._dist():  # one decision for all ranks: a rank alone skipping would mis-pair the next collectives
             bad = D.any_rank(bad, self.process_group)
-            # loss() ran the commentary on this rank's shard (BatchNorm running statistics)
+        if bad and self._saved_buffers is not None:  # BatchNorm statistics of a NaN batch would stay NaN
+            with torch.no_grad():
+                for b, s in zip(self._buffers(), self._saved_buffers):
+                    b.copy_(s)
+        self._saved_buffers = None
+        if self._dist():  # loss() ran the commentary on this rank's shard (BatchNorm running statistics)
             D.broadcast_buffers_(self.commentary, group=self.process_group)
         if bad:
             if self.nan_policy == "raise":

@@ -173,16 +173,20 @@ def test_nan_policy():
     teacher = CommentaryOptimizer(opt, model, Blending(3), val_loader=[(x, y)])
     with pytest.raises(NonFiniteError, match="NaN"):
         teacher.loss(bad, y[:8])
-    teacher = CommentaryOptimizer(opt, model, Blending(3), val_loader=[(x, y)], nan_policy="skip")
-    snap = copy.deepcopy(model.state_dict())
+    # skipped: the student and the commentary (the reference teacher has BatchNorm) as before the
+    # batch, running statistics included (they became NaN and stayed so)
+    com = ExampleWeighting.reference((1, 4, 4), 3, reduction="mean")
+    teacher = CommentaryOptimizer(opt, model, com, val_loader=[(x, y)], nan_policy="skip")
+    snap, snap_com = copy.deepcopy(model.state_dict()), copy.deepcopy(com.state_dict())
     teacher.zero_grad()
     loss = teacher.loss(bad, y[:8])
     loss.backward()
     assert teacher.step() is None
     assert teacher.skipped_steps == 1 and teacher.steps == 0 and teacher.hyper_steps == 0
-    for k, v in model.state_dict().items():
-        if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
-            assert torch.equal(v, snap[k])
+    for now, before in ((model.state_dict(), snap), (com.state_dict(), snap_com)):
+        assert set(now) == set(before)
+        for k, v in now.items():
+            assert torch.equal(v, before[k]), k
     teacher.zero_grad()
     teacher.loss(x[:8], y[:8]).backward()
     teacher.step()
