@@ -449,6 +449,8 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
                 for p, g in zip(ps, D.all_reduce_mean([p.grad for p in ps], group=process_group)):
                     p.grad.copy_(g)
             teacher.step()
+            if dist_on and not ddp:  # as DDP does: rank 0's running statistics (each rank's come from its shard)
+                D.broadcast_buffers_(student, group=process_group)
             rec = {"step": step, "train_loss": float(loss.detach())}
             if hyper_every and (step + 1) % hyper_every == 0 and teacher.steps > 0:
                 tb = None

@@ -313,8 +313,11 @@ def _teacher_runs(r):
         teacher_opt.step()
     out["wrapper"] = dict(com.named_buffers())
     com = teacher()
-    learn_ift(com, student(), (x, y), (xv, yv), steps=2, batch_size=8, solver=NeumannConfig(K=1, alpha=0.1))
+    torch.manual_seed(5)  # a plain (not DDP) student with BatchNorm: learn_ift keeps its buffers alike too
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(4, C), nn.BatchNorm1d(C)).double()
+    learn_ift(com, plain, (x, y), (xv, yv), steps=2, batch_size=8, solver=NeumannConfig(K=1, alpha=0.1))
     out["ift"] = dict(com.named_buffers())
+    out["ift_student"] = dict(plain.named_buffers())
     com = teacher()
     learn_bptt(com, student, (x, y), (xv, yv), inner_steps=2, outer_steps=1, batch_size=8, inner_lr=0.1)
     out["bptt"] = dict(com.named_buffers())
@@ -524,6 +527,12 @@ def test_commentary_buffers_stay_identical(ranks, how):
     _assert_identical(got[0], got[1], how)  # rank 0's running statistics on every rank
     means = [v for k, v in got[0].items() if k.endswith("running_mean")]
     assert len(means) == 2 and all(float(m.abs().sum()) > 0 for m in means)  # they were updated
+
+
+def test_learn_ift_plain_student_buffers_stay_identical(ranks):
+    got = [ranks[r]["teacher_buffers"]["ift_student"] for r in range(WORLD)]
+    _assert_identical(got[0], got[1], "student buffers")  # as DDP would: rank 0's running statistics
+    assert float(got[0]["2.running_mean"].abs().sum()) > 0
 
 
 def test_weighted_all_reduce_mean(ranks):
