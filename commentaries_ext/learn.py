@@ -302,7 +302,13 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
             outer_optimizer.zero_grad(set_to_none=True)
             ok = bool(torch.isfinite(L_V))
             if ok:
+                # activation checkpointing re-runs the inner steps in the backward: the commentary's
+                # forward would update its running statistics (BatchNorm) a second time
+                kept = [b.detach().clone() for b in commentary.buffers()] if checkpoint else []
                 L_V.backward()
+                with torch.no_grad():
+                    for b, k in zip(commentary.buffers(), kept):
+                        b.copy_(k)
                 if reducer is not None:  # the union's meta-gradient: the mean over the ranks
                     ps = [p for p in commentary.parameters() if p.grad is not None]
                     for p, g in zip(ps, D.all_reduce_mean([p.grad for p in ps], group=process_group)):

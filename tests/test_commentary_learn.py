@@ -45,6 +45,26 @@ def test_bptt_checkpointing_is_exact_and_truncation_differs():
     assert float(trunc.abs().sum()) > 0 and not torch.allclose(trunc, full)
 
 
+def test_bptt_checkpointing_updates_the_commentarys_running_statistics_once():
+    """The backward re-runs checkpointed inner steps; a commentary with BatchNorm (the reference
+    teacher) counted each step twice (num_batches_tracked 8 after 4 steps)."""
+    from commentaries_ext.commentary import ExampleWeighting
+
+    x = torch.randn(32, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(32) % 3
+    runs = {}
+    for ck in (None, 1, 3):
+        torch.manual_seed(3)
+        com = ExampleWeighting.reference((1, 4, 4), 3)
+        learn_bptt(com, lambda: nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), (x, y), (x[:8], y[:8]), inner_steps=4,
+                   outer_steps=1, batch_size=8, checkpoint=ck)
+        runs[ck] = dict(com.named_buffers())
+    assert int(runs[None]["net.features.1.num_batches_tracked"]) == 4
+    for ck in (1, 3):
+        for k, v in runs[None].items():
+            torch.testing.assert_close(runs[ck][k], v, rtol=1e-6, atol=0, msg=lambda m, k=k: f"{ck} {k}: {m}")
+
+
 @pytest.mark.parametrize("inner", ["adam", "momentum"])
 def test_bptt_inner_optimizers_and_fresh_students(inner):
     c = Blending(3)
