@@ -93,17 +93,17 @@ def main():
         if seed == args.seeds[0]:
             import matplotlib.pyplot as plt
 
+            # the weights as the students receive them: training mode (the teacher's BatchNorm on each
+            # batch's statistics), batches of the students' 32
             fig = com.plot(splits.val[0][:1000], splits.val[1][:1000], progress=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
-                           title="learned example weights (Fashion-MNIST, seed %d)" % seed)
+                           title="learned example weights (Fashion-MNIST, seed %d)" % seed, batch_size=32)
             fig.savefig(out / "weights.png", dpi=110)
             plt.close(fig)
             # per-class mean weight against progress, as numbers
-            com.eval()
             table = {}
             for prog in (0.0, 0.25, 0.5, 0.75, 1.0):
-                w = com.weights(splits.val[0][:1000], splits.val[1][:1000], progress=prog)
+                w = com.weights(splits.val[0][:1000], splits.val[1][:1000], progress=prog, batch_size=32)
                 table[prog] = [float(w[splits.val[1][:1000] == c].mean()) for c in range(splits.num_classes)]
-            com.train()
         else:
             table = None
         conv = run_students(splits, "convnet", com, T, args.inits, seed, ev)
@@ -155,8 +155,8 @@ def summarize(out, args, results):
                  f"learning time {E.ms([r['learn_seconds'] for r in results])} s")
     wt = results[0]["weights_by_class"]
     if wt:
-        lines.append("\nmean learned weight per class (seed %d, 1000 validation images) against progress i/T:\n"
-                     % results[0]["seed"])
+        lines.append("\nmean learned weight per class (seed %d, 1000 validation images in batches of 32, in "
+                     "training mode as the students receive them) against progress i/T:\n" % results[0]["seed"])
         lines.append("| i/T | " + " | ".join(str(c) for c in range(10)) + " |")
         lines.append("|---" * 11 + "|")
         for prog, ws in wt.items():

@@ -199,6 +199,40 @@ def test_plots():
     assert isinstance(t.plot(), Figure)
 
 
+def test_weights_are_what_a_student_receives():
+    """weights() (and the plot) in the module's mode, batch by batch: the reference teacher in
+    training mode normalises with each batch's BatchNorm statistics, as learning and reuse apply
+    it; the eval-mode weights the plot used to show differ. Running statistics stay as they were."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    torch.manual_seed(0)
+    c = ExampleWeighting.reference((1, 8, 8), 3)
+    with torch.no_grad():  # running statistics unlike any batch's
+        for m in c.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.fill_(0.7)
+                m.running_var.fill_(3.0)
+    x, y = torch.randn(24, 1, 8, 8), torch.randint(0, 3, (24,))
+    before = {k: v.clone() for k, v in c.state_dict().items()}
+    got = c.weights(x, y, progress=0.5, batch_size=8)
+    with torch.no_grad():
+        want = torch.cat([c(c.prepare(x[i:i + 8], y[i:i + 8], progress=0.5)).weight for i in range(0, 24, 8)])
+    torch.testing.assert_close(got, want)
+    for k, v in before.items():
+        c.state_dict()[k].copy_(v)  # (the reference computation above did update them)
+    assert c.training
+    got_whole = c.weights(x, y, progress=0.5)
+    assert not torch.allclose(got_whole, got)  # other batches, other statistics
+    plot_weights(c, x, y, batch_size=8)
+    for k, v in c.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    c.eval()
+    assert not torch.allclose(c.weights(x, y, progress=0.5), got_whole, atol=1e-3)
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        c.weights(x, y, batch_size=0)
+
+
 def test_plot_takes_the_readme_call():
     import matplotlib
 

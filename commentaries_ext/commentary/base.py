@@ -93,6 +93,19 @@ def plain_blend():
         _FUSED_BLEND.reset(token)
 
 
+@contextlib.contextmanager
+def kept_buffers(module):
+    """Run ``module`` (training mode included) and leave its buffers -- BatchNorm running
+    statistics -- as they were: for looking at what a commentary does without changing it."""
+    saved = [b.detach().clone() for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(module.buffers(), saved):
+                b.copy_(s)
+
+
 def fused_blend_enabled() -> bool:
     return _FUSED_BLEND.get()
 

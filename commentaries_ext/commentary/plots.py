@@ -18,16 +18,14 @@ def _plt():
 
 
 @torch.no_grad()
-def plot_weights(commentary, x, y, *, progress=(0.0, 0.25, 0.5, 0.75, 1.0), num_classes=None, title=None):
+def plot_weights(commentary, x, y, *, progress=(0.0, 0.25, 0.5, 0.75, 1.0), num_classes=None, title=None,
+                 batch_size=None):
     """Network example weights: mean weight per class against training progress ``i/T``
-    (left) and the weight distribution at the first and last progress (right)."""
+    (left) and the weight distribution at the first and last progress (right).  The weights
+    are those a student receives (``ExampleWeighting.weights``: the module's mode, training
+    mode after learning, batches of ``batch_size``), not an eval-mode variant of them."""
     plt = _plt()
-    was = commentary.training
-    commentary.eval()
-    try:
-        ws = [commentary.weights(x, y, progress=float(t)).float().cpu() for t in progress]
-    finally:
-        commentary.train(was)
+    ws = [commentary.weights(x, y, progress=float(t), batch_size=batch_size).float().cpu() for t in progress]
     C = num_classes or commentary.num_classes or int(y.max()) + 1
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(10, 4))
     yc = y.cpu()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import REDUCTIONS, BatchError, Commentary, Prepared, check_param_dtype
+from .base import REDUCTIONS, BatchError, Commentary, Prepared, check_param_dtype, kept_buffers
 
 
 # a commentary file whose config has no "reduction" was written when the default was "sum"
@@ -135,9 +135,19 @@ class ExampleWeighting(Commentary):
         return Prepared(x=x, target=y, weight=w, reduction=self.reduction)
 
     @torch.no_grad()
-    def weights(self, x, y, progress=0.0) -> torch.Tensor:
-        """The weights of ``(x, y)`` at training progress ``i/T`` (no grad)."""
-        return self(self.prepare(x, y, progress=progress)).weight
+    def weights(self, x, y, progress=0.0, *, batch_size: int | None = None) -> torch.Tensor:
+        """The weights of ``(x, y)`` at training progress ``i/T`` (no grad), as a student's step
+        receives them: in the module's mode -- learning and reuse run it in training mode, where
+        the reference teacher's BatchNorm normalises with each batch's statistics, so pass the
+        student's ``batch_size`` (None: all of ``x`` as one batch).  Running statistics are left
+        unchanged."""
+        n = x.shape[0]
+        bs = n if batch_size is None else int(batch_size)
+        if bs < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        with kept_buffers(self):
+            return torch.cat([self(self.prepare(x[i:i + bs], y[i:i + bs], progress=progress)).weight
+                              for i in range(0, n, bs)])
 
     def config(self) -> dict:
         if self._config is None:
