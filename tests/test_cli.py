@@ -91,6 +91,21 @@ def test_neumann_k_with_cg_is_refused(capsys):
     assert e.value.code == 2 and "--neumann-k" in capsys.readouterr().err
 
 
+def test_train_tracked_leaves_the_commentary_learnable():
+    """train_tracked trains with the commentary fixed; its parameters required no grad for good
+    after it (hparams() came back empty, so it could not be learned further)."""
+    from commentaries_ext.commentary import Blending
+    from commentaries_ext.data import load_dataset
+    from commentaries_ext.models import make_student
+
+    splits = load_dataset("digits", seed=0, train_size=64, val_size=32)
+    com = Blending(splits.num_classes)
+    r = cli.train_tracked(make_student("mlp", splits.input_shape, splits.num_classes), splits, commentary=com,
+                          steps=3, batch_size=16, eval_every=3, quiet=True)
+    assert len(r["curve"]) == 1
+    assert all(p.requires_grad for p in com.parameters()) and com.hparams()
+
+
 def test_missing_dataset_and_file(tmp_path, capsys):
     assert cli.main(["learn", "mask", "--data-dir", str(tmp_path / "none"), "--steps", "1", "--quiet"]) == 3
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
