@@ -138,3 +138,15 @@ def test_plot_takes_the_readme_call():
     plt.close(fig)
     with pytest.raises(TypeError, match=r"needs images: plot\(x\)"):
         AttentionMask(1).plot()
+
+
+def test_attention_in_float64_is_computed_in_float64():
+    """The spatial softmax ran in float32 for float64 inputs too (8e-8 off a float64 reference)."""
+    torch.manual_seed(0)
+    m = AttentionMask(1).double()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    z = m.net(x)[:, 0] / m.temperature
+    want = torch.softmax(z.reshape(2, -1), dim=1).reshape(2, 8, 8)
+    got = m.attention(x)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)

@@ -108,7 +108,9 @@ class AttentionMask(Commentary):
         """The spatial softmax ``[N, H, W]``."""
         z = self.net(x)[:, 0] / self.temperature
         n, h, w = z.shape
-        return torch.softmax(z.reshape(n, h * w).float(), dim=1).reshape(n, h, w).to(x.dtype)
+        # at least float32 (half inputs under autocast), float64 kept
+        z = z.reshape(n, h * w).to(torch.promote_types(z.dtype, torch.float32))
+        return torch.softmax(z, dim=1).reshape(n, h, w).to(x.dtype)
 
     def centroid(self, a: torch.Tensor) -> torch.Tensor:
         """``mu [N, 2]`` (row, col) in ``[0, 1]`` from the attention map."""
