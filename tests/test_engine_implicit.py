@@ -629,7 +629,7 @@ def _stale_problem():
         return ((p["w"] - 1.0) ** 2).sum()
 
     def data_term(p, b):
-        Xb, yb = (torch.as_tensor(b["x"]), torch.as_tensor(b["y"])) if isinstance(b, dict) else (X, y)
+        Xb, yb = (torch.as_tensor(b["x"]), torch.as_tensor(b["y"])) if isinstance(b, dict) and "x" in b else (X, y)
         return ((Xb @ p["w"] - yb) ** 2).mean()
 
     return params, hparams, vl, data_term
@@ -663,12 +663,36 @@ def test_traced_hvp_follows_state_the_loss_reads():
     def tl_dict(p, h, b):
         return data_term(p, b) + (h["l2"] * p["w"] ** 2).sum() + cfg["wd"] * (p["w"] ** 4).sum()
 
-    prob = Problem()
+    class ListProblem:  # a list attribute of a bound method's object
+        def __init__(self):
+            self.k = [0.1]
+
+        def tl(self, p, h, b):
+            return data_term(p, b) + (h["l2"] * p["w"] ** 2).sum() + self.k[0] * (p["w"] ** 4).sum()
+
+    class Slotted:  # __slots__, no __dict__
+        __slots__ = ("wd",)
+
+        def __init__(self):
+            self.wd = 0.1
+
+    slotted = Slotted()
+
+    def tl_slots(p, h, b):
+        return data_term(p, b) + (h["l2"] * p["w"] ** 2).sum() + slotted.wd * (p["w"] ** 4).sum()
+
+    scale_mod = nn.Identity()
+    scale_mod.wd = 0.1  # a plain attribute of a module
+
+    def tl_module(p, h, b):
+        return data_term(p, b) + (h["l2"] * p["w"] ** 2).sum() + scale_mod.wd * (p["w"] ** 4).sum()
+
+    prob, lprob = Problem(), ListProblem()
     old = _WD
     try:
         for wd in (0.1, 3.0):
-            _WD, prob.wd, cfg["wd"] = wd, wd, wd
-            for tl in (tl_global, prob.tl, tl_dict):
+            _WD, prob.wd, cfg["wd"], lprob.k[0], slotted.wd, scale_mod.wd = wd, wd, wd, wd, wd, wd
+            for tl in (tl_global, prob.tl, tl_dict, lprob.tl, tl_slots, tl_module):
                 lin, db = _traced_and_eager(tl, vl, params, hparams, None)
                 assert rel(lin, db) < 1e-12, (wd, tl)
     finally:
@@ -703,6 +727,13 @@ def test_traced_hvp_reused_while_the_state_is_unchanged():
             implicit_hypergradient(make(), vl, params, hparams, None, None, solver=NeumannConfig(K=3, alpha=0.05),
                                    hvp="forward_over_reverse")
         assert len(LZ._FALLBACK_CACHE) == 1
+        # non-tensor batch entries equal in value but new objects every call (a slice, a device)
+        tl = make()
+        for _ in range(3):
+            batch = {"rows": slice(0, 30), "device": torch.device("cpu")}
+            implicit_hypergradient(tl, vl, params, hparams, batch, None, solver=NeumannConfig(K=3, alpha=0.05),
+                                   hvp="forward_over_reverse")
+        assert len(LZ._FALLBACK_CACHE) == 2
     finally:
         LZ.clear_cache()
 

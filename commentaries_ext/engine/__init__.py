@@ -57,10 +57,12 @@ the loss reads besides its arguments (Python numbers as literals, outside
 tensors as constants), so it is reused only while that state is unchanged:
 the globals its code names, its closure, its defaults and, for a bound method,
 its object's attributes, followed three levels into containers, functions and
-objects (numbers and strings by value, numpy arrays by content, tensors by
-identity -- in-place changes are seen --, modules by identity and train/eval
-flags); non-tensor batch entries likewise.  A loss that reads changing state
-deeper than that needs ``hvp="double_backward"``.
+objects (``__dict__`` or ``__slots__``; numbers and strings by value, numpy
+arrays by content, tensors by identity -- in-place changes are seen, except a
+value read with ``.item()``, which the trace holds as a number --, modules by
+identity, train/eval flags and the top module's plain attributes); non-tensor
+batch entries by value.  A loss that reads changing state deeper than that, or
+through ``.item()``, needs ``hvp="double_backward"``.
 
 CPU fast paths (same values and derivatives): ``implicit_hypergradient`` runs
 inside ``commentaries_ext.memory.reuse_cpu_memory()`` (its products reuse freed

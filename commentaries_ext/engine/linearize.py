@@ -41,7 +41,7 @@ MAX_ENTRIES = 8
 def _sig(xs):
     """Tensors by their metadata (they are graph inputs); anything else as a trace freezes it."""
     return tuple((tuple(x.shape), x.dtype, x.device.type, x.requires_grad) if torch.is_tensor(x)
-                 else ("obj", _state_sig(x, 2)) for x in xs)
+                 else ("obj", _batch_sig(x)) for x in xs)
 
 
 class _Traced:
@@ -358,9 +358,9 @@ def _loss_key(loss):
     fn = getattr(loss, "__func__", loss)
     code = getattr(fn, "__code__", None)
     if code is None:
-        return ("obj", type(loss), id(loss), _state_sig(loss, 2)), loss
+        return ("obj", type(loss), id(loss), _state_sig(loss, _STATE_DEPTH)), loss
     bound = getattr(loss, "__self__", None)
-    return ("fn", code, _fn_sig(fn, _STATE_DEPTH), None if bound is None else _state_sig(bound, 2)), None
+    return ("fn", code, _fn_sig(fn, _STATE_DEPTH), None if bound is None else _state_sig(bound, _STATE_DEPTH)), None
 
 
 # What a trace may have frozen besides the loss's arguments, and how deep it is looked for: a
@@ -376,16 +376,26 @@ _SCALARS = (int, float, complex, bool, str, bytes, type(None))
 def _state_sig(obj, depth: int):
     """A hashable fingerprint of ``obj`` as a trace would have frozen it: numbers and strings
     by value; tensors by identity (the graph holds the tensor itself, so in-place changes are
-    seen); modules by identity and training flags; numpy arrays by content; containers,
-    functions and plain objects' attributes element-wise, ``depth`` levels down."""
+    seen -- except through ``.item()``, which a trace turns into a number); modules by
+    identity, training flags and the top module's plain attributes; numpy arrays by content;
+    containers, functions and plain objects' attributes (``__dict__`` or ``__slots__``)
+    element-wise, ``depth`` levels down.  Anything it cannot read is keyed by identity."""
+    try:
+        return _state_sig_of(obj, depth)
+    except Exception:  # noqa: BLE001 - an exotic object (a raising __getattr__ ...): by identity
+        return ("id", id(obj))
+
+
+def _state_sig_of(obj, depth: int):
     import types
 
-    if isinstance(obj, _SCALARS):
+    if type(obj) in _SCALARS:  # exact types: a subclass may define __eq__ without __hash__
         return obj
     if torch.is_tensor(obj):
         return ("tensor", id(obj))
     if isinstance(obj, torch.nn.Module):
-        return ("module", id(obj), _mode_sig(obj))
+        plain = tuple((k, v) for k, v in vars(obj).items() if type(v) in _SCALARS and k != "training")
+        return ("module", id(obj), _mode_sig(obj), plain)
     if isinstance(obj, (types.ModuleType, type, types.BuiltinFunctionType)):
         return ("id", id(obj))
     if type(obj).__module__ == "numpy" and hasattr(obj, "tobytes"):  # an array or numpy scalar: by value
@@ -398,16 +408,29 @@ def _state_sig(obj, depth: int):
         return (type(obj).__name__, len(obj), tuple(_state_sig(x, depth - 1) for x in obj[:_STATE_ITEMS]))
     if isinstance(obj, dict):
         items = list(obj.items())[:_STATE_ITEMS]
-        return ("dict", len(obj), tuple((k if isinstance(k, _SCALARS) else id(k), _state_sig(v, depth - 1))
+        return ("dict", len(obj), tuple((k if type(k) in _SCALARS else id(k), _state_sig(v, depth - 1))
                                         for k, v in items))
     if isinstance(obj, types.FunctionType):
         return ("function", _fn_sig(obj, depth - 1))
     if isinstance(obj, types.MethodType):
-        return ("method", _fn_sig(obj.__func__, depth - 1), _state_sig(obj.__self__, depth - 1))
-    attrs = getattr(obj, "__dict__", None)
-    if isinstance(attrs, dict):
+        return ("method", _state_sig(obj.__func__, depth - 1), _state_sig(obj.__self__, depth - 1))
+    attrs = dict(vars(obj)) if hasattr(obj, "__dict__") else {}
+    for cls in type(obj).__mro__:  # __slots__ classes (slots dataclasses, attrs)
+        for name in getattr(cls, "__slots__", ()):
+            if isinstance(name, str) and name not in attrs and hasattr(obj, name):
+                attrs[name] = getattr(obj, name)
+    if attrs:
         return ("object", id(obj), _state_sig(attrs, depth - 1))
     return ("id", id(obj))
+
+
+def _batch_sig(x):
+    """A non-tensor batch entry as a trace freezes it: numpy arrays by content (their repr
+    elides the middle), anything else by value through its repr (a slice, a dataclass, a
+    device), as before -- an identity would re-trace every call for an equal new object."""
+    if type(x).__module__ == "numpy" and hasattr(x, "tobytes"):
+        return _state_sig(x, 0)
+    return ("repr", type(x), repr(x))
 
 
 def _fn_sig(fn, depth: int):
