@@ -300,9 +300,11 @@ def test_fallback_that_still_grows_keeps_the_partial_sum():
     The fallback warns and returns the damped partial sum up to the last non-growing term
     (it used to raise and end the training run)."""
     tl, vl, params, phi = indefinite_problem()
-    with pytest.warns(HypergradientDivergenceWarning, match="still grows after the fallback"):
+    with pytest.warns(HypergradientDivergenceWarning, match="still grows after the fallback") as rec:
         res = implicit_hypergradient(tl, vl, params, phi, solver=NeumannConfig(K=400, alpha=0.3, power_iters=2))
     info = res.info
+    n = info["terms_used"]  # the message counts what p holds: v and n - 1 products
+    assert f"first {n} terms (v and {n - 1} products)" in str(rec[-1].message)
     assert info["fallback"] and info["diverged"] and 0 < info["terms_used"] < 400
     assert 0 < info["damping"] < 0.5  # not enough to make A + delta I positive definite
     A = torch.diag(torch.tensor([3.0, 1.0, -0.5, 2.0], dtype=DT)) + info["damping"] * torch.eye(4, dtype=DT)
@@ -358,12 +360,27 @@ def test_loss_mistakes_get_errors_that_name_the_loss():
         run(tl, lambda p, h, b: 0.0)
     with pytest.raises(ValueError, match="val_loss depends on neither params nor hparams"):
         run(tl, lambda p, h, b: torch.tensor(1.0, dtype=DT))
-    for hvp in ("double_backward", "forward_over_reverse"):
+    for hvp, lin in (("double_backward", True), ("forward_over_reverse", True), ("forward_over_reverse", False)):
         with pytest.raises(ValueError, match=r"train_loss must return a scalar tensor \(one element\), got shape \(3,\)"):
-            run(lambda p, h, b: tl(p, h, b) * torch.ones(3, dtype=DT), vl, hvp=hvp)
+            run(lambda p, h, b: tl(p, h, b) * torch.ones(3, dtype=DT), vl, hvp=hvp, linearize=lin)
         # a one-element loss of shape [1] is a scalar on every path (forward-over-reverse refused it)
-        one = run(lambda p, h, b: tl(p, h, b).reshape(1), vl, hvp=hvp)
-        assert rel(as_flat_grads(one), as_flat_grads(run(tl, vl, hvp=hvp))) < 1e-12
+        one = run(lambda p, h, b: tl(p, h, b).reshape(1), vl, hvp=hvp, linearize=lin)
+        assert rel(as_flat_grads(one), as_flat_grads(run(tl, vl, hvp=hvp, linearize=lin))) < 1e-12
+
+
+def test_inverse_hvp_takes_an_operator_without_damping():
+    """A user's operator needs only matvec (inverse_hvp read op.damping first and raised)."""
+    from commentaries_ext.engine import inverse_hvp
+
+    A = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=DT)
+
+    class Op:
+        def matvec(self, c):
+            return [A @ c[0] + getattr(self, "damping", 0.0) * c[0]]
+
+    v = [torch.tensor([1.0, -1.0], dtype=DT)]
+    p, _ = inverse_hvp(Op(), v, CGConfig(max_iter=10, tol=1e-14, damping=0.5))
+    assert torch.allclose(p[0], torch.linalg.solve(A + 0.5 * torch.eye(2, dtype=DT), v[0]))
 
 
 def test_frozen_params_and_a_foreign_engine_state_are_reported():

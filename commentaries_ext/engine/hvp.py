@@ -243,7 +243,7 @@ class ForwardOverReverseHessian(_Base):
         ph = {k: v.detach() for k, v in self.hparams.items()}
         self._th, self._ph = th, ph
         batch = self.batch
-        self._gfn = fgrad(lambda q: self.loss(q, ph, batch))
+        self._gfn = fgrad(lambda q: scalar_loss("train_loss", self.loss(q, ph, batch)))
         self._lin = None
         if self.linearize:
             try:
@@ -284,7 +284,7 @@ class ForwardOverReverseHessian(_Base):
         ph = {k: v.detach() for k, v in self.hparams.items()}
         tangent = _pack(self.pnames, [x.detach() for x in p])
         batch = self.batch
-        gphi = lambda q: fgrad(lambda h: self.loss(q, h, batch))(ph)  # noqa: E731
+        gphi = lambda q: fgrad(lambda h: scalar_loss("train_loss", self.loss(q, h, batch)))(ph)  # noqa: E731
         with batch_norm_rules():
             _, m = fjvp(gphi, (self._th,), (tangent,))
         return [m[k] for k in self.hnames]

@@ -322,7 +322,7 @@ def inverse_hvp(op, v, solver, state: EngineState | None = None, info: dict | No
     unless it is one) and every scalar that steers the solver is synchronised;
     ``v`` must already be the same on every rank.  The solver's damping adds to the
     operator's own (``make_operator(damping=...)``); ``op.damping`` is as given afterwards."""
-    base = op.damping
+    base = getattr(op, "damping", 0.0)  # a user operator may have none
     try:
         return _inverse_hvp(op, v, solver, state, info, reduce, base)
     finally:
@@ -378,7 +378,7 @@ def _inverse_hvp(op, v, solver, state, info, reduce, base):
     if solver.on_divergence == "raise":
         raise HypergradientDivergenceError(msg)
     if solver.on_divergence == "truncate":
-        warnings.warn(msg + f"; keeping the first {ninfo['terms_used'] - 1} terms", HypergradientDivergenceWarning, stacklevel=3)
+        warnings.warn(msg + f"; keeping {_kept(ninfo)}", HypergradientDivergenceWarning, stacklevel=3)
         return p, info
     # fallback: alpha from power iteration, then damping if indefinite
     lam, vec, used = power_iteration(op.matvec, v, solver.power_iters, sync=sync)
@@ -418,9 +418,15 @@ def _inverse_hvp(op, v, solver, state, info, reduce, base):
         if "non-finite" in (ninfo["reason"] or ""):
             _check_grad_finite(op, "the damped Neumann series met a non-finite term")
         warnings.warn(f"Neumann series still grows after the fallback (alpha={alpha2:.3g}, damping={op.damping:.3g}): "
-                      f"{ninfo['reason']}; keeping the first {ninfo['terms_used'] - 1} terms",
+                      f"{ninfo['reason']}; keeping {_kept(ninfo)}",
                       HypergradientDivergenceWarning, stacklevel=3)
     return p, info
+
+
+def _kept(ninfo) -> str:
+    """What a truncated series keeps: p = alpha * (c_0 + ... + c_{n-1}), c_0 = v."""
+    n = ninfo["terms_used"]
+    return f"the partial sum of its first {n} term{'s' if n != 1 else ''} (v and {n - 1} product{'s' if n != 2 else ''})"
 
 
 def _auto_alpha(op, v, solver, state, info, sync=None):
