@@ -114,7 +114,8 @@ class CommentaryOptimizer:
     all ranks at once (one small all-reduce per step): a non-finite batch, loss
     or gradient on any rank skips the step and its hyper-step on every rank
     (``"skip"``, counted on each) or makes ``step`` raise on every rank
-    (``"raise"``; a NaN/Inf training batch already raises in ``loss``, on its rank).
+    (``"raise"``; in one process a NaN/Inf training batch raises in ``loss`` already,
+    under torch.distributed in ``step``, on every rank together).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, commentary: Commentary | None = None, *,
@@ -208,7 +209,9 @@ class CommentaryOptimizer:
             self._last_loss = out
             return out
         self._bad_batch = torch.is_tensor(x) and not bool(torch.isfinite(x).all())  # (prepare names a non-tensor)
-        if self._bad_batch and self.nan_policy == "raise":
+        # under torch.distributed step() raises on every rank together (a rank raising here alone
+        # would leave the others waiting in their next collective)
+        if self._bad_batch and self.nan_policy == "raise" and not self._dist():
             raise NonFiniteError(f"training batch at step {self.steps} contains NaN or Inf (nan_policy='raise')")
         batch = self.commentary.prepare(x, y, index=index, progress=self.progress() if progress is None else progress,
                                         generator=self.generator)

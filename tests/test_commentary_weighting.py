@@ -231,6 +231,13 @@ def test_weights_are_what_a_student_receives():
     assert not torch.allclose(c.weights(x, y, progress=0.5), got_whole, atol=1e-3)
     with pytest.raises(ValueError, match="batch_size must be positive"):
         c.weights(x, y, batch_size=0)
+    # a last batch of one example (BatchNorm cannot normalise it) joins the one before
+    c.train()
+    x25, y25 = torch.randn(25, 1, 8, 8), torch.randint(0, 3, (25,))
+    w25 = c.weights(x25, y25, batch_size=8)
+    torch.testing.assert_close(w25[16:], c.weights(x25[16:], y25[16:]))
+    with pytest.raises(BatchError, match="empty batch"):
+        c.weights(x25[:0], y25[:0])
 
 
 def test_plot_takes_the_readme_call():

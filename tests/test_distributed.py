@@ -267,14 +267,16 @@ def _ift_run(r, distributed):
 
 def _nan_policy_run(r, policy):
     """Three wrapper steps with a plain student (gradients not averaged); rank 1 alone
-    has a NaN: in its batch at step 1 (``"skip"``) or in a gradient at step 0 (``"raise"``)."""
+    has a NaN: in its batch at step 1 (``"skip"``), in a gradient at step 0 (``"raise"``) or
+    in its batch at step 0 (``"raise_batch"``: loss() raised on that rank alone, the other
+    one waited in its next collective)."""
     com, model = _weighting(70, "mean"), _student(60)
     teacher = CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, com, hyper_every=1,
                                   val_loader=[_data(4, 32 + r)], solver=NeumannConfig(K=1, alpha=0.1),
-                                  nan_policy=policy)
+                                  nan_policy="raise" if policy.startswith("raise") else policy)
     for t in range(3):
         xb, yb = _data(4, 33 + 10 * t + r)
-        if policy == "skip" and r == 1 and t == 1:
+        if r == 1 and ((policy == "skip" and t == 1) or (policy == "raise_batch" and t == 0)):
             xb[0, 0] = float("nan")
         teacher.zero_grad()
         teacher.loss(xb, yb).backward()
@@ -356,7 +358,7 @@ def _worker(r, world, tmp):
             out[f"bptt/{name}"] = _bptt_run(name, r, True)
         out["ift"] = _ift_run(r, True)
         out["teacher_buffers"] = _teacher_runs(r)
-        for policy in ("skip", "raise"):
+        for policy in ("skip", "raise", "raise_batch"):
             out[f"nan/{policy}"] = _nan_policy_run(r, policy)
         t = torch.full((3,), float(r + 1), dtype=torch.float64)  # 1 on rank 0 (weight 1), 2 on rank 1 (weight 3)
         out["weighted_mean"] = D.all_reduce_mean([t, t[:1].float()], weight=1 + 2 * r)
@@ -516,9 +518,10 @@ def test_nan_policy_decides_alike_on_every_rank(ranks):
         assert (got["steps"], got["skipped"], got["hyper_steps"]) == (2, 1, 2)
     _assert_identical(skip[0]["commentary"], skip[1]["commentary"], "commentary")
     # a NaN gradient on rank 1 alone: step raises on both ranks, before stepping
-    rais = [ranks[r]["nan/raise"] for r in range(WORLD)]
-    assert all(got["steps"] == 0 for got in rais)
-    assert "on another rank" in rais[0]["error"] and "on another rank" not in rais[1]["error"]
+    for what in ("raise", "raise_batch"):  # a NaN gradient, or batch, on rank 1 alone
+        rais = [ranks[r][f"nan/{what}"] for r in range(WORLD)]
+        assert all(got["steps"] == 0 for got in rais)
+        assert "on another rank" in rais[0]["error"] and "on another rank" not in rais[1]["error"]
 
 
 @pytest.mark.parametrize("how", ["wrapper", "ift", "bptt"])

@@ -142,12 +142,16 @@ class ExampleWeighting(Commentary):
         student's ``batch_size`` (None: all of ``x`` as one batch).  Running statistics are left
         unchanged."""
         n = x.shape[0]
-        bs = n if batch_size is None else int(batch_size)
-        if bs < 1:
+        if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        bs = max(n, 1) if batch_size is None else int(batch_size)
+        starts = list(range(0, max(n, 1), bs))
+        if len(starts) > 1 and n - starts[-1] == 1:  # a last batch of one: BatchNorm cannot normalise it
+            starts.pop()
+        ends = starts[1:] + [n]
         with kept_buffers(self):
-            return torch.cat([self(self.prepare(x[i:i + bs], y[i:i + bs], progress=progress)).weight
-                              for i in range(0, n, bs)])
+            return torch.cat([self(self.prepare(x[a:b], y[a:b], progress=progress)).weight
+                              for a, b in zip(starts, ends)])
 
     def config(self) -> dict:
         if self._config is None:
