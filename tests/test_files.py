@@ -138,6 +138,21 @@ def test_user_network_needs_the_module(tmp_path):
         load_commentary(path, commentary=c2, data=_data())
 
 
+def test_loading_into_a_module_with_another_reduction_is_refused(tmp_path):
+    """The file's reduction against the given module's (a "sum" file loaded into a module built
+    with today's default "mean" scaled the loss by 1/N silently); a file written before the key
+    existed holds "sum"."""
+    def mk(**kw):
+        return ExampleWeighting(nn.Sequential(nn.Flatten(), nn.Linear(64, 1)), call="x", num_classes=3, **kw)
+
+    path = save_commentary(tmp_path / "s.commentary", mk(reduction="sum"))
+    with pytest.raises(CommentaryMismatchError, match="reduction: file has 'sum', the given module has 'mean'"):
+        load_commentary(path, commentary=mk())
+    assert load_commentary(path, commentary=mk(reduction="sum")).reduction == "sum"
+    meta = files.read_metadata(path)
+    assert meta["config"]["reduction"] == "sum"
+
+
 def test_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "a.commentary"
     old = Blending(3)
