@@ -147,7 +147,12 @@ def _student_shapes_of(student_factory):
 
 
 def _engine_opt_config(opt):
-    return {"type": type(opt).__name__, **{k: v for k, v in vars(opt).items() if not k.startswith("_")}}
+    cfg = {"type": type(opt).__name__, **{k: v for k, v in vars(opt).items() if not k.startswith("_")}}
+    # an option added later, at its old behaviour, is left out: checkpoints written before it
+    # existed still match (their resume compares every key)
+    if cfg.get("decoupled_weight_decay") is False:
+        del cfg["decoupled_weight_decay"]
+    return cfg
 
 
 def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module], train_data, val_data, *,

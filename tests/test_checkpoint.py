@@ -465,3 +465,16 @@ def test_cli_flags_and_resume(tmp_path, capsys, deterministic):
     assert "another configuration" in err and str(ckpt) in err and "optimizer.groups" in err
     assert main(args + ["--train-lr", "0.01", "--no-resume", "--out", str(tmp_path / "c.json")]) == 0
     assert read_checkpoint(ckpt)["config"]["optimizer"]["groups"][0]["lr"] == 0.01
+
+
+def test_bptt_checkpoints_from_before_adamw_still_resume():
+    """The learn_bptt checkpoint records the inner optimizer's options and refuses any that
+    changed; Adam's decoupled_weight_decay (added later) at its old behaviour stays out, so a
+    checkpoint written before it still matches."""
+    from commentaries_ext.engine import Adam
+    from commentaries_ext.learn import _engine_opt_config
+
+    before = {"type": "Adam", "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
+              "maximize": False}
+    assert _engine_opt_config(Adam(lr=1e-3)) == before
+    assert _engine_opt_config(Adam(lr=1e-3, decoupled_weight_decay=True))["decoupled_weight_decay"] is True
