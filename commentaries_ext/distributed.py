@@ -299,14 +299,15 @@ class ShardReducer:
         t = torch.tensor([float(0 if s is None else s) for s in sizes] + [float(s is not None) for s in sizes],
                          dtype=torch.float64, device=_group_device(group))
         _dist().all_reduce(t, group=group)
+        totals = t.tolist()  # one host read (a sync on a GPU group)
         for i, name in enumerate(("train_size", "val_size")):
-            if 0 < float(t[2 + i]) < self.world:
-                raise ValueError(f"ShardReducer: {name} is given on {int(t[2 + i])} of {self.world} ranks; give it on "
-                                 "every rank or on none")
+            if 0 < totals[2 + i] < self.world:
+                raise ValueError(f"ShardReducer: {name} is given on {int(totals[2 + i])} of {self.world} ranks; give "
+                                 "it on every rank or on none")
         if train_size is not None:
-            self.train_coef = float(train_size) / float(t[0])
+            self.train_coef = float(train_size) / totals[0]
         if val_size is not None:
-            self.val_coef = float(val_size) / float(t[1])
+            self.val_coef = float(val_size) / totals[1]
         if train_reduction == "sum":
             self.train_coef = 1.0
         self.train_size, self.val_size = train_size, val_size

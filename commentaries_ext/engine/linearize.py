@@ -398,7 +398,7 @@ def _state_sig_of(obj, depth: int):
         return ("module", id(obj), _mode_sig(obj), plain)
     if isinstance(obj, (types.ModuleType, type, types.BuiltinFunctionType)):
         return ("id", id(obj))
-    if type(obj).__module__ == "numpy" and hasattr(obj, "tobytes"):  # an array or numpy scalar: by value
+    if _is_numpy(obj):  # an array or numpy scalar: by value
         import hashlib
 
         return ("numpy", getattr(obj, "shape", ()), str(obj.dtype), hashlib.blake2b(obj.tobytes(), digest_size=16).digest())
@@ -428,9 +428,14 @@ def _batch_sig(x):
     """A non-tensor batch entry as a trace freezes it: numpy arrays by content (their repr
     elides the middle), anything else by value through its repr (a slice, a dataclass, a
     device), as before -- an identity would re-trace every call for an equal new object."""
-    if type(x).__module__ == "numpy" and hasattr(x, "tobytes"):
+    if _is_numpy(x):
         return _state_sig(x, 0)
     return ("repr", type(x), repr(x))
+
+
+def _is_numpy(x) -> bool:
+    """A numpy array or scalar (without importing numpy)."""
+    return type(x).__module__ == "numpy" and hasattr(x, "tobytes")
 
 
 def _fn_sig(fn, depth: int):
@@ -552,14 +557,10 @@ def _first_mismatch(names, got, ref):
     before a spatial softmax) is rounding noise of long float32 sums in both, measured up to
     ~1.4e-5 of that entry, far above its own scale. A wrong trace differs by far more, and
     an error below that bound is negligible in the hypergradient."""
-    floor = max((float(b.abs().max()) for b in ref if b.numel()), default=0.0)
+    scale = max(max((float(b.abs().max()) for b in ref if b.numel()), default=0.0), 1e-6)
     for name, a, b in zip(names, got, ref):
-        if not _close(a, b, floor):
+        tol = 1e-4 if a.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+        err = float((a - b).abs().max()) if a.numel() else 0.0
+        if a.shape != b.shape or err > tol * scale + 1e-12:
             return name
     return None
-
-
-def _close(a, b, floor=0.0):
-    tol = 1e-4 if a.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
-    scale = max(float(b.abs().max()) if b.numel() else 0.0, floor)
-    return a.shape == b.shape and float((a - b).abs().max() if a.numel() else 0.0) <= tol * max(scale, 1e-6) + 1e-12
