@@ -485,14 +485,20 @@ def load_commentary(path, *, commentary: nn.Module | None = None, data: Any = No
             problems.append(f"class: file has {cls_name}, the given module is {type(commentary).__name__}")
         if getattr(commentary, "kind", "") != meta.get("kind"):
             problems.append(f"kind: file has {meta.get('kind')!r}, the given module is {getattr(commentary, 'kind', '')!r}")
-        own_red = getattr(commentary, "reduction", None)
-        if own_red is not None and meta.get("kind") == "example_weighting":
+        # the file's configuration against the given module's (reduction, alpha, sigma ...): the
+        # tensors load either way, but the commentary would act otherwise than when it was learned
+        file_cfg = dict(meta.get("config") or {})
+        if meta.get("kind") == "example_weighting":
             from .commentary.weighting import _FILE_REDUCTION
 
-            file_red = (meta.get("config") or {}).get("reduction", _FILE_REDUCTION)  # files before the key: "sum"
-            if file_red != own_red:
-                problems.append(f"reduction: file has {file_red!r}, the given module has {own_red!r} (the loss "
-                                "would be scaled otherwise than when it was learned)")
+            file_cfg.setdefault("reduction", _FILE_REDUCTION)  # files written before the key: "sum"
+        try:
+            own_cfg = json.loads(json.dumps(commentary.config()))  # tuples as the file's lists
+        except (AttributeError, TypeError, ValueError):  # a module without a JSON config
+            own_cfg = {}
+        for k in sorted(set(file_cfg) & set(own_cfg)):
+            if file_cfg[k] != own_cfg[k]:
+                problems.append(f"config {k}: file has {file_cfg[k]!r}, the given module has {own_cfg[k]!r}")
 
     # tensors: the header against the metadata and the module, before loading any
     specs = meta.get("tensors")

@@ -153,6 +153,13 @@ def test_loading_into_a_module_with_another_reduction_is_refused(tmp_path):
     assert meta["config"]["reduction"] == "sum"
 
 
+def test_loading_into_a_module_with_another_config_is_refused(tmp_path):
+    path = save_commentary(tmp_path / "b.commentary", Blending(3, alpha=1.0))
+    with pytest.raises(CommentaryMismatchError, match="config alpha: file has 1.0, the given module has 0.25"):
+        load_commentary(path, commentary=Blending(3, alpha=0.25))
+    assert load_commentary(path, commentary=Blending(3, alpha=1.0)).alpha == 1.0
+
+
 def test_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "a.commentary"
     old = Blending(3)
