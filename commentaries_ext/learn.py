@@ -19,6 +19,7 @@ of skipped steps (``nan_policy="skip"``).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -33,6 +34,7 @@ from .commentary.base import (
     call_commentary,
     check_batch,
     commentary_loss,
+    kept_buffers,
     plain_ops,
     validation_loss,
 )
@@ -309,11 +311,8 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
             if ok:
                 # activation checkpointing re-runs the inner steps in the backward: the commentary's
                 # forward would update its running statistics (BatchNorm) a second time
-                kept = [b.detach().clone() for b in commentary.buffers()] if checkpoint else []
-                L_V.backward()
-                with torch.no_grad():
-                    for b, k in zip(commentary.buffers(), kept):
-                        b.copy_(k)
+                with kept_buffers(commentary) if checkpoint else contextlib.nullcontext():
+                    L_V.backward()
                 if reducer is not None:  # the union's meta-gradient: the mean over the ranks
                     ps = [p for p in commentary.parameters() if p.grad is not None]
                     for p, g in zip(ps, D.all_reduce_mean([p.grad for p in ps], group=process_group)):

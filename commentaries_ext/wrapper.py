@@ -43,6 +43,8 @@ from .commentary.base import (
     Commentary,
     NonFiniteError,
     commentary_loss,
+    restore_buffers,
+    snapshot_buffers,
     train_loss_fn,
     val_loss_fn,
 )
@@ -215,8 +217,10 @@ class CommentaryOptimizer:
             raise NonFiniteError(f"training batch at step {self.steps} contains NaN or Inf (nan_policy='raise')")
         batch = self.commentary.prepare(x, y, index=index, progress=self.progress() if progress is None else progress,
                                         generator=self.generator)
-        if self.nan_policy == "skip":  # a skipped step also drops what its batch did to running statistics
-            self._saved_buffers = [b.detach().clone() for b in self._buffers()]
+        # a skipped step also drops what its batches did to running statistics: the buffers as
+        # they were at the first loss() since the last step (several with gradient accumulation)
+        if self.nan_policy == "skip" and self._saved_buffers is None:
+            self._saved_buffers = snapshot_buffers(*self._buffer_owners())
         with torch.no_grad():  # the student step needs no graph into the commentary
             prep = self.commentary(batch)
         out = commentary_loss(self.model(prep.x), prep)
@@ -225,9 +229,9 @@ class CommentaryOptimizer:
         return out
 
     # ------------------------------------------------------------------ steps
-    def _buffers(self) -> list[torch.Tensor]:
-        """The commentary's and the student's buffers (BatchNorm running statistics)."""
-        return list(self.commentary.buffers()) + list(self._module().buffers())
+    def _buffer_owners(self) -> tuple[nn.Module, nn.Module]:
+        """The modules whose buffers (BatchNorm running statistics) a batch updates."""
+        return self.commentary, self._module()
 
     def _grads_finite(self) -> bool:
         gs = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -254,9 +258,7 @@ class CommentaryOptimizer:
         if self._dist():  # one decision for all ranks: a rank alone skipping would mis-pair the next collectives
             bad = D.any_rank(bad, self.process_group)
         if bad and self._saved_buffers is not None:  # BatchNorm statistics of a NaN batch would stay NaN
-            with torch.no_grad():
-                for b, s in zip(self._buffers(), self._saved_buffers):
-                    b.copy_(s)
+            restore_buffers(self._saved_buffers, *self._buffer_owners())
         self._saved_buffers = None
         if self._dist():  # loss() ran the commentary on this rank's shard (BatchNorm running statistics)
             D.broadcast_buffers_(self.commentary, group=self.process_group)

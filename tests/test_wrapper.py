@@ -193,6 +193,26 @@ def test_nan_policy():
     assert teacher.steps == 1 and teacher.hyper_steps == 1
 
 
+def test_nan_policy_skip_with_gradient_accumulation_restores_the_first_batch_state():
+    """Two loss() calls per step (gradient accumulation), the NaN in the first: the skipped step
+    restores the buffers as they were before it, not before the second micro-batch."""
+    x, y = _data()
+    bad = x[:8].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    model = _model()
+    com = ExampleWeighting.reference((1, 4, 4), 3, reduction="mean")
+    teacher = CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, com, val_loader=[(x, y)],
+                                  nan_policy="skip")
+    snap, snap_com = copy.deepcopy(model.state_dict()), copy.deepcopy(com.state_dict())
+    teacher.zero_grad()
+    teacher.loss(bad, y[:8]).backward()
+    teacher.loss(x[8:16], y[8:16]).backward()
+    assert teacher.step() is None and teacher.skipped_steps == 1
+    for now, before in ((model.state_dict(), snap), (com.state_dict(), snap_com)):
+        for k, v in now.items():
+            assert torch.equal(v, before[k]), k
+
+
 def test_errors():
     model = _model()
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):

@@ -93,17 +93,28 @@ def plain_blend():
         _FUSED_BLEND.reset(token)
 
 
+def snapshot_buffers(*modules) -> list:
+    """Copies of the modules' buffers (BatchNorm running statistics), for :func:`restore_buffers`."""
+    return [b.detach().clone() for m in modules for b in m.buffers()]
+
+
+def restore_buffers(saved: list, *modules) -> None:
+    """Put back the buffers :func:`snapshot_buffers` copied from the same modules."""
+    with torch.no_grad():
+        for b, s in zip((b for m in modules for b in m.buffers()), saved):
+            b.copy_(s)
+
+
 @contextlib.contextmanager
-def kept_buffers(module):
-    """Run ``module`` (training mode included) and leave its buffers -- BatchNorm running
-    statistics -- as they were: for looking at what a commentary does without changing it."""
-    saved = [b.detach().clone() for b in module.buffers()]
+def kept_buffers(*modules):
+    """Run the modules (training mode included) and leave their buffers -- BatchNorm running
+    statistics -- as they were: for looking at what a commentary does without changing it, or
+    for a pass that runs a forward a second time."""
+    saved = snapshot_buffers(*modules)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for b, s in zip(module.buffers(), saved):
-                b.copy_(s)
+        restore_buffers(saved, *modules)
 
 
 def fused_blend_enabled() -> bool:
