@@ -123,55 +123,47 @@ def train_tracked(student, splits, *, commentary=None, steps=500, batch_size=32,
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     teacher = CommentaryOptimizer(opt, student, commentary, hyper_every=0, total_steps=steps, generator=gen)
-    # the commentary is fixed here: no gradients into it (its requires_grad flags come back after)
-    frozen = [p for p in commentary.parameters() if p.requires_grad] if commentary is not None else []
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        curve, hit = [], None
-        ck = make_checkpointer(checkpoint_path, "train_tracked", lambda: {
-            "steps": steps, "batch_size": batch_size, "optimizer": optimizer_config(opt), "seed": seed,
-            "eval_every": eval_every, "target": target, "commentary": _commentary_config(commentary, fixed=True),
-            "student": shapes(student), "train_data": data_fingerprint((x, y)), "eval_data": data_fingerprint(ev)},
-            every=checkpoint_every, total=steps, resume=resume)
-        start, before = 1, 0.0
-        st = ck.load() if ck is not None else None
-        if st is not None:
-            student.load_state_dict(st["student"])
-            teacher.load_state_dict(st["teacher"])
-            curve, hit, before = [tuple(c) for c in st["curve"]], st["hit"], float(st["seconds"])
-            set_rng_state(st["rng"], {"gen": gen})
-            start = int(st["step"]) + 1
-        bar = _tqdm(steps, desc, quiet)
-        bar.update(start - 1)
-        student.train()
-        t0 = time.perf_counter()
+    curve, hit = [], None
+    ck = make_checkpointer(checkpoint_path, "train_tracked", lambda: {
+        "steps": steps, "batch_size": batch_size, "optimizer": optimizer_config(opt), "seed": seed,
+        "eval_every": eval_every, "target": target, "commentary": _commentary_config(commentary, fixed=True),
+        "student": shapes(student), "train_data": data_fingerprint((x, y)), "eval_data": data_fingerprint(ev)},
+        every=checkpoint_every, total=steps, resume=resume)
+    start, before = 1, 0.0
+    st = ck.load() if ck is not None else None
+    if st is not None:
+        student.load_state_dict(st["student"])
+        teacher.load_state_dict(st["teacher"])
+        curve, hit, before = [tuple(c) for c in st["curve"]], st["hit"], float(st["seconds"])
+        set_rng_state(st["rng"], {"gen": gen})
+        start = int(st["step"]) + 1
+    bar = _tqdm(steps, desc, quiet)
+    bar.update(start - 1)
+    student.train()
+    t0 = time.perf_counter()
 
-        def ck_state():
-            return {"student": student.state_dict(), "teacher": teacher.state_dict(), "curve": curve, "hit": hit,
-                    "seconds": before + time.perf_counter() - t0, "rng": rng_state({"gen": gen})}
+    def ck_state():
+        return {"student": student.state_dict(), "teacher": teacher.state_dict(), "curve": curve, "hit": hit,
+                "seconds": before + time.perf_counter() - t0, "rng": rng_state({"gen": gen})}
 
-        for step in range(start, steps + 1):
-            idx = _sample(x.shape[0], batch_size, gen)
-            teacher.zero_grad()
-            loss = teacher.loss(x[idx], y[idx], index=idx)
-            loss.backward()
-            teacher.step()
-            bar.update(1)
-            if step % eval_every == 0 or step == steps:
-                r = evaluate(student, ev)
-                curve.append((step, r["accuracy"], r["loss"]))
-                bar.set_postfix(acc=f"{r['accuracy']:.3f}")
-                if hit is None and target is not None and r["accuracy"] >= target:
-                    hit = step
-            if ck is not None:
-                ck.step_done(step, ck_state)
-        bar.close()
-        return {"curve": curve, "final": {"val_accuracy": curve[-1][1], "val_loss": curve[-1][2]},
-                "steps_to_target": hit, "seconds": before + time.perf_counter() - t0}
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    for step in range(start, steps + 1):
+        idx = _sample(x.shape[0], batch_size, gen)
+        teacher.zero_grad()
+        loss = teacher.loss(x[idx], y[idx], index=idx)
+        loss.backward()
+        teacher.step()
+        bar.update(1)
+        if step % eval_every == 0 or step == steps:
+            r = evaluate(student, ev)
+            curve.append((step, r["accuracy"], r["loss"]))
+            bar.set_postfix(acc=f"{r['accuracy']:.3f}")
+            if hit is None and target is not None and r["accuracy"] >= target:
+                hit = step
+        if ck is not None:
+            ck.step_done(step, ck_state)
+    bar.close()
+    return {"curve": curve, "final": {"val_accuracy": curve[-1][1], "val_loss": curve[-1][2]},
+            "steps_to_target": hit, "seconds": before + time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------- learn

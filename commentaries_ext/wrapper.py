@@ -139,7 +139,7 @@ class CommentaryOptimizer:
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
                                         or total_steps < 0):
             raise ValueError(f"total_steps must be None or an int >= 0, got {total_steps!r}")
-        if distributed and not _process_group_initialised():  # not a silent one-process run (as learn_*)
+        if distributed and not D.enabled():  # not a silent one-process run (as learn_*)
             raise ValueError("distributed=True needs an initialised torch.distributed process group")
         self.optimizer, self.model, self.commentary = optimizer, model, commentary
         self.enabled = bool(enabled) and commentary is not None
@@ -328,7 +328,7 @@ class CommentaryOptimizer:
                 return m
 
     def _dist(self) -> bool:
-        on = _process_group_initialised()
+        on = D.enabled()
         return on if self.distributed is None else (bool(self.distributed) and on)
 
     def _solver(self):
@@ -447,12 +447,6 @@ class CommentaryOptimizer:
                 lambda_max=None if es.get("lambda_max") is None else float(es["lambda_max"]),
                 eigvec=None if eig is None else [t.to(dev) for t in eig],
                 estimated_at=int(es.get("estimated_at", -(10**9))))
-
-
-def _process_group_initialised() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
 
 
 def _outside_this_file() -> int:

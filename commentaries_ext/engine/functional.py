@@ -89,8 +89,10 @@ class FunctionalModule:
         new_buffers = {n: b.detach().clone() for n, b in buffers.items()}
         # functional_call(strict=False) would use the module's tensor for a missing name, and
         # BatchNorm in training mode would update that in place
-        own = self.buffers()
-        new_buffers.update({n: own[n].detach().clone() for n in self.buffer_names if n not in new_buffers})
+        missing = [n for n in self.buffer_names if n not in new_buffers]
+        if missing:  # (unroll passes them all: no walk over the module's buffers per inner step)
+            own = self.buffers()
+            new_buffers.update({n: own[n].detach().clone() for n in missing})
         state = dict(self.frozen)
         state.update(params)
         state.update(new_buffers)
