@@ -304,7 +304,10 @@ def unroll(
     ones run without a graph).  ``checkpoint=s``: the differentiated steps are
     grouped into segments of ``s`` steps whose activations are recomputed in
     the backward pass (activation checkpointing; memory per segment instead of
-    per step, ``s ~ sqrt(T)`` gives sub-linear growth).  The returned params are
+    per step, ``s ~ sqrt(T)`` gives sub-linear growth; the backward runs ``loss_fn`` again, so
+    state it changes in place -- a module's own BatchNorm statistics -- changes twice: pass such
+    state through ``buffers``, as ``learn_bptt`` does for the student and restores for the
+    commentary).  The returned params are
     functions of ``hparams`` (and of the initial params if they require grad):
     backpropagate a validation loss through them.
 
