@@ -356,16 +356,19 @@ void check_logits(const at::Tensor& logits, const char* op) {
 
 // A per-row input: [N] (any stride), and a per-logit input: the logits' shape (any strides)
 // (csrc/cross_entropy_contract.h), both of the logits dtype here (the kernels read them as T).
-void check_rows(const at::Tensor& t, const at::Tensor& logits, const char* name, const char* op) {
-  cross_entropy_contract::check_rows(t, logits, name, op);
+void check_logits_dtype(const at::Tensor& t, const at::Tensor& logits, const char* name, const char* op) {
   TORCH_CHECK(t.scalar_type() == logits.scalar_type(), op, ": ", name, " must have the logits dtype ",
               logits.scalar_type(), ", got ", t.scalar_type());
 }
 
+void check_rows(const at::Tensor& t, const at::Tensor& logits, const char* name, const char* op) {
+  cross_entropy_contract::check_rows(t, logits, name, op);
+  check_logits_dtype(t, logits, name, op);
+}
+
 void check_like_logits(const at::Tensor& t, const at::Tensor& logits, const char* name, const char* op) {
   cross_entropy_contract::check_like_logits(t, logits, name, op);
-  TORCH_CHECK(t.scalar_type() == logits.scalar_type(), op, ": ", name, " must have the logits dtype ",
-              logits.scalar_type(), ", got ", t.scalar_type());
+  check_logits_dtype(t, logits, name, op);
 }
 
 // target (and target_b with lam: mixing) of logits [N, C]: int64 [N], each target in [0, C) or
