@@ -73,6 +73,15 @@ def enabled(group=None) -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def use_distributed(distributed: bool | None) -> bool:
+    """Whether a loop with the setting ``distributed`` (None: when a process group exists) runs
+    across processes; ``True`` without an initialised process group raises (never a silent
+    one-process run)."""
+    if distributed and not enabled():
+        raise ValueError("distributed=True needs an initialised torch.distributed process group")
+    return enabled() if distributed is None else bool(distributed)
+
+
 def world_size(group=None) -> int:
     return _dist().get_world_size(group) if enabled() else 1
 

@@ -210,9 +210,7 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
     xv, yv = _check_data(val_data, "val_data", commentary.num_classes)
     from . import distributed as D
 
-    if distributed and not D.enabled():
-        raise ValueError("distributed=True needs an initialised torch.distributed process group")
-    dist_on = D.enabled() if distributed is None else bool(distributed)
+    dist_on = D.use_distributed(distributed)
     world, rank = (D.world_size(process_group), D.rank(process_group)) if dist_on else (1, 0)
     opt = _inner_opt(inner_optimizer, inner_lr)
     reducer = None
@@ -375,9 +373,7 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
     xv, yv = _check_data(val_data, "val_data", commentary.num_classes)
     from . import distributed as D
 
-    if distributed and not D.enabled():
-        raise ValueError("distributed=True needs an initialised torch.distributed process group")
-    dist_on = D.enabled() if distributed is None else bool(distributed)
+    dist_on = D.use_distributed(distributed)
     world, rank = (D.world_size(process_group), D.rank(process_group)) if dist_on else (1, 0)
     if dist_on:
         if batch_size % world:

@@ -139,8 +139,7 @@ class CommentaryOptimizer:
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
                                         or total_steps < 0):
             raise ValueError(f"total_steps must be None or an int >= 0, got {total_steps!r}")
-        if distributed and not D.enabled():  # not a silent one-process run (as learn_*)
-            raise ValueError("distributed=True needs an initialised torch.distributed process group")
+        D.use_distributed(distributed)  # refuses True without a process group now, not at step()
         self.optimizer, self.model, self.commentary = optimizer, model, commentary
         self.enabled = bool(enabled) and commentary is not None
         self.val_loader = val_loader

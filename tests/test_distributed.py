@@ -576,3 +576,18 @@ def test_engine_refuses_a_reducer_for_another_reduction(loss_reduction, reducer_
         implicit_hypergradient(train_loss_fn(com, fm), val_loss_fn(fm), fm.params(), com.hparams(),
                                com.prepare(x, y, progress=0.0), {"x": x, "y": y},
                                reduce=SimpleNamespace(train_reduction=reducer_reduction))
+
+
+def test_distributed_true_without_a_process_group_is_refused():
+    """learn_bptt, learn_ift and the wrapper share one check (D.use_distributed): True without a
+    process group raises instead of running on one process; None runs on one."""
+    from commentaries_ext.learn import learn_bptt, learn_ift
+
+    assert not D.enabled() and D.use_distributed(None) is False and D.use_distributed(False) is False
+    x, y = _data(8, 3)
+    msg = "distributed=True needs an initialised torch.distributed process group"
+    with pytest.raises(ValueError, match=msg):
+        learn_bptt(_weighting(2, "mean"), lambda: _student(1), (x, y), (x, y), inner_steps=1, outer_steps=1,
+                   batch_size=4, distributed=True)
+    with pytest.raises(ValueError, match=msg):
+        learn_ift(_weighting(2, "mean"), _student(1), (x, y), (x, y), steps=1, batch_size=4, distributed=True)
