@@ -317,14 +317,12 @@ class CommentaryOptimizer:
         """The plain student the engine differentiates: inside DDP's ``module`` and a
         ``torch.compile``d module's ``_orig_mod`` (compiled graphs have no double backward).
         It holds the same parameters; ``loss`` still calls the user's (compiled) model."""
-        m = self.model
-        while True:
-            if isinstance(m, nn.parallel.DistributedDataParallel):
-                m = m.module
-            elif isinstance(getattr(m, "_orig_mod", None), nn.Module):
-                m = m._orig_mod
-            else:
-                return m
+        from .engine.functional import uncompiled
+
+        m = uncompiled(self.model)
+        while isinstance(m, nn.parallel.DistributedDataParallel):
+            m = uncompiled(m.module)
+        return m
 
     def _dist(self) -> bool:
         on = D.enabled()
@@ -372,7 +370,7 @@ class CommentaryOptimizer:
 
             reduce = ShardReducer(self.process_group, train_reduction=getattr(self.commentary, "reduction", "mean"),
                                   train_size=int(train_batch["x"].shape[0]), val_size=int(xv.shape[0]))
-        with autocast_off, _eager_calls(fm.module):
+        with autocast_off:  # (FunctionalModule runs compiled submodules eagerly)
             res = implicit_hypergradient(
                 train_loss, val_loss, fm.params(), hparams, train_batch, val_batch,
                 solver=self._solver(), curvature=self.curvature, hvp=self.hvp, state=self._engine_state,
@@ -454,21 +452,6 @@ def _outside_this_file() -> int:
     while frame is not None and frame.f_code.co_filename == __file__:
         level, frame = level + 1, frame.f_back
     return level
-
-
-@contextlib.contextmanager
-def _eager_calls(module: nn.Module):
-    """Submodules compiled in place (``module.compile()``) run eagerly inside: the engine
-    differentiates the student twice, which compiled graphs do not support."""
-    compiled = [(m, m._compiled_call_impl) for m in module.modules()
-                if getattr(m, "_compiled_call_impl", None) is not None]
-    for m, _ in compiled:
-        m._compiled_call_impl = None
-    try:
-        yield
-    finally:
-        for m, impl in compiled:
-            m._compiled_call_impl = impl
 
 
 def cycle(loader: Iterable):

@@ -37,6 +37,35 @@ def _grad_after_one_outer(**kw):
     return before - c.logits.detach()  # = the hypergradient (SGD, lr 1)
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method:DeprecationWarning")  # (torch.compile's imports)
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile"])
+def test_compiled_students_learn_as_eager_ones(how):
+    """learn_bptt and learn_ift differentiate the uncompiled student (compiled graphs have no
+    double backward: learn_bptt with a torch.compile'd student failed in the outer backward).
+    aot_eager: the same autograd as inductor's, without compiling C++."""
+    def compiled():
+        m = _student()
+        if how == "torch.compile":
+            return torch.compile(m, backend="aot_eager")
+        m.compile(backend="aot_eager")
+        return m
+
+    for learn in ("bptt", "ift"):
+        out = {}
+        for name, factory in (("eager", _student), ("compiled", compiled)):
+            torch.manual_seed(0)
+            c = TabularWeighting(24, reduction="sum")
+            if learn == "bptt":
+                learn_bptt(c, factory, _data(), _data(seed=1), inner_steps=3, outer_steps=2, inner_optimizer="sgd",
+                           inner_lr=0.3, outer_lr=0.1, batch_size=8)
+            else:
+                learn_ift(c, factory(), _data(), _data(seed=1), steps=3, batch_size=8, hyper_lr=0.1)
+            out[name] = c.logits.detach().clone()
+        assert not torch.equal(out["eager"], torch.zeros(24))
+        torch.testing.assert_close(out["compiled"], out["eager"], rtol=1e-5, atol=1e-6)
+    torch.compiler.reset()
+
+
 def test_bptt_checkpointing_is_exact_and_truncation_differs():
     full = _grad_after_one_outer()
     ckpt = _grad_after_one_outer(checkpoint=2)

@@ -18,9 +18,15 @@ products from updating the running statistics K times), and the real buffers for
 modules in eval mode.  ``call_update`` gives the updated running statistics as
 new tensors (the inputs are not mutated; a buffer not given starts from a copy of
 the module's).
+
+Compiled students.  The engine differentiates the student twice, which compiled graphs do not
+support: a ``torch.compile(model)`` wrapper is unwrapped to the module it holds (same
+parameters; names without ``_orig_mod.``), and submodules compiled in place
+(``module.compile()`` before the ``FunctionalModule`` is made) run eagerly inside its calls.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Mapping
 
 import torch
@@ -30,9 +36,32 @@ from torch.func import functional_call
 _NORM_TYPES = (nn.modules.batchnorm._NormBase,)
 
 
+def uncompiled(module: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (``_orig_mod``, possibly nested), else ``module``."""
+    while isinstance(getattr(module, "_orig_mod", None), nn.Module):
+        module = module._orig_mod
+    return module
+
+
+@contextlib.contextmanager
+def eager_calls(compiled: list[nn.Module]):
+    """The given submodules compiled in place (``module.compile()``) run eagerly inside."""
+    impls = [(m, m._compiled_call_impl) for m in compiled]
+    for m, _ in impls:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, impl in impls:
+            m._compiled_call_impl = impl
+
+
 class FunctionalModule:
     def __init__(self, module: nn.Module, *, trainable_only: bool = True):
+        module = uncompiled(module)
         self.module = module
+        # found once: walking the modules on every call would cost the inner steps of unroll
+        self._compiled = [m for m in module.modules() if getattr(m, "_compiled_call_impl", None) is not None]
         self.param_names = [n for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
         self.frozen = {n: p for n, p in module.named_parameters() if n not in self.param_names}
         self.buffer_names = [n for n, _ in module.named_buffers()]
@@ -79,7 +108,13 @@ class FunctionalModule:
         state = dict(self.frozen)
         state.update(params)
         state.update(self._frozen_buffers(buffers))
-        return functional_call(self.module, state, args, kwargs, strict=False)
+        return self._call(state, args, kwargs)
+
+    def _call(self, state, args, kwargs):
+        if not self._compiled:
+            return functional_call(self.module, state, args, kwargs, strict=False)
+        with eager_calls(self._compiled):
+            return functional_call(self.module, state, args, kwargs, strict=False)
 
     def call_update(self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor], *args, **kwargs):
         """``(output, new_buffers)``: running statistics updated out of place.
@@ -96,5 +131,4 @@ class FunctionalModule:
         state = dict(self.frozen)
         state.update(params)
         state.update(new_buffers)
-        out = functional_call(self.module, state, args, kwargs, strict=False)
-        return out, new_buffers
+        return self._call(state, args, kwargs), new_buffers
