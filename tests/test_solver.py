@@ -193,8 +193,17 @@ def test_errors_name_the_argument():
         S.neumann_step_([torch.zeros(3), 1.0], p, h, 0.1)
     with pytest.raises(TypeError, match="x must be a Tensor or a list"):
         S.norm(3.0)
-    with pytest.raises(ValueError, match="z partly aliases y"):
+    with pytest.raises(ValueError, match=r"z\[0\] shares memory with y\[0\], which is updated in place"):
         S.axpy_dot_(c, 0.1, h, [c[0], torch.zeros(2)])
+    # a z starting where y does but not the same elements was taken for z=None (<y, y>) unchecked
+    y8, y44 = torch.ones(8), torch.ones(4, 4)
+    with pytest.raises(ValueError, match=r"z\[0\] has shape \(4,\) but y\[0\] has shape \(8,\)"):
+        S.axpy_dot_(y8, 1.0, torch.ones(8), y8[:4])
+    with pytest.raises(ValueError, match=r"z\[0\] has shape \(2, 4\)"):
+        S.axpy_dot_(y44, 1.0, torch.ones(4, 4), y44[:2])
+    with pytest.raises(TypeError, match=r"z\[0\] has dtype torch.int32"):
+        S.axpy_dot_(y8, 1.0, torch.ones(8), y8.view(torch.int32))
+    assert S.axpy_dot_(y8, 1.0, torch.ones(8), y8.view(8)).item() == 32.0  # the same elements: <y, y>
 
 
 def test_non_contiguous_read_only_inputs_are_accepted():

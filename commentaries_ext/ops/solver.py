@@ -272,11 +272,12 @@ def axpy_dot_(y: VecLike, a, x: VecLike, z: VecLike | None = None) -> Tensor:
     self_dot = z is None
     if z is not None:
         zlist = _as_list("z", "axpy_dot_", z)
+        # z = y (the same tensors, or views of exactly the same elements) means <y, y>; any
+        # other overlap is refused by _validate's overlap check
         if len(zlist) == len(ylist) and all(zi is yi or (zi.numel() and zi.data_ptr() == yi.data_ptr()
-                                                         and zi.stride() == yi.stride()) for zi, yi in zip(zlist, ylist)):
+                                                         and zi.shape == yi.shape and zi.stride() == yi.stride()
+                                                         and zi.dtype == yi.dtype) for zi, yi in zip(zlist, ylist)):
             self_dot = True
-        elif any(zi.numel() and zi.data_ptr() == yi.data_ptr() for zi, yi in zip(zlist, ylist)):
-            raise ValueError("axpy_dot_: z partly aliases y; pass z=None (or z=y) for <y, y>")
     read = {"x": x} if self_dot else {"x": x, "z": z}
     lists, dev, dtype = _validate("axpy_dot_", {"y": y}, read)
     av = _scalar("axpy_dot_", "a", a, dev, dtype)
