@@ -23,5 +23,12 @@ inline void check_like_logits(const at::Tensor& t, const at::Tensor& logits, con
               t.device());
 }
 
+// The blended form takes target_b and lam together; one without the other was read as the plain
+// form, dropping the mixing silently.
+inline void check_mix_pair(bool has_target_b, bool has_lam, const char* op) {
+  TORCH_CHECK(has_target_b == has_lam, op, ": target_b and lam come together (the blended form needs both), got ",
+              has_target_b ? "target_b" : "lam", " alone");
+}
+
 }  // namespace cross_entropy_contract
 }  // namespace commentaries_ext

@@ -134,6 +134,35 @@ def test_expanded_mask_and_other_ranks(bk):
         assert_close_all(run(bk, x2, m2, None, p2, g2), oracle(x2, m2, None, p2, g2), torch.float64)
 
 
+@pytest.mark.parametrize("bk", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hard_mask_gives_either_input_exactly(bk, dtype):
+    """A 0/1 mask (CutMix-style, a hard attention mask) reproduces x_a or the partner bit for bit,
+    also for values far apart in magnitude: the kernels computed the lerp xb + m (x_a - xb), which
+    rounded 36 % of the elements (x_a = 1e-8 against a partner of 1 gave 0) and overflowed for
+    x_a = 3e38 against -3e38."""
+    gen = torch.Generator().manual_seed(11)
+    x_a = torch.randn(4, 3, 5, 5, generator=gen, dtype=dtype) * torch.logspace(-8, 8, 5, dtype=dtype)
+    x_b = torch.randn(4, 3, 5, 5, generator=gen, dtype=dtype)
+    x_a[0, 0, 0, 0], x_b[0, 0, 0, 0] = 3e38, -3e38
+    for m in (torch.randint(0, 2, (4, 1, 5, 5), generator=gen).to(dtype), torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=dtype)):
+        with backend.use(bk):
+            out = masked_blend(x_a, m, x_b=x_b)
+        mm = m.view(-1, 1, 1, 1) if m.dim() == 1 else m
+        assert torch.equal(out, torch.where(mm.expand_as(x_a) == 1, x_a, x_b))
+
+
+@pytest.mark.parametrize("bk", BACKENDS)
+def test_many_dimensions_of_size_one(bk):
+    """Size-1 dimensions do not count against the C++ layout's 12 (a 14-D tensor with two
+    dimensions > 1 was refused)."""
+    gen = torch.Generator().manual_seed(12)
+    shape = (2,) + (1,) * 12 + (3,)
+    x, xb, g = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3))
+    m = torch.rand((2,) + (1,) * 13, generator=gen, dtype=torch.float64)
+    assert_close_all(run(bk, x, m, xb, None, g), oracle(x, m, xb, None, g), torch.float64)
+
+
 def test_zero_partner():
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     m = torch.rand(2, dtype=torch.float64, requires_grad=True)

@@ -212,7 +212,7 @@ def test_batch_norm_reverse_bad_input():
 
 
 @pytest.mark.parametrize("name", backend.candidates("batch_norm_reverse", "cpu"))
-@pytest.mark.parametrize("shape", [(7000, 3), (3, 2, 9000)], ids=["many-rows-S1", "long-rows"])
+@pytest.mark.parametrize("shape", [(7000, 3), (3, 2, 9000), (300, 4000)], ids=["many-rows-S1", "long-rows", "wide-S1"])
 def test_batch_norm_reverse_over_many_chunks(name, shape):
     # more rows than one 16384-element chunk of the sums (BatchNorm1d: S = 1), and rows longer than a chunk
     g = torch.Generator().manual_seed(9)
@@ -226,6 +226,26 @@ def test_batch_norm_reverse_over_many_chunks(name, shape):
         got = batch_norm_reverse(u, gy, x, mean, rstd, w, gw, gb, ugw, ugb)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9 * float(e.abs().max()))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_wide_inputs_with_short_rows(name):
+    """[N, C] with many channels (BatchNorm1d, S = 1): more than 64 chunks of 16K rows, where the
+    C++ sums now take longer chunks (its per-chunk partials of every channel took N C^2 / 16K
+    doubles: 128 MB for a 32 MB [256, 32768] input); the sums stay exact and thread-independent."""
+    g = torch.Generator().manual_seed(10)
+    x, b = torch.randn(300, 4000, generator=g, dtype=torch.float64), torch.randn(300, 4000, generator=g, dtype=torch.float64)
+    before = torch.get_num_threads()
+    try:
+        with backend.use(name):
+            torch.set_num_threads(1)
+            one = channel_sums([x, x], [None, b])
+            torch.set_num_threads(2)
+            two = channel_sums([x, x], [None, b])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    torch.testing.assert_close(one, torch.stack([x.sum(0), (x * b).sum(0)]), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", backend.candidates("batch_norm_reverse", "cpu"))

@@ -206,6 +206,31 @@ def test_errors_name_the_argument():
     assert S.axpy_dot_(y8, 1.0, torch.ones(8), y8.view(8)).item() == 32.0  # the same elements: <y, y>
 
 
+def test_raw_cpu_ops_refuse_aliased_in_place_lists():
+    """Called directly (torch.ops), the C++ ops check what the Python layer checks: a list updated
+    in place must not share memory with any other argument (c = p gave 3.5 in the vector body and
+    3.0 in the tail; c = [t, t] raced between threads)."""
+    ops = torch.ops.commentaries_ext
+    t, u, h = torch.ones(40), torch.ones(40), torch.ones(40)
+    a = torch.tensor(0.5)
+    with pytest.raises(RuntimeError, match=r"c\[0\] and p\[0\] share memory"):
+        ops.cpp_neumann_step([t], [t], [h], a)
+    with pytest.raises(RuntimeError, match=r"c\[0\] and c\[1\] share memory"):
+        ops.cpp_neumann_step([t, t], [u, torch.ones(40)], [h, h], a)
+    with pytest.raises(RuntimeError, match=r"share memory"):  # a partial overlap
+        ops.cpp_neumann_step([t[:20]], [t[10:30].clone()], [t[10:30]], a)
+    with pytest.raises(RuntimeError, match=r"y\[0\] and z\[0\] share memory"):
+        ops.cpp_axpy_dot([t], a, [h], [t])
+    with pytest.raises(RuntimeError, match=r"share memory"):
+        ops.cpp_cg_update([t], [u], [h], [u], a)
+    # reading one tensor twice is fine (h twice, d = q)
+    ops.cpp_neumann_step([t], [u], [h], a)
+    ops.cpp_cg_update([t], [u], [h], [h], a)
+    # c = 1 - 0.5 = 0.5, p = 1 + 0.5; then x = 0.5 + 0.5 * 1, r = 1.5 - 0.5 * 1 (the refused calls changed nothing)
+    torch.testing.assert_close(t, torch.full((40,), 1.0))
+    torch.testing.assert_close(u, torch.full((40,), 1.0))
+
+
 def test_non_contiguous_read_only_inputs_are_accepted():
     c, p = [torch.zeros(2, 3)], [torch.zeros(2, 3)]
     h = [torch.arange(6.0).reshape(3, 2).t()]

@@ -358,7 +358,8 @@ def test_gpu_kernels_guard_their_inputs(bk):
 @pytest.mark.parametrize("n,c", [(5, 0), (0, 4), (4, 1), (9, 23)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_wce_same_as_reference_backend_edge_cases(n, c, dtype):
-    # degenerate shapes and the half-given mixing arguments (target_b without lam, ...) agree with `reference`
+    # degenerate shapes agree with `reference`; half-given mixing arguments (target_b without lam, ...)
+    # are refused by both (they were read as the plain form, dropping the mixing silently)
     ref = pytest.importorskip("commentaries_ext.reference.cross_entropy")
     gen = torch.Generator().manual_seed(n * 10 + c)
     z = (torch.randn(n, c, generator=gen, dtype=dtype) * 3).to(DEVICE)
@@ -368,7 +369,13 @@ def test_wce_same_as_reference_backend_edge_cases(n, c, dtype):
         y[1] = IGNORE
     lam, g = (torch.rand(n, generator=gen, dtype=dtype).to(DEVICE) for _ in range(2))
     u, t = (torch.randn(n, c, generator=gen, dtype=dtype).to(DEVICE) for _ in range(2))
-    for mix in ((yb, lam), (None, None), (yb, None), (None, lam)):
+    for half in ((yb, None), (None, lam)):
+        for impl in (tce, ref):
+            with pytest.raises(RuntimeError, match="target_b and lam come together"):
+                impl.wce_forward(z, y, *half, IGNORE)
+            with pytest.raises(RuntimeError, match="target_b and lam come together"):
+                impl.wce_jvp(z, torch.zeros(n, dtype=dtype, device=DEVICE), y, *half, t, IGNORE)
+    for mix in ((yb, lam), (None, None)):
         got = tce.wce_forward(z, y, *mix, IGNORE)
         want = ref.wce_forward(z, y, *mix, IGNORE)
         for a, b in zip(got, want):

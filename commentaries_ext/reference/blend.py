@@ -22,7 +22,8 @@ def _acc(t: torch.Tensor) -> torch.dtype:
 def blend_forward(x_a: torch.Tensor, m: torch.Tensor, x_b: torch.Tensor | None, perm: torch.Tensor | None) -> torch.Tensor:
     xb = _partner(x_a, x_b, perm)
     acc = _acc(x_a)
-    res = xb.to(acc) + m.to(acc) * (x_a.to(acc) - xb.to(acc))
+    mm = m.to(acc)
+    res = mm * x_a.to(acc) + (1 - mm) * xb.to(acc)
     out = torch.empty_like(x_a)
     out.copy_(res)
     return out

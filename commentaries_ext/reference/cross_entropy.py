@@ -19,7 +19,10 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 def _mix(target: Tensor, target_b: Tensor | None, lam: Tensor | None, ignore_index: int, dtype):
     valid = target != ignore_index
     y = torch.where(valid, target, 0)
-    if target_b is None or lam is None:
+    if (target_b is None) != (lam is None):  # as the compiled kernels' contract (check_mix_pair)
+        raise RuntimeError("target_b and lam come together (the blended form needs both), got "
+                           f"{'target_b' if lam is None else 'lam'} alone")
+    if target_b is None:
         return valid, y, None, None
     yb = torch.where(valid, target_b, 0)
     return valid, y, yb, lam.to(dtype)
@@ -74,9 +77,9 @@ def wce_backward(grad_loss: Tensor, logits: Tensor, lse: Tensor, target: Tensor,
     acc = _acc(logits.dtype)
     z = logits.to(acc)
     out = backend.new_output(*logits.shape, dtype=logits.dtype, device=logits.device)
+    valid, y, yb, lm = _mix(target, target_b, lam, ignore_index, acc)
     if z.numel() == 0:
         return out
-    valid, y, yb, lm = _mix(target, target_b, lam, ignore_index, acc)
     p = torch.exp(z - lse.to(acc)[:, None])
     g = torch.where(valid, grad_loss.to(acc), 0.0)
     d = torch.where(valid[:, None], g[:, None] * (p - _dmix(z, y, yb, lm)), 0.0)
@@ -101,11 +104,11 @@ def wce_jvp(logits: Tensor, lse: Tensor, target: Tensor, target_b: Tensor | None
     acc = _acc(logits.dtype)
     z = logits.to(acc)
     out = backend.new_output(z.shape[0], dtype=acc, device=z.device)
+    valid, y, yb, lm = _mix(target, target_b, lam, ignore_index, acc)
     if z.shape[0] == 0:
         return out
     if z.shape[1] == 0:
         return out.zero_()
-    valid, y, yb, lm = _mix(target, target_b, lam, ignore_index, acc)
     tt = t.to(acc)
     p = torch.exp(z - lse.to(acc)[:, None])
     r = (p * tt).sum(1) - _gathered_mix(tt, y, yb, lm)

@@ -69,7 +69,7 @@ def _blend_fwd_kernel(XA, XB, M, PERM, OUT, F, sxa, sxb, msn, MS1, MS2, MS3, S2,
         xa = tl.load(XA + n64 * sxa + k, mask=mask, other=0.0).to(ACC)
         xb = tl.load(XB + src * sxb + k, mask=mask, other=0.0).to(ACC)
         mv = tl.load(M + n64 * msn + _m_offsets(k, MS1, MS2, MS3, S2, S3), mask=mask, other=0.0).to(ACC)
-        out = xb + mv * (xa - xb)
+        out = mv * xa + (1.0 - mv) * xb  # exact for a 0/1 mask (not a lerp)
         tl.store(OUT + n64 * sxa + k, out.to(OUT.dtype.element_ty), mask=mask)
 
 

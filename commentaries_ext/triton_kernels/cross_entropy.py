@@ -188,6 +188,9 @@ def _check_inputs(op: str, logits: torch.Tensor, rows: dict, like: dict) -> None
     in the forward kernel (a NaN loss, no load): checking it here would synchronise with the host."""
     if logits.dim() != 2:
         raise RuntimeError(f"{op}: logits must be [N, C]")
+    if "lam" in rows and (rows["target_b"] is None) != (rows["lam"] is None):  # as check_mix_pair in C++
+        raise RuntimeError(f"{op}: target_b and lam come together (the blended form needs both), got "
+                           f"{'target_b' if rows['lam'] is None else 'lam'} alone")
     for name, t in rows.items():
         if t is not None and (t.dim() != 1 or t.shape[0] != logits.shape[0] or t.device != logits.device):
             raise RuntimeError(f"{op}: {name} must have shape [{logits.shape[0]}] on the logits' device, got "
@@ -198,8 +201,8 @@ def _check_inputs(op: str, logits: torch.Tensor, rows: dict, like: dict) -> None
                                f"got {tuple(t.shape)} on {t.device}")
 
 
-def _mix_args(target, target_b, lam):
-    has_mix = target_b is not None and lam is not None
+def _mix_args(target, target_b, lam):  # (_check_inputs: both or neither)
+    has_mix = target_b is not None
     if has_mix:
         return True, target_b, lam, target_b.stride(0), lam.stride(0)
     return False, target, target, 0, 0  # dummies, never read

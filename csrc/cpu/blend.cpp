@@ -62,7 +62,7 @@ struct RowLayout {
 
 RowLayout make_layout(const at::Tensor& x, const at::Tensor& m) {
   const int64_t D = x.dim();
-  TORCH_CHECK(D >= 1 && D <= kMaxDims, "blend: x_a must have 1 to ", kMaxDims, " dimensions");
+  TORCH_CHECK(D >= 1, "blend: x_a must have at least 1 dimension");
   // the kernels address x_a (and their outputs, empty_like(x_a)) as dense rows, in any order of
   // the dimensions (contiguous, channels-last, ...), and m per example
   TORCH_CHECK(x.is_non_overlapping_and_dense(), "blend: x_a must be dense (contiguous, channels-last or another "
@@ -83,6 +83,9 @@ RowLayout make_layout(const at::Tensor& x, const at::Tensor& m) {
   std::vector<int64_t> dims;
   for (int64_t d = 1; d < D; ++d)
     if (x.size(d) != 1) dims.push_back(d);
+  // size-1 dimensions are dropped, so only the others count against the layout's capacity
+  TORCH_CHECK(dims.size() <= static_cast<size_t>(kMaxDims), "blend: x_a has ", dims.size(),
+              " dimensions of size > 1 after the first; at most ", kMaxDims, " are supported");
   std::stable_sort(dims.begin(), dims.end(), [&](int64_t a, int64_t b) { return x.stride(a) > x.stride(b); });
   L.row = 1;
   for (int64_t d : dims) L.row *= x.size(d);
@@ -169,28 +172,28 @@ std::vector<int64_t> visit_order(const int64_t* perm, int64_t n, bool self_partn
   return order;
 }
 
-// out = b + m * (a - b) over a run of `len` elements; m constant (ms == 0) or strided.
+// out = m * a + (1 - m) * b over a run of `len` elements; m constant (ms == 0) or strided.
+// As written (one rounding of (1 - m) * b, then an fma), not as the cheaper lerp b + m * (a - b):
+// a 0/1 mask gives a or b exactly, and a - b cannot overflow where both terms are finite.
 template <typename T>
 inline void blend_run(T* out, const T* a, const T* b, const T* m, int64_t ms, int64_t len) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t W = Vec::size();
   int64_t i = 0;
   if (ms == 0) {
-    const T mv = *m;
-    const Vec vm(mv);
-    for (; i + W <= len; i += W) {
-      const Vec va = Vec::loadu(a + i), vb = Vec::loadu(b + i);
-      at::vec::fmadd(vm, va - vb, vb).store(out + i);
-    }
-    for (; i < len; ++i) out[i] = b[i] + mv * (a[i] - b[i]);
+    const T mv = *m, wv = T(1) - mv;
+    const Vec vm(mv), vw(wv);
+    for (; i + W <= len; i += W) at::vec::fmadd(vm, Vec::loadu(a + i), vw * Vec::loadu(b + i)).store(out + i);
+    for (; i < len; ++i) out[i] = std::fma(mv, a[i], wv * b[i]);
   } else if (ms == 1) {
+    const Vec one(T(1));
     for (; i + W <= len; i += W) {
-      const Vec va = Vec::loadu(a + i), vb = Vec::loadu(b + i), vm = Vec::loadu(m + i);
-      at::vec::fmadd(vm, va - vb, vb).store(out + i);
+      const Vec vm = Vec::loadu(m + i);
+      at::vec::fmadd(vm, Vec::loadu(a + i), (one - vm) * Vec::loadu(b + i)).store(out + i);
     }
-    for (; i < len; ++i) out[i] = b[i] + m[i] * (a[i] - b[i]);
+    for (; i < len; ++i) out[i] = std::fma(m[i], a[i], (T(1) - m[i]) * b[i]);
   } else {
-    for (; i < len; ++i) out[i] = b[i] + m[i * ms] * (a[i] - b[i]);
+    for (; i < len; ++i) out[i] = std::fma(m[i * ms], a[i], (T(1) - m[i * ms]) * b[i]);
   }
 }
 

@@ -17,6 +17,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <tuple>
@@ -26,6 +27,15 @@
 
 namespace commentaries_ext {
 namespace {
+
+// Rows (one channel of one example, S elements) per chunk of the per-channel sums: ~16K elements,
+// but at most kMaxChunks chunks, each with its own partial sums of every channel (so the scratch
+// stays within kMaxChunks x the output; 16K-element chunks of a [N, C] input with small S would
+// need N C^2 / 16K of it). A fixed count, not the thread count: the sums do not depend on it.
+constexpr int64_t kMaxChunks = 64;
+int64_t rows_per_chunk(int64_t rows, int64_t S) {
+  return std::max({int64_t(1), 16384 / std::max<int64_t>(S, 1), (rows + kMaxChunks - 1) / kMaxChunks});
+}
 
 constexpr int64_t kMaxTerms = 8;
 
@@ -74,7 +84,7 @@ at::Tensor cpp_channel_sums(at::TensorList a, const c10::List<std::optional<at::
     T* o = out.mutable_data_ptr<T>();
     // fixed chunks of rows in memory order (streaming reads); per-chunk partial sums, added
     // in chunk order
-    const int64_t rows = N * C, per = std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1));
+    const int64_t rows = N * C, per = rows_per_chunk(rows, S);
     const int64_t chunks = (rows + per - 1) / per;
     std::vector<double> part(static_cast<size_t>(chunks * K * C), 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t q0, int64_t q1) {
@@ -190,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_batch_norm_reverse(
     const T *pu = u.const_data_ptr<T>(), *pg = gy.const_data_ptr<T>(), *px = x.const_data_ptr<T>();
     const T* pmean = mean.const_data_ptr<T>();
     // pass 1: per-channel sums of u, u (x - mean), u gy
-    const int64_t rows = N * C, per = std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1));
+    const int64_t rows = N * C, per = rows_per_chunk(rows, S);
     const int64_t chunks = (rows + per - 1) / per;
     std::vector<double> part(static_cast<size_t>(chunks * 3 * C), 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t q0, int64_t q1) {

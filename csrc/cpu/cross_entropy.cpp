@@ -378,8 +378,9 @@ Mix make_mix(const at::Tensor& logits, const at::Tensor& target, const std::opti
   const int64_t N = logits.size(0), C = logits.size(1);
   cross_entropy_contract::check_rows(target, logits, "target", op);
   TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64");
+  cross_entropy_contract::check_mix_pair(target_b.has_value(), lam.has_value(), op);
   Mix m{target.const_data_ptr<int64_t>(), target.stride(0), nullptr, 0, ignore_index};
-  if (target_b.has_value() && lam.has_value()) {
+  if (target_b.has_value()) {
     cross_entropy_contract::check_rows(*target_b, logits, "target_b", op);
     TORCH_CHECK(target_b->scalar_type() == at::kLong, op, ": target_b must be int64");
     check_rows(*lam, logits, "lam", op);
@@ -468,8 +469,8 @@ std::tuple<at::Tensor, at::Tensor> cpp_wce_forward(const at::Tensor& logits, con
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor loss = new_output({N}, logits.options());
   at::Tensor lse = new_output({N}, logits.options());
-  if (N == 0) return {loss, lse};
   const Mix mix = make_mix(logits, target, target_b, lam, ignore_index, "wce_forward");
+  if (N == 0) return {loss, lse};
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_wce_forward", [&] {
     using T = scalar_t;
     const T* z = logits.const_data_ptr<T>();
@@ -592,9 +593,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_wce_forward_grad(
   at::Tensor loss = new_output({N}, logits.options());
   at::Tensor lse = new_output({N}, logits.options());
   at::Tensor grad = new_output({N, C}, logits.options());
-  if (N == 0) return {loss, lse, grad};
   if (row_scale.has_value()) check_rows(*row_scale, logits, "row_scale", "wce_forward_grad");
   const Mix mix = make_mix(logits, target, target_b, lam, ignore_index, "wce_forward_grad");
+  if (N == 0) return {loss, lse, grad};
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_wce_forward_grad", [&] {
     using T = scalar_t;
     constexpr int64_t W = Vec<T>::size();
@@ -849,10 +850,10 @@ at::Tensor cpp_wce_jvp(const at::Tensor& logits, const at::Tensor& lse, const at
   check_logits(logits, "wce_jvp");
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor out = new_output({N}, logits.options());
-  if (N == 0) return out;
   check_rows(lse, logits, "lse", "wce_jvp");
   check_like_logits(t, logits, "t", "wce_jvp");
   const Mix mix = make_mix(logits, target, target_b, lam, ignore_index, "wce_jvp");
+  if (N == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpp_wce_jvp", [&] {
     using T = scalar_t;
     constexpr int64_t W = Vec<T>::size();

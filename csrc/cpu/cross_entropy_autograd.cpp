@@ -12,8 +12,11 @@
 // is a differentiable composition of ATen ops (softmax, gathers, scatters), so higher
 // derivatives are exact.
 #include <ATen/ATen.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include "cross_entropy_contract.h"
 
 #include <optional>
 #include <tuple>
@@ -70,7 +73,7 @@ struct WceReducedFunction : public torch::autograd::Function<WceReducedFunction>
                             const std::optional<at::Tensor>& target_b_opt, int64_t reduction, int64_t ignore_index) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const at::Tensor weight = weight_opt.value_or(at::Tensor()), lam = lam_opt.value_or(at::Tensor());
-    const at::Tensor target_b = lam.defined() ? target_b_opt.value_or(at::Tensor()) : at::Tensor();
+    const at::Tensor target_b = target_b_opt.value_or(at::Tensor());
     const at::Tensor denom = mean_divisor(z, target, reduction, ignore_index);
     const at::Tensor scale = row_factor(z, weight, denom);
     auto [loss, lse, grad] = forward_grad(z, target, target_b, lam, scale, ignore_index);
@@ -141,7 +144,11 @@ struct WceReducedFunction : public torch::autograd::Function<WceReducedFunction>
       ctx->saved_data["grad"] = at::Tensor();  // handed over: autograd may keep it as .grad without a copy
       if (!gz.defined())  // a second backward through a retained graph: the same values again
         gz = std::get<2>(forward_grad(z, target, target_b, lam, scale, ii));
-      if (g.item<double>() != 1.0) gz.mul_(g);
+      // g == 1 (loss.backward()) skips a pass over the gradient; a traced g (fake, functional,
+      // under a dispatch mode) has no value to read, so it is always multiplied
+      const bool traced = g.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize})) ||
+                          c10::impl::dispatch_mode_enabled();
+      if (traced || g.item<double>() != 1.0) gz.mul_(g);
     }
     if (need_lam) {
       const at::Tensor s = scale.defined() ? g * scale : g.expand({z.size(0)});
@@ -160,11 +167,12 @@ at::Tensor cpp_wce_reduced(const at::Tensor& z, const at::Tensor& target, const 
                            const std::optional<at::Tensor>& lam, const std::optional<at::Tensor>& weight,
                            int64_t reduction, int64_t ignore_index) {
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "cpp_wce_reduced: reduction must be 0 (sum), 1 or 2 (means)");
+  cross_entropy_contract::check_mix_pair(target_b.has_value(), lam.has_value(), "cpp_wce_reduced");
   const at::Tensor w = weight.value_or(at::Tensor());
   const at::Tensor denom = mean_divisor(z, target, reduction, ignore_index);
   const at::Tensor l = lam.value_or(at::Tensor());
   const at::Tensor loss =
-      std::get<0>(forward_grad(z, target, l.defined() ? target_b.value_or(at::Tensor()) : at::Tensor(), l,
+      std::get<0>(forward_grad(z, target, target_b.value_or(at::Tensor()), l,
                                row_factor(z, w, denom), ignore_index));
   return reduce_total(loss, w, denom);
 }
@@ -173,6 +181,7 @@ at::Tensor cpp_wce_reduced_autograd(const at::Tensor& z, const at::Tensor& targe
                                     const std::optional<at::Tensor>& target_b, const std::optional<at::Tensor>& lam,
                                     const std::optional<at::Tensor>& weight, int64_t reduction, int64_t ignore_index) {
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "cpp_wce_reduced: reduction must be 0 (sum), 1 or 2 (means)");
+  cross_entropy_contract::check_mix_pair(target_b.has_value(), lam.has_value(), "cpp_wce_reduced");
   return WceReducedFunction::apply(z, weight, lam, target, target_b, reduction, ignore_index);
 }
 

@@ -27,7 +27,8 @@ namespace commentaries_ext {
 namespace {
 
 int64_t out_size(int64_t in, int64_t k, int64_t d, int64_t p, int64_t s) {
-  return (in + 2 * p - d * (k - 1) - 1) / s + 1;
+  const int64_t span = in + 2 * p - d * (k - 1) - 1;  // < 0: no block fits (C++ division truncates towards 0)
+  return span < 0 ? 0 : span / s + 1;
 }
 
 // [first, last) of the output positions o with 0 <= o * s - p + off < in

@@ -16,10 +16,12 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -57,6 +59,41 @@ void check_lists(const char* op, std::initializer_list<at::TensorList> lists) {
       TORCH_CHECK(l[i].is_contiguous(), op, ": expected contiguous tensors");
       TORCH_CHECK(l[i].numel() == first[i].numel(), op, ": tensor ", i, " has different sizes in different lists");
     }
+  }
+}
+
+// The first n_mut lists are updated in place: none of their tensors may share memory with
+// another tensor of any list (the pass reads and writes them together, chunks in parallel).
+// The Python layer checks this too; a direct torch.ops call meets this check. Every tensor
+// is contiguous (check_lists), so each spans [data_ptr, data_ptr + nbytes): one sort, one sweep.
+void check_no_overlap(const char* op, std::initializer_list<at::TensorList> lists,
+                      std::initializer_list<const char*> names, size_t n_mut) {
+  struct Span {
+    uintptr_t begin, end;
+    size_t list, index;
+  };
+  std::vector<Span> spans;
+  size_t l = 0;
+  for (const auto& list : lists) {
+    for (size_t i = 0; i < list.size(); ++i) {
+      const auto b = reinterpret_cast<uintptr_t>(list[i].data_ptr());
+      const auto n = static_cast<uintptr_t>(list[i].numel()) * list[i].element_size();
+      if (n) spans.push_back({b, b + n, l, i});
+    }
+    ++l;
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  // the spans reaching furthest so far: of any list, and of an updated list
+  const Span* far_any = nullptr;
+  const Span* far_mut = nullptr;
+  const auto name = [&](const Span& s) { return std::string(names.begin()[s.list]) + "[" + std::to_string(s.index) + "]"; };
+  for (const Span& s : spans) {
+    const bool mut = s.list < n_mut;
+    const Span* other = mut ? far_any : far_mut;
+    TORCH_CHECK(!other || s.begin >= other->end, op, ": ", name(*other), " and ", name(s),
+                " share memory; the lists updated in place must not alias or overlap any other argument");
+    if (!far_any || s.end > far_any->end) far_any = &s;
+    if (mut && (!far_mut || s.end > far_mut->end)) far_mut = &s;
   }
 }
 
@@ -141,6 +178,7 @@ void neumann_impl(at::TensorList c, at::TensorList p, at::TensorList h, double a
 
 void cpp_neumann_step(at::TensorList c, at::TensorList p, at::TensorList h, const at::Tensor& alpha) {
   check_lists("neumann_step", {c, p, h});
+  check_no_overlap("neumann_step", {c, p, h}, {"c", "p", "h"}, 2);
   const double a = alpha.item<double>();
   AT_DISPATCH_FLOATING_TYPES(c[0].scalar_type(), "cpp_neumann_step", [&] { neumann_impl<scalar_t>(c, p, h, a); });
 }
@@ -185,10 +223,13 @@ double axpy_dot_impl(at::TensorList y, double alpha, at::TensorList x, at::Tenso
 }
 
 at::Tensor cpp_axpy_dot(at::TensorList y, const at::Tensor& a, at::TensorList x, at::TensorList z) {
-  if (z.empty())
+  if (z.empty()) {
     check_lists("axpy_dot", {y, x});
-  else
+    check_no_overlap("axpy_dot", {y, x}, {"y", "x"}, 1);
+  } else {
     check_lists("axpy_dot", {y, x, z});
+    check_no_overlap("axpy_dot", {y, x, z}, {"y", "x", "z"}, 1);
+  }
   const double av = a.item<double>();
   double r = 0.0;
   AT_DISPATCH_FLOATING_TYPES(y[0].scalar_type(), "cpp_axpy_dot", [&] { r = axpy_dot_impl<scalar_t>(y, av, x, z); });
@@ -238,6 +279,7 @@ double cg_impl(at::TensorList x, at::TensorList r, at::TensorList d, at::TensorL
 
 at::Tensor cpp_cg_update(at::TensorList x, at::TensorList r, at::TensorList d, at::TensorList q, const at::Tensor& a) {
   check_lists("cg_update", {x, r, d, q});
+  check_no_overlap("cg_update", {x, r, d, q}, {"x", "r", "d", "q"}, 2);
   const double av = a.item<double>();
   double res = 0.0;
   AT_DISPATCH_FLOATING_TYPES(x[0].scalar_type(), "cpp_cg_update", [&] { res = cg_impl<scalar_t>(x, r, d, q, av); });

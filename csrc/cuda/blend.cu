@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const T* xa, int64_t 
          k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
       const A bv = to_acc(b[k]);
       const A mv = to_acc(m[mask_offset(ml, row, k)]);
-      o[k] = cast_to<T>(bv + mv * (to_acc(a[k]) - bv));
+      o[k] = cast_to<T>(fma(mv, to_acc(a[k]), (A(1) - mv) * bv));  // exact for a 0/1 mask (not a lerp)
     }
   }
 }

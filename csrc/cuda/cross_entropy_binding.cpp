@@ -32,7 +32,7 @@ Targets targets(const at::Tensor& logits, const at::Tensor& target, const c10::o
                 const c10::optional<at::Tensor>& lam, int64_t ignore_index, at::ScalarType row, const char* op) {
   check_rows(target, logits, "target", op);
   TORCH_CHECK(!at::isFloatingType(target.scalar_type()), op, ": target must be an integer tensor");
-  if (target_b.has_value() && lam.has_value()) {
+  if (target_b.has_value()) {
     check_rows(*target_b, logits, "target_b", op);
     check_rows(*lam, logits, "lam", op);
   }
@@ -53,6 +53,7 @@ std::tuple<at::Tensor, at::Tensor> wce_forward(const at::Tensor& logits, const a
                                                const c10::optional<at::Tensor>& lam, int64_t ignore_index) {
   const char* op = "cuda_wce_forward";
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be [N, C]");
+  cross_entropy_contract::check_mix_pair(target_b.has_value(), lam.has_value(), op);
   c10::cuda::CUDAGuard guard(logits.device());
   const auto row = acc_type(logits.scalar_type());
   const int64_t n = logits.size(0), c = logits.size(1);
@@ -75,6 +76,7 @@ at::Tensor wce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, c
                         const c10::optional<at::Tensor>& lam, int64_t ignore_index) {
   const char* op = "cuda_wce_backward";
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be [N, C]");
+  cross_entropy_contract::check_mix_pair(target_b.has_value(), lam.has_value(), op);
   c10::cuda::CUDAGuard guard(logits.device());
   const auto row = acc_type(logits.scalar_type());
   const int64_t n = logits.size(0), c = logits.size(1);
@@ -111,6 +113,7 @@ at::Tensor wce_jvp(const at::Tensor& logits, const at::Tensor& lse, const at::Te
                    const at::Tensor& tangent, int64_t ignore_index) {
   const char* op = "cuda_wce_jvp";
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be [N, C]");
+  cross_entropy_contract::check_mix_pair(target_b.has_value(), lam.has_value(), op);
   c10::cuda::CUDAGuard guard(logits.device());
   const auto row = acc_type(logits.scalar_type());
   const int64_t n = logits.size(0), c = logits.size(1);
