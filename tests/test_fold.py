@@ -97,3 +97,6 @@ def test_cpp_kernel_refuses_sizes_whose_products_overflow():
         op(torch.randn(1, 1, 4), [1, 1], [2**32, 2**32], [1, 1], [2**31, 2**31], [1, 1])
     with pytest.raises(RuntimeError, match="does not match"):
         op(torch.randn(64, 64, 0), [2, 2], [1, 1], [1, 1], [2**31 - 1, 2**31 - 1], [1, 1])
+    # no block fits (H = 2 < kernel 4): C++ division truncated (2 - 3 - 1) / 3 + 1 to 1 block, not 0
+    with pytest.raises(RuntimeError, match="does not match an output of 2x1"):
+        op(torch.randn(1, 4, 1), [2, 1], [4, 1], [1, 1], [0, 0], [3, 1])
