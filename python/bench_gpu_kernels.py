@@ -14,10 +14,15 @@ traffic of each op (every input read once, every output written once).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 
 import torch
+
+# the repository root (as the sibling scripts do): on a machine where the package is only built
+# in place (scripts/gpu_check on a fresh GPU machine) it is not installed
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import commentaries_ext  # noqa: F401  (registers every backend)
 from commentaries_ext import backend

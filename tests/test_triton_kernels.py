@@ -344,6 +344,13 @@ def test_gpu_kernels_guard_their_inputs(bk):
         yb = torch.tensor([1, 2, 99, 5], device=DEVICE)  # row 2 ignored: its target_b is never read
         loss, _ = fwd(z, torch.tensor([0, 1, IGNORE, 3], device=DEVICE), yb, lam, IGNORE)
         assert torch.isfinite(loss[:2]).all() and loss[2] == 0 and loss[3].isnan()
+        # the jvp gathers t at the targets: the same guard (it read outside the row: a segfault
+        # under the interpreter, an illegal address on a GPU)
+        jvp = backend.kernel("wce_jvp", DEVICE)(z, lse, y, None, None, torch.randn_like(z), IGNORE)
+        assert torch.isfinite(jvp[0]) and jvp[1].isnan() and jvp[2] == 0 and jvp[3].isnan()
+        jvp = backend.kernel("wce_jvp", DEVICE)(z, lse, torch.tensor([0, 1, IGNORE, 3], device=DEVICE), yb, lam,
+                                                torch.randn_like(z), IGNORE)
+        assert torch.isfinite(jvp[:2]).all() and jvp[2] == 0 and jvp[3].isnan()
         with pytest.raises(RuntimeError, match="target must have shape"):
             fwd(z, y[:2], None, None, IGNORE)
         with pytest.raises(RuntimeError, match="lse must have shape"):
@@ -476,3 +483,19 @@ def test_gpu_solver_ops_match_reference(bk, dtype):
         assert r1.dtype == acc and r1.dim() == 0
         torch.testing.assert_close(r1, r2, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-3)
         torch.testing.assert_close(kern["multi_dot"](v[0], z), rs.multi_dot(v[0], z), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, scripts/gpu_check runs the script on it")
+def test_the_device_smoke_script_passes():
+    """python/device_smoke.py is what a GPU session runs first (scripts/gpu_check); here it runs the
+    Triton backend under the interpreter, so that the script itself cannot rot before a device run."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    env = dict(os.environ, TRITON_INTERPRET="1", SMOKE_QUICK="1")
+    res = subprocess.run([sys.executable, os.path.join(root, "python", "device_smoke.py")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert " 0 failures" in res.stdout and "triton" in res.stdout

@@ -169,13 +169,17 @@ def _wce_jvp_kernel(Z, LSE, Y, YB, LAM, T, OUT, N, C, szn, szc, slse, sy, syb, s
         z = tl.load(zrow[:, None] + cc.to(tl.int64)[None, :] * szc, mask=mask, other=float("-inf")).to(ACC)
         t = tl.load(trow[:, None] + cc.to(tl.int64)[None, :] * stc, mask=mask, other=0.0).to(ACC)
         acc += tl.sum(tl.where(mask, tl.exp(z - lse[:, None]) * t, 0.0), axis=1)
-    # minus mix . t: two gathers per row
-    ty = tl.load(trow + y * stc, mask=valid, other=0.0).to(ACC)
+    # minus mix . t: two gathers per row; a target out of range (a direct call of the op: the
+    # Python layer checks) gives NaN, as in the forward, never a load outside the row
+    in_range = (y >= 0) & (y < C)
+    if HAS_MIX:
+        in_range = in_range & (yb >= 0) & (yb < C)
+    ty = tl.load(trow + y * stc, mask=valid & in_range, other=0.0).to(ACC)
     acc -= tl.where(lam == 0.0, 0.0, lam * ty)
     if HAS_MIX:
-        tb = tl.load(trow + yb * stc, mask=valid, other=0.0).to(ACC)
+        tb = tl.load(trow + yb * stc, mask=valid & in_range, other=0.0).to(ACC)
         acc -= tl.where(lam == 1.0, 0.0, (1.0 - lam) * tb)
-    acc = tl.where(valid, acc, 0.0)
+    acc = tl.where(valid, tl.where(in_range, acc, float("nan")), 0.0)
     tl.store(OUT + rows64, acc.to(OUT.dtype.element_ty), mask=rmask)
 
 

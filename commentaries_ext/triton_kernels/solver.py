@@ -34,7 +34,11 @@ def _table(lists: list[list[torch.Tensor]]):
         # copied from host memory at the call: replays would read stale tables
         raise RuntimeError("triton solver ops cannot be captured in a CUDA graph (their tensor tables are "
                            "built on the host)")
-    key = tuple((t.data_ptr(), t.numel()) for ts in lists for t in ts) + (len(lists), str(lists[0][0].device))
+    dev0 = lists[0][0].device
+    # the stream too: a table is copied (non_blocking) and freed on the stream that made it, so a
+    # hit from another stream could read it before the copy lands, or after its memory is reused
+    stream = torch.cuda.current_stream(dev0).cuda_stream if dev0.type == "cuda" else 0
+    key = tuple((t.data_ptr(), t.numel()) for ts in lists for t in ts) + (len(lists), str(dev0), stream)
     hit = _tables.get(key)
     if hit is not None:
         _tables.move_to_end(key)

@@ -198,7 +198,10 @@ __global__ void __launch_bounds__(kBlock) wce_jvp_kernel(const T* z, int64_t szn
   scan2<T, GROUP>(z + row * szn, szc, t + row * stn, stc, c, vec,
                   [&](int64_t j, A x, A tv) { acc += (xexp(x - l) - mix_at(m, j)) * tv; });
   acc = group_sum<GROUP>(acc, smem);
-  if (threadIdx.x == 0) out[row] = acc;
+  // a target out of range (a direct call of the op: the Python layer checks) gives NaN, as the
+  // forward's loss does (mix_at never matches such a column: p . t alone would pass for a value)
+  const bool in_range = m.y >= 0 && m.y < c && (!m.mixed || (m.yb >= 0 && m.yb < c));
+  if (threadIdx.x == 0) out[row] = in_range ? acc : A(NAN);
 }
 
 struct Launch {
