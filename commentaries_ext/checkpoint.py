@@ -365,6 +365,30 @@ def data_fingerprint(data) -> dict:
     return dataset_fingerprint((data[0], data[1]))
 
 
+def _optimizer_defaults(type_name: str) -> dict:
+    """The constructor defaults of ``torch.optim.<type_name>`` (empty for another optimizer)."""
+    import inspect
+
+    cls = getattr(torch.optim, type_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        return {}
+    return {k: plain(p.default) for k, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _with_defaults(config):
+    """``config`` with every torch optimizer group's missing settings at their constructor
+    defaults, for the comparison: a setting that a later torch adds (at its default) does not
+    refuse a checkpoint written before it existed."""
+    if isinstance(config, dict):
+        if isinstance(config.get("type"), str) and isinstance(config.get("groups"), list):
+            defaults = {k: v for k, v in _optimizer_defaults(config["type"]).items() if k != "params"}
+            groups = [{**defaults, **g} if isinstance(g, dict) else g for g in config["groups"]]
+            return {**config, "groups": groups}
+        return {k: _with_defaults(v) for k, v in config.items()}
+    return config
+
+
 def _differences(stored, now, prefix=""):
     out = []
     if isinstance(stored, dict) and isinstance(now, dict):
@@ -377,10 +401,26 @@ def _differences(stored, now, prefix=""):
             else:
                 out += _differences(stored[k], now[k], name)
         return out
+    # lists of containers (optimizer groups) entry by entry; lists of numbers (shapes, betas) whole
+    if (isinstance(stored, (list, tuple)) and isinstance(now, (list, tuple)) and len(stored) == len(now)
+            and any(isinstance(v, (dict, list, tuple)) for v in (*stored, *now))):
+        for i, (s, n) in enumerate(zip(stored, now)):
+            out += _differences(s, n, f"{prefix}[{i}]")
+        return out
     if stored != now and not (isinstance(stored, float) and isinstance(now, float) and stored != stored and now != now):
         s, n = repr(stored), repr(now)
         out.append(f"{prefix}: checkpoint {s[:120]}, now {n[:120]}")
     return out
+
+
+def refuse_changes(path, stored, now) -> None:
+    """``CheckpointError`` listing every difference between a checkpoint's run configuration (or a
+    part of it checked later, such as fresh students' shapes) and the present one."""
+    diffs = _differences(stored, now)
+    if diffs:
+        raise CheckpointError(path, "written by a run with another configuration:\n  - " + "\n  - ".join(diffs)
+                              + "\npass resume=False (CLI: --no-resume) to start afresh and overwrite it, "
+                                "or use another checkpoint path")
 
 
 # --------------------------------------------------------------------------- the loops' helper
@@ -425,11 +465,7 @@ class Checkpointer:
             return None
         if state.get("kind") != self.kind:
             raise CheckpointError(used, f"written by {state.get('kind')!r}, not {self.kind!r}")
-        diffs = _differences(state.get("config"), self.config)
-        if diffs:
-            raise CheckpointError(used, "written by a run with another configuration:\n  - " + "\n  - ".join(diffs)
-                                  + "\npass resume=False (CLI: --no-resume) to start afresh and overwrite it, "
-                                    "or use another checkpoint path")
+        refuse_changes(used, _with_defaults(state.get("config")), _with_defaults(self.config))
         self.loaded_from = used
         return state
 

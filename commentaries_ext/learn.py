@@ -38,7 +38,16 @@ from .commentary.base import (
     plain_ops,
     validation_loss,
 )
-from .checkpoint import data_fingerprint, make_checkpointer, optimizer_config, plain, rng_state, set_rng_state, shapes
+from .checkpoint import (
+    data_fingerprint,
+    make_checkpointer,
+    optimizer_config,
+    plain,
+    refuse_changes,
+    rng_state,
+    set_rng_state,
+    shapes,
+)
 from .memory import reuse_cpu_memory
 from .wrapper import CommentaryOptimizer
 
@@ -139,13 +148,6 @@ def _commentary_config(commentary, fixed=False):
             _hash_tensor(h, v.reshape(-1) if torch.is_tensor(v) else torch.as_tensor(v).reshape(-1))
         out["sha256"] = h.hexdigest()
     return out
-
-
-def _student_shapes_of(student_factory):
-    """The shapes of the students ``student_factory`` builds (for a run configuration), without
-    touching the random streams the run draws from."""
-    with torch.random.fork_rng(devices=[]):
-        return shapes(student_factory())
 
 
 def _engine_opt_config(opt):
@@ -255,8 +257,11 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
         "outer_optimizer": optimizer_config(outer_optimizer), "batch_size": batch_size, "same_init": same_init,
         "truncate": truncate, "activation_checkpoint": checkpoint, "val_batch_size": val_batch_size, "seed": seed,
         "nan_policy": nan_policy, "commentary": _commentary_config(commentary),
-        "student": shapes(base) if base is not None else _student_shapes_of(student_factory),
-        "train_data": data_fingerprint((x, y)), "val_data": data_fingerprint((xv, yv))},
+        # fresh students: their shapes are in the state and checked on a resume only (calling the
+        # factory here would draw from, or re-seed, the random stream the run's students come from)
+        "student": shapes(base) if base is not None else "fresh each outer step",
+        "train_data": data_fingerprint((x, y)), "val_data": data_fingerprint((xv, yv)),
+        **({"world_size": world} if world > 1 else {})},
         every=checkpoint_every, total=outer_steps, resume=resume)
     start = 0
     st = ck.load() if ck is not None else None
@@ -266,18 +271,27 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
         if base is not None:
             base.load_state_dict(st["base"])
         result.history, result.skipped_steps = list(st["history"]), int(st["skipped_steps"])
+        if base is None:  # before the random streams are restored: this student is not the run's
+            with torch.random.fork_rng(devices=[]):
+                refuse_changes(ck.loaded_from, {"student": st.get("student_shapes")},
+                               {"student": shapes(student_factory())})
         set_rng_state(st["rng"], {"gen": gen})
         start = int(st["step"])
+    # same_init=False: the shapes of the fresh students, from the checkpoint or the first one built
+    student_shapes = None if st is None else st.get("student_shapes")
 
     def ck_state():
         return {"commentary": commentary.state_dict(), "outer_optimizer": outer_optimizer.state_dict(),
                 "base": None if base is None else base.state_dict(), "history": result.history,
-                "skipped_steps": result.skipped_steps, "rng": rng_state({"gen": gen})}
+                "skipped_steps": result.skipped_steps, "rng": rng_state({"gen": gen}),
+                "student_shapes": student_shapes}
 
     # one scope over the loop: each outer step reuses the blocks the previous one freed
     with reuse_cpu_memory():
         for step in range(start, outer_steps):
             student = copy.deepcopy(base) if same_init else student_factory()
+            if not same_init and student_shapes is None:
+                student_shapes = shapes(student)
             if device is not None:
                 student = student.to(device)
             if dist_on and not same_init:
@@ -427,7 +441,9 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
         "solver": result.info["solver"], "curvature": curvature, "hvp": hvp, "fresh_train_batch": fresh_train_batch,
         "val_batch_size": val_batch_size, "seed": seed, "nan_policy": nan_policy, "log_every": log_every,
         "commentary": _commentary_config(commentary), "student": shapes(student),
-        "train_data": data_fingerprint((x, y)), "val_data": data_fingerprint((xv, yv))},
+        "train_data": data_fingerprint((x, y)), "val_data": data_fingerprint((xv, yv)),
+        # the shards change the computation (per-shard BatchNorm statistics, blending partners)
+        **({"world_size": world} if world > 1 else {})},
         every=checkpoint_every, total=steps, resume=resume)
     start = 0
     st = ck.load() if ck is not None else None

@@ -98,14 +98,11 @@ def make_student(arch: str, in_shape, num_classes: int) -> nn.Module:
 
 
 def student_factory(arch: str, in_shape, num_classes: int, seed: int | None = None):
-    """A callable returning a fresh student; with ``seed``, the first call's weights
-    come from ``torch.manual_seed(seed)`` (later calls continue that stream)."""
-    state = {"seeded": seed is None}
-
-    def make():
-        if not state["seeded"]:
-            torch.manual_seed(seed)
-            state["seeded"] = True
-        return make_student(arch, in_shape, num_classes)
-
-    return make
+    """A callable returning a fresh student. With ``seed``, torch's global generator is seeded
+    *here*, when the factory is made (``torch.manual_seed(seed)``): the students come from that
+    stream, and a loop that restores the stream from its checkpoint (``learn_bptt``) builds the
+    same students after a resume. (Seeding at the first call instead re-seeded on every resume,
+    and a caller that called the factory once more -- to read shapes -- used the seed up.)"""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return lambda: make_student(arch, in_shape, num_classes)
