@@ -163,6 +163,8 @@ class CommentaryOptimizer:
         self._val_iter = None
         self.hyper_train_loader = hyper_train_loader
         self._train_iter = None
+        # batches taken from each loader in its current pass (state_dict: a resume skips them)
+        self._taken = {"_val_iter": 0, "_train_iter": 0}
         self.distributed = distributed
         self.process_group = process_group
         self._engine_state = None
@@ -289,15 +291,24 @@ class CommentaryOptimizer:
         if it is None:
             it = iter(loader)
             setattr(self, attr, it)
+            for _ in range(self._taken[attr]):  # resumed part-way through a pass (load_state_dict)
+                if next(it, None) is None:
+                    it = iter(loader)
+                    setattr(self, attr, it)
+                    self._taken[attr] = 0
+                    break
         try:
-            return next(it)
+            b = next(it)
         except StopIteration:
             it = iter(loader)
             setattr(self, attr, it)
+            self._taken[attr] = 0
             try:
-                return next(it)
+                b = next(it)
             except StopIteration:
                 raise ValueError(f"{what} is empty") from None
+        self._taken[attr] += 1
+        return b
 
     def _next_val(self):
         if self.val_loader is None:
@@ -421,6 +432,11 @@ class CommentaryOptimizer:
                                   "eigvec": None if es.eigvec is None else [t.detach().clone() for t in es.eigvec]}
         if self.scaler is not None and hasattr(self.scaler, "state_dict"):
             sd["scaler"] = self.scaler.state_dict()
+        # where the hyper-steps are in val_loader / hyper_train_loader, and the blending draws
+        sd["loader_positions"] = {"val_loader": self._taken["_val_iter"],
+                                  "hyper_train_loader": self._taken["_train_iter"]}
+        if self.generator is not None:
+            sd["generator"] = self.generator.get_state()
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
@@ -433,6 +449,11 @@ class CommentaryOptimizer:
             self.hyper_optimizer.load_state_dict(sd["hyper_optimizer"])
         if "scaler" in sd and self.scaler is not None and hasattr(self.scaler, "load_state_dict"):
             self.scaler.load_state_dict(sd["scaler"])
+        pos = sd.get("loader_positions", {})
+        self._taken = {"_val_iter": int(pos.get("val_loader", 0)), "_train_iter": int(pos.get("hyper_train_loader", 0))}
+        self._val_iter = self._train_iter = None  # made afresh at the next hyper-step, skipping those batches
+        if "generator" in sd and self.generator is not None:
+            self.generator.set_state(sd["generator"])
         if "engine_state" in sd or "lambda_max" in sd:
             from .engine import EngineState
 
