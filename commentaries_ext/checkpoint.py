@@ -273,6 +273,7 @@ def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict:
                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
     st["generators"] = {k: g.get_state() for k, g in (generators or {}).items()}
     st["solver_choices"] = _solver_choices()
+    st["conv_choices"] = _conv_choices()
     return st
 
 
@@ -293,6 +294,7 @@ def set_rng_state(st: Mapping, generators: Mapping[str, torch.Generator] | None 
         np.random.set_state((s["name"], s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"],
                              s["cached_gaussian"]))
     _set_solver_choices(st.get("solver_choices", []))
+    _set_conv_choices(st.get("conv_choices", []))
     saved = st.get("generators", {})
     for k, g in (generators or {}).items():
         if k not in saved:
@@ -307,6 +309,26 @@ def _solver_choices() -> list:
 
     return [{"name": k[0], "dtype": str(k[1]), "shapes": [list(s) for s in k[2]], "fused": bool(v)}
             for k, v in vector._choice.items()]
+
+
+def _conv_choices() -> list:
+    """The engine's timed choices between matmul + col2im and ``convolution_backward`` for
+    convolution input gradients (they change the rounding: a resumed run makes the same ones)."""
+    from .engine import conv
+
+    return [{"grad_out": list(k[0]), "input": list(k[1]), "weight": list(k[2]), "dtype": str(k[3]),
+             "stride": list(k[4]), "padding": list(k[5]), "dilation": list(k[6]), "fold": bool(v)}
+            for k, v in conv._FOLD_FASTER.items()]
+
+
+def _set_conv_choices(choices) -> None:
+    from .engine import conv
+
+    for c in choices:
+        key = (tuple(c["grad_out"]), tuple(c["input"]), tuple(c["weight"]),
+               getattr(torch, c["dtype"].replace("torch.", "")), tuple(c["stride"]), tuple(c["padding"]),
+               tuple(c["dilation"]))
+        conv._FOLD_FASTER[key] = bool(c["fold"])
 
 
 def _set_solver_choices(choices) -> None:

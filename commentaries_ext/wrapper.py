@@ -291,7 +291,9 @@ class CommentaryOptimizer:
         if it is None:
             it = iter(loader)
             setattr(self, attr, it)
-            for _ in range(self._taken[attr]):  # resumed part-way through a pass (load_state_dict)
+            # resumed part-way through a pass (load_state_dict) of a sized loader: skip what was taken
+            # (an endless stream, e.g. random batches from a restored generator, just continues)
+            for _ in range(self._taken[attr] if hasattr(loader, "__len__") else 0):
                 if next(it, None) is None:
                     it = iter(loader)
                     setattr(self, attr, it)

@@ -166,3 +166,25 @@ def test_mode_passes_through_torch_func():
         gx = torch.func.grad(lambda t: F.conv2d(t, w.detach(), None).square().sum())(x.detach())
     assert mode.calls == 0
     assert torch.allclose(gx, torch.autograd.grad(F.conv2d(x, w.detach()).square().sum(), x)[0])
+
+
+def test_no_timing_under_deterministic_algorithms_and_choices_travel_with_checkpoints(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the choice is convolution_backward, untimed
+    (a timed choice changed the rounding between runs: a BPTT commentary 0.02 apart after 3 outer
+    steps), and the timed choices are saved and restored by checkpoint.rng_state."""
+    from commentaries_ext import checkpoint
+
+    monkeypatch.setattr(C, "_FOLD_FASTER", {})
+    key = ((2, 4, 5, 5), (2, 2, 7, 7), (4, 2, 3, 3), torch.float32, (1, 1), (0, 0), (1, 1))
+    monkeypatch.setattr(C, "input_grad_by_fold", None)  # timing would call it
+    det = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert C.fold_is_faster(key) is False and C._FOLD_FASTER == {}
+    finally:
+        torch.use_deterministic_algorithms(det)
+    C._FOLD_FASTER[key] = True
+    st = checkpoint.rng_state()
+    C._FOLD_FASTER.clear()
+    checkpoint.set_rng_state(st)
+    assert C._FOLD_FASTER == {key: True}

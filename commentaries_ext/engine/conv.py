@@ -43,8 +43,15 @@ def input_grad_by_fold(go, weight, in_hw, kernel, stride, padding, dilation):
 
 def fold_is_faster(key) -> bool:
     """``key = (grad_out shape, input shape, weight shape, dtype, stride, padding, dilation)``;
-    timed once per key: the fold against ``convolution_backward``'s input gradient."""
+    timed once per key: the fold against ``convolution_backward``'s input gradient. Under
+    ``torch.use_deterministic_algorithms(True)`` or torch.distributed nothing is timed and
+    ``convolution_backward`` is used (a timed choice changes the rounding from run to run, and
+    could differ between ranks); the choices made are saved with a checkpoint."""
     if key not in _FOLD_FASTER:
+        from .. import distributed
+
+        if torch.are_deterministic_algorithms_enabled() or distributed.enabled():
+            return False
         from .vector import best_seconds
 
         go_shape, in_shape, w_shape, dtype, stride, padding, dilation = key

@@ -64,14 +64,18 @@ def _fused_fn(name: str, *lists):
     """The fused op ``name`` when present, applicable to these lists and not slower
     than the ``torch._foreach`` path on them (timed once per op and shapes: a
     kernel regression must not slow the solvers down), else None.  Under
-    ``torch.use_deterministic_algorithms(True)`` nothing is timed and the fused op is
-    used (a timing-based choice changes the summation order from run to run); the
+    ``torch.use_deterministic_algorithms(True)`` or torch.distributed nothing is timed and the
+    fused op is used (a timing-based choice changes the summation order from run to run, and
+    could differ between ranks); the
     choices made are saved with a checkpoint (``commentaries_ext.checkpoint``)."""
     mod = _solver_ops()
     if mod is None or not _supported(*lists):
         return None
     fn = getattr(mod, name, None)
-    if fn is None or not CALIBRATE or torch.are_deterministic_algorithms_enabled():
+    from .. import distributed
+
+    # (under torch.distributed every rank must take the same path: a timed choice could differ)
+    if fn is None or not CALIBRATE or torch.are_deterministic_algorithms_enabled() or distributed.enabled():
         return fn
     key = (name, lists[0][0].dtype, tuple(tuple(t.shape) for t in lists[0]))
     choice = _choice.get(key)
