@@ -49,6 +49,11 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None], *, tmp: Path | N
     path.parent.mkdir(parents=True, exist_ok=True)
     if tmp is None:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # mkstemp makes the file readable by its owner only: give the new file the mode a plain
+        # open() would (0666 less the umask), as the file it replaces had
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         f = os.fdopen(fd, "wb")
         tmp = Path(name)
     else:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
-from ._atomic import check_writable
+from ._atomic import check_writable, write_atomic
 from .checkpoint import CheckpointError
 from .models import ARCHITECTURES, make_student
 
@@ -67,9 +67,8 @@ def _stem(path: Path) -> Path:
 
 
 def _write_json(path: Path, obj) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=_json_default))
-    return path
+    text = json.dumps(obj, indent=2, default=_json_default).encode()
+    return write_atomic(path, lambda f: f.write(text))  # a crash leaves the old file or the new one
 
 
 def _json_default(o):
@@ -182,7 +181,7 @@ def learn_commentary(kind: str, splits, args, quiet=False):
         bar = _tqdm(args.outer_steps, f"learn {kind} (BPTT)", quiet)
 
         def cb(step, rec):
-            bar.update(1)
+            _advance(bar, step, args)
             bar.set_postfix(val_loss=f"{rec['val_loss']:.3f}")
 
         res = learn_bptt(commentary, factory, splits.train, splits.val, inner_steps=args.inner_steps,
@@ -194,7 +193,7 @@ def learn_commentary(kind: str, splits, args, quiet=False):
         bar = _tqdm(args.steps, f"learn {kind} (IFT)", quiet)
 
         def cb(step, rec):
-            bar.update(1)
+            _advance(bar, step, args)
             if "val_loss" in rec:
                 bar.set_postfix(val_loss=f"{rec['val_loss']:.3f}")
 
@@ -205,7 +204,17 @@ def learn_commentary(kind: str, splits, args, quiet=False):
     else:
         raise ValueError(f"--algorithm must be bptt or ift, got {algo!r}")
     bar.close()
-    return commentary, res, time.perf_counter() - t0
+    # the job's time over all its runs (learn_* add a resumed checkpoint's)
+    return commentary, res, res.info.get("seconds", time.perf_counter() - t0)
+
+
+def _advance(bar, step: int, args) -> None:
+    """The bar at ``step + 1`` done (a resumed run's starts where the checkpoint was, and says so)."""
+    if not getattr(bar, "started", False):
+        bar.started = True
+        if step > 0 and not bar.disable:
+            bar.write(f"resumed from {args.checkpoint_path} at step {step}", file=sys.stderr)
+    bar.update(step + 1 - bar.n)
 
 
 def _ift_solver(args):
@@ -551,6 +560,11 @@ def main(argv=None) -> int:
         args.kind = "weighting"
     if getattr(args, "solver", None) == "cg" and getattr(args, "neumann_k", None) is not None:
         parser.error("--neumann-k sets the Neumann series' terms; it has no effect with --solver cg")
+    if getattr(args, "checkpoint_path", None) is None:  # (they were accepted and did nothing)
+        if getattr(args, "checkpoint_every", None) is not None:
+            parser.error("--checkpoint-every needs --checkpoint-path")
+        if getattr(args, "no_resume", False):
+            parser.error("--no-resume needs --checkpoint-path")
     _finish_defaults(args)
     try:
         args.func(args)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -159,6 +160,22 @@ def _engine_opt_config(opt):
     return cfg
 
 
+class _Clock:
+    """The job's wall time over all its runs (a resumed run adds the checkpoint's): ``info["seconds"]``
+    at the end, with ``info["resumed_at_step"]`` when it continued a checkpoint."""
+
+    def __init__(self, result, state, start):
+        self.result, self.before, self.t0 = result, float((state or {}).get("seconds", 0.0)), time.perf_counter()
+        if state is not None:
+            result.info["resumed_at_step"] = start
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.t0
+
+    def stop(self) -> None:
+        self.result.info["seconds"] = round(self.seconds(), 3)
+
+
 def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module], train_data, val_data, *,
                inner_steps: int = 100, inner_optimizer: Any = "adam", inner_lr: float = 1e-4,
                outer_steps: int = 10, outer_lr: float = 1e-4, outer_optimizer: torch.optim.Optimizer | None = None,
@@ -279,12 +296,13 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
         start = int(st["step"])
     # same_init=False: the shapes of the fresh students, from the checkpoint or the first one built
     student_shapes = None if st is None else st.get("student_shapes")
+    clock = _Clock(result, st, start)
 
     def ck_state():
         return {"commentary": commentary.state_dict(), "outer_optimizer": outer_optimizer.state_dict(),
                 "base": None if base is None else base.state_dict(), "history": result.history,
                 "skipped_steps": result.skipped_steps, "rng": rng_state({"gen": gen}),
-                "student_shapes": student_shapes}
+                "student_shapes": student_shapes, "seconds": clock.seconds()}
 
     # one scope over the loop: each outer step reuses the blocks the previous one freed
     with reuse_cpu_memory():
@@ -345,6 +363,7 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
                 callback(step, rec)
             if ck is not None:
                 ck.step_done(step + 1, ck_state)
+    clock.stop()
     return result
 
 
@@ -453,10 +472,11 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
         result.history = list(st["history"])
         set_rng_state(st["rng"], {"gen": gen})
         start = int(st["step"])
+    clock = _Clock(result, st, start)
 
     def ck_state():
         return {"student": student.state_dict(), "teacher": teacher.state_dict(), "history": result.history,
-                "rng": rng_state({"gen": gen})}
+                "rng": rng_state({"gen": gen}), "seconds": clock.seconds()}
 
     student.train()
     # one scope over the loop: the hyper-steps and student steps reuse each other's freed blocks
@@ -490,6 +510,7 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
     result.skipped_steps = teacher.skipped_steps + teacher.skipped_hyper_steps
     result.info["skipped_student_steps"] = teacher.skipped_steps
     result.info["skipped_hyper_steps"] = teacher.skipped_hyper_steps
+    clock.stop()
     return result
 
 

@@ -576,3 +576,56 @@ def test_the_wrapper_resumes_where_its_loaders_and_generator_were(deterministic)
     run(teacher, train[5:])
     assert teacher.hyper_steps == 8
     assert all(torch.equal(a, b) for a, b in zip(full, com.parameters()))
+
+
+def test_cli_learn_resumes_with_its_progress_and_time(tmp_path, capsys, monkeypatch, deterministic):
+    """`learn` interrupted and run again: it says it resumed and where, the progress bar starts
+    there (it restarted at 0/N), learned_with.seconds counts both runs (it counted the last) and the
+    commentary equals an uninterrupted run's. --checkpoint-every or --no-resume without
+    --checkpoint-path is refused (they were accepted and did nothing)."""
+    import json
+
+    from commentaries_ext import cli
+
+    base = ["learn", "weighting", "--data", "digits", "--arch", "mlp", "--outer-steps", "4", "--inner-steps", "2",
+            "--batch-size", "8", "--train-size", "64", "--val-size", "32", "--test-size", "32"]
+    assert cli.main(base + ["--quiet", "--out", str(tmp_path / "ref.commentary")]) == 0
+    ckpt = tmp_path / "l.ckpt"
+    args = base + ["--checkpoint-path", str(ckpt), "--out", str(tmp_path / "r.commentary")]
+    advance = cli._advance
+
+    def crash(bar, step, a):
+        if step == 2:
+            raise KeyboardInterrupt
+        advance(bar, step, a)
+
+    monkeypatch.setattr(cli, "_advance", crash)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(args)
+    monkeypatch.setattr(cli, "_advance", advance)
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert f"resumed from {ckpt} at step 2" in err and "2/4" not in err.split("resumed")[0]
+    ref, res = (json.loads((tmp_path / f"{s}.json").read_text()) for s in ("ref", "r"))
+    assert res["learned_with"]["resumed_at_step"] == 2 and "resumed_at_step" not in ref["learned_with"]
+    from commentaries_ext.files import load_commentary
+
+    a, b = load_commentary(tmp_path / "ref.commentary"), load_commentary(tmp_path / "r.commentary")
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    for flag in (["--checkpoint-every", "2"], ["--no-resume"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(base + flag)
+        assert e.value.code == 2 and "needs --checkpoint-path" in capsys.readouterr().err
+
+
+def test_atomic_files_get_the_usual_mode(tmp_path):
+    """mkstemp's temporary file is 0600: commentary files came out readable by their owner only."""
+    from commentaries_ext._atomic import write_atomic
+
+    umask = os.umask(0o022)
+    try:
+        p = write_atomic(tmp_path / "f.bin", lambda f: f.write(b"x"))
+    finally:
+        os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o644
