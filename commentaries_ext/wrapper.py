@@ -363,7 +363,8 @@ class CommentaryOptimizer:
             self._fm = FunctionalModule(self._module())
             if self._engine_state is None:  # load_state_dict may have restored one
                 self._engine_state = EngineState()
-            self._losses = (train_loss_fn(self.commentary, self._fm), val_loss_fn(self._fm))
+            self._losses = (train_loss_fn(self.commentary, self._fm, split=self.curvature == "gauss_newton"),
+                            val_loss_fn(self._fm))
         fm = self._fm
         train_loss, val_loss = self._losses
         dev = next(iter(self.model.parameters())).device

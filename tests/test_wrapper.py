@@ -372,3 +372,34 @@ def test_cuda_amp(make):
         teacher.step()
     assert teacher.hyper_steps == 3
     assert all(bool(torch.isfinite(p).all()) for p in list(model.parameters()) + list(com.parameters()))
+
+
+@pytest.mark.parametrize("kind", ["blending", "weighting", "tabular", "mask"])
+def test_gauss_newton_curvature_for_every_commentary(kind):
+    """curvature="gauss_newton" was accepted and then failed at the first hyper-step (the wrapper's
+    training loss was no SplitLoss). With a student whose logits are linear in its parameters the
+    Gauss-Newton matrix is the Hessian, so both give the same hypergradient (float64, CG to 1e-12)."""
+    from commentaries_ext.commentary import AttentionMask
+
+    x, y = _data(24, seed=3)
+    x, y = x.double(), y
+    grads = {}
+    for curvature in ("hessian", "gauss_newton"):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).double()
+        com = {"blending": lambda: Blending(3), "tabular": lambda: TabularWeighting(24),
+               "weighting": lambda: ExampleWeighting(nn.Sequential(nn.Flatten(), nn.Linear(16, 1)), call="x",
+                                                     num_classes=3),
+               "mask": lambda: AttentionMask(1, num_classes=3, width=4)}[kind]().double()
+        teacher = CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, com, val_loader=[(x, y)],
+                                      curvature=curvature, solver=CGConfig(max_iter=60, tol=1e-12, damping=1e-2),
+                                      generator=torch.Generator().manual_seed(0))
+        teacher.zero_grad()
+        teacher.loss(x[:8], y[:8], index=torch.arange(8)).backward()
+        teacher.step()
+        grads[curvature] = teacher.last_hyper.grads
+        assert (teacher.last_hyper.info["hvp"] == "GaussNewton") == (curvature == "gauss_newton")
+    assert grads["hessian"].keys() == grads["gauss_newton"].keys()
+    assert any(g.abs().max() > 0 for g in grads["hessian"].values())
+    for k, g in grads["hessian"].items():
+        torch.testing.assert_close(grads["gauss_newton"][k], g, rtol=1e-6, atol=1e-9)

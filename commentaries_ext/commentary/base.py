@@ -435,13 +435,31 @@ def call_commentary(commentary: Commentary, hparams: Mapping[str, torch.Tensor] 
     return functional_call(commentary, state, (batch,), strict=False)
 
 
-def train_loss_fn(commentary: Commentary, student: Callable) -> Callable:
+def train_loss_fn(commentary: Commentary, student: Callable, *, split: bool = False) -> Callable:
     """``L_T(params, hparams, batch)`` for the hypergradient engine.
 
     ``student(params, x) -> logits`` (e.g. an ``engine.functional.FunctionalModule``).
     Example weighting gives an ``engine.hvp.WeightedLoss`` (so the engine can use
-    its fast mixed term); the other commentaries a plain callable.
+    its fast mixed term); the other commentaries a plain callable. ``split=True`` (for
+    ``curvature="gauss_newton"``): an ``engine.hvp.SplitLoss`` of the student's logits and
+    the commentary's loss on them (the commentary is evaluated in both parts).
     """
+    if split:
+        from ..engine.hvp import SplitLoss
+
+        def prepared(hparams, batch):
+            with plain_ops():
+                return call_commentary(commentary, hparams, batch, pure=True)
+
+        def outputs(params, hparams, batch):
+            x = prepared(hparams, batch).x if commentary.kind != "example_weighting" else batch["x"]
+            return student(params, x)
+
+        def head(logits, hparams, batch):
+            with plain_ops():
+                return commentary_loss(logits, prepared(hparams, batch))
+
+        return SplitLoss(outputs, head)
     if commentary.kind == "example_weighting":
         try:
             from ..engine.hvp import WeightedLoss
