@@ -608,7 +608,7 @@ def test_fuzz_masked_blend(data):
     out, err = run_case(cat, lambda: bl.masked_blend(x_a, m, x_b=x_b, perm=perm), reasons)
     if err is not None:
         return
-    # float64 reference: xb + m (x_a - xb) (the documented formula), zero partner: m x_a
+    # float64 reference: m x_a + (1 - m) xb (the documented formula), zero partner: m x_a
     xa = x_a.to(F64)
     mm = m.to(F64)
     if mm.dim() == 1 and xa.dim() > 1:
@@ -618,8 +618,8 @@ def test_fuzz_masked_blend(data):
     else:
         src = xa if x_b is None else x_b.to(F64)
         xb = src if perm is None else src[perm.to(torch.int64)]
-        want = xb + mm * (xa - xb)
-        scale = xb.abs() + mm.abs() * (xa.abs() + xb.abs())
+        want = mm * xa + (1 - mm) * xb
+        scale = mm.abs() * xa.abs() + (1 - mm).abs() * xb.abs()
     assert out.dtype == x_a.dtype and out.shape == x_a.shape, f"{cat}: {out.dtype} {tuple(out.shape)}"
     eps = EPS[x_a.dtype]
     want = want.to(x_a.dtype).to(F64)  # the float32 result of a value beyond float32 range is +-inf
