@@ -388,14 +388,16 @@ def data_fingerprint(data) -> dict:
 
 
 def _optimizer_defaults(type_name: str) -> dict:
-    """The constructor defaults of ``torch.optim.<type_name>`` (empty for another optimizer)."""
-    import inspect
-
+    """The default settings of ``torch.optim.<type_name>`` (empty for another optimizer), from an
+    instance: a subclass may fix a setting its constructor does not take (AdamW's
+    decoupled_weight_decay=True)."""
     cls = getattr(torch.optim, type_name, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         return {}
-    return {k: plain(p.default) for k, p in inspect.signature(cls.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    try:
+        return {k: plain(v) for k, v in cls([torch.zeros(1, requires_grad=True)]).defaults.items()}
+    except Exception:  # an optimizer that needs more than parameters (e.g. a required lr)
+        return {}
 
 
 def _with_defaults(config):
@@ -459,10 +461,12 @@ class Checkpointer:
     ``kind`` names the loop (``"learn_bptt"``, ...), ``config`` the run
     configuration (see :func:`plain`); ``every`` in the loop's steps (outer steps
     for BPTT); ``total`` the number of steps (the final state is always saved).
+    ``upgrade(state)``: brings a checkpoint written by an older version to the present
+    layout (its ``config`` and state) before the comparison, so that it still resumes.
     """
 
     def __init__(self, path, kind: str, config: Mapping, *, every: int | None = None, total: int | None = None,
-                 resume: bool = True):
+                 resume: bool = True, upgrade: Callable[[dict], None] | None = None):
         every = default_every(kind) if every is None else int(every)
         if every <= 0:
             raise ValueError(f"checkpoint_every must be a positive number of steps, got {every}")
@@ -474,6 +478,7 @@ class Checkpointer:
                 raise CheckpointError(self.path, f"cannot be written ({e.strerror or e})") from e
         self.config = plain(dict(config))
         self.resume = bool(resume)
+        self.upgrade = upgrade
         self.saves = 0
         self.loaded_from: Path | None = None
 
@@ -487,6 +492,8 @@ class Checkpointer:
             return None
         if state.get("kind") != self.kind:
             raise CheckpointError(used, f"written by {state.get('kind')!r}, not {self.kind!r}")
+        if self.upgrade is not None and isinstance(state.get("config"), dict):
+            self.upgrade(state)
         refuse_changes(used, _with_defaults(state.get("config")), _with_defaults(self.config))
         self.loaded_from = used
         return state
@@ -523,10 +530,10 @@ def _is_writer() -> bool:
 
 
 def make_checkpointer(path, kind: str, config: Mapping | Callable[[], Mapping], *, every=None, total=None,
-                      resume=True):
+                      resume=True, upgrade=None):
     """A :class:`Checkpointer`, or None when ``path`` is None (``config`` may be a
     callable: it is then only evaluated -- data fingerprints hashed -- when checkpointing)."""
     if path is None:
         return None
     return Checkpointer(path, kind, config() if callable(config) else config, every=every, total=total,
-                        resume=resume)
+                        resume=resume, upgrade=upgrade)

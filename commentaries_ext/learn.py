@@ -160,6 +160,18 @@ def _engine_opt_config(opt):
     return cfg
 
 
+def _upgrade_checkpoint(state: dict, world: int) -> None:
+    """A checkpoint of learn_bptt / learn_ift written before session 20's layout, in today's: fresh
+    students' shapes moved from the configuration to the state; the world size was not recorded
+    (taken as this run's, as those versions did)."""
+    cfg = state["config"]
+    if state.get("kind") == "learn_bptt" and cfg.get("same_init") is False and isinstance(cfg.get("student"), dict):
+        state["student_shapes"] = cfg["student"]
+        cfg["student"] = "fresh each outer step"
+    if world > 1:
+        cfg.setdefault("world_size", world)
+
+
 class _Clock:
     """The job's wall time over all its runs (a resumed run adds the checkpoint's): ``info["seconds"]``
     at the end, with ``info["resumed_at_step"]`` when it continued a checkpoint."""
@@ -279,7 +291,7 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
         "student": shapes(base) if base is not None else "fresh each outer step",
         "train_data": data_fingerprint((x, y)), "val_data": data_fingerprint((xv, yv)),
         **({"world_size": world} if world > 1 else {})},
-        every=checkpoint_every, total=outer_steps, resume=resume)
+        every=checkpoint_every, total=outer_steps, resume=resume, upgrade=lambda st: _upgrade_checkpoint(st, world))
     start = 0
     st = ck.load() if ck is not None else None
     if st is not None:
@@ -463,7 +475,7 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
         "train_data": data_fingerprint((x, y)), "val_data": data_fingerprint((xv, yv)),
         # the shards change the computation (per-shard BatchNorm statistics, blending partners)
         **({"world_size": world} if world > 1 else {})},
-        every=checkpoint_every, total=steps, resume=resume)
+        every=checkpoint_every, total=steps, resume=resume, upgrade=lambda st: _upgrade_checkpoint(st, world))
     start = 0
     st = ck.load() if ck is not None else None
     if st is not None:

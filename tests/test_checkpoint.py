@@ -492,6 +492,12 @@ def test_a_torch_optimizer_setting_added_later_does_not_refuse_a_checkpoint(tmp_
     ckpt = tmp_path / "o.ckpt"
     C.Checkpointer(ckpt, "job", old).save(1, {"x": 1})
     assert C.Checkpointer(ckpt, "job", cfg).load()["x"] == 1
+    # AdamW fixes decoupled_weight_decay=True without taking it in its constructor
+    adamw = {"optimizer": C.optimizer_config(torch.optim.AdamW([nn.Parameter(torch.zeros(2))], lr=0.1))}
+    old = copy.deepcopy(adamw)
+    del old["optimizer"]["groups"][0]["decoupled_weight_decay"]
+    C.Checkpointer(tmp_path / "w.ckpt", "job", old).save(1, {"x": 2})
+    assert C.Checkpointer(tmp_path / "w.ckpt", "job", adamw).load()["x"] == 2
     changed = {"optimizer": C.optimizer_config(torch.optim.Adam([nn.Parameter(torch.zeros(2))], lr=0.1,
                                                                  betas=(0.8, 0.999)))}
     with pytest.raises(CheckpointError, match=r"optimizer.groups\[0\].betas: checkpoint \[0.9, 0.999\], now \[0.8, 0.999\]"):
@@ -524,6 +530,14 @@ def test_fresh_students_from_a_seeded_factory_resume_bit_exact(tmp_path, determi
         return com.state_dict()
 
     ref = run()
+    # a checkpoint in the layout before this change (fresh students' shapes in the configuration, not
+    # in the state) still resumes: the loop upgrades it before the comparison
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "old.ckpt", crash_at=1)
+    st = read_checkpoint(tmp_path / "old.ckpt")
+    st["config"]["student"] = st.pop("student_shapes")
+    C.save_checkpoint(tmp_path / "old.ckpt", st, keep_previous=False)
+    assert all(torch.equal(v, run(tmp_path / "old.ckpt")[k]) for k, v in ref.items())
     for got in (run(tmp_path / "a.ckpt"), None):
         if got is None:
             with pytest.raises(KeyboardInterrupt):
