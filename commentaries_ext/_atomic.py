@@ -9,6 +9,8 @@ temporary file is removed.
 from __future__ import annotations
 
 import os
+import secrets
+import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -40,6 +42,29 @@ def check_writable(path: Path) -> None:
         raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
 
 
+def _new_temporary(path: Path) -> tuple[int, Path]:
+    """A fresh ``.<name>.*.tmp`` beside ``path``, opened for writing, with the mode the new file
+    should have: the replaced file's, else what a plain ``open()`` gives (0666 less the umask,
+    applied by the kernel). ``mkstemp`` would make every file readable by its owner only."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = None
+    for _ in range(tempfile.TMP_MAX):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        if mode is not None:
+            try:  # the umask may have removed bits the old file had
+                os.fchmod(fd, mode)
+            except OSError:  # a file system without modes: its default
+                pass
+        return fd, tmp
+    raise FileExistsError(f"no free temporary name beside {path}")  # pragma: no cover
+
+
 def write_atomic(path: Path, write: Callable[[BinaryIO], None], *, tmp: Path | None = None,
                  before_replace: Callable[[], None] | None = None) -> Path:
     """Replace ``path`` by what ``write(f)`` writes. ``tmp``: the temporary file (default: a
@@ -48,14 +73,8 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None], *, tmp: Path | N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if tmp is None:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        # mkstemp makes the file readable by its owner only: give the new file the mode a plain
-        # open() would (0666 less the umask), as the file it replaces had
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        fd, tmp = _new_temporary(path)
         f = os.fdopen(fd, "wb")
-        tmp = Path(name)
     else:
         f = open(tmp, "wb")
     try:

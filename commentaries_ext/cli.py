@@ -214,6 +214,7 @@ def _advance(bar, step: int, args) -> None:
         bar.started = True
         if step > 0 and not bar.disable:
             bar.write(f"resumed from {args.checkpoint_path} at step {step}", file=sys.stderr)
+            bar.n = bar.last_print_n = bar.initial = step  # (the rate counts this run's steps only)
     bar.update(step + 1 - bar.n)
 
 

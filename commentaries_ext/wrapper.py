@@ -338,8 +338,7 @@ class CommentaryOptimizer:
         return m
 
     def _dist(self) -> bool:
-        on = D.enabled()
-        return on if self.distributed is None else (bool(self.distributed) and on)
+        return D.use_distributed(self.distributed)
 
     def _solver(self):
         from .engine import NeumannConfig
@@ -384,7 +383,8 @@ class CommentaryOptimizer:
 
             reduce = ShardReducer(self.process_group, train_reduction=getattr(self.commentary, "reduction", "mean"),
                                   train_size=int(train_batch["x"].shape[0]), val_size=int(xv.shape[0]))
-        with autocast_off:  # (FunctionalModule runs compiled submodules eagerly)
+        fm.find_compiled()  # (a module.compile() since the last hyper-step: run eagerly as well)
+        with autocast_off:
             res = implicit_hypergradient(
                 train_loss, val_loss, fm.params(), hparams, train_batch, val_batch,
                 solver=self._solver(), curvature=self.curvature, hvp=self.hvp, state=self._engine_state,

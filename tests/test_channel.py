@@ -248,6 +248,28 @@ def test_wide_inputs_with_short_rows(name):
     torch.testing.assert_close(one, torch.stack([x.sum(0), (x * b).sum(0)]), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ kernels are not built")
+def test_cpp_sums_scratch_is_bounded():
+    """The C++ sums' per-chunk partials of a [256, 32768] float32 input (32 MB) took 128 MB; now at
+    most 8 MB or 64 outputs' worth (16 MB here). Peak memory measured in a fresh process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, torch\n"
+        "from commentaries_ext import backend\n"
+        "from commentaries_ext.ops.channel import channel_sums\n"
+        "x = torch.randn(256, 32768)\n"
+        "with backend.use('cpp'):\n"
+        "    channel_sums([x[:2, :64]])\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "    out = channel_sums([x])\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert int(res.stdout.split()[-1]) < 48, f"peak memory grew by {res.stdout.split()[-1]} MB"
+
+
 @pytest.mark.parametrize("name", backend.candidates("batch_norm_reverse", "cpu"))
 @pytest.mark.parametrize("shape", [(0, 3, 4), (2, 3, 0), (4, 0, 2)])
 def test_batch_norm_reverse_of_empty_inputs_is_zero(name, shape):

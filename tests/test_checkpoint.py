@@ -616,6 +616,8 @@ def test_cli_learn_resumes_with_its_progress_and_time(tmp_path, capsys, monkeypa
     monkeypatch.setattr(cli, "_advance", crash)
     with pytest.raises(KeyboardInterrupt):
         cli.main(args)
+    first_run = read_checkpoint(ckpt)["seconds"]
+    assert first_run > 0
     monkeypatch.setattr(cli, "_advance", advance)
     capsys.readouterr()
     assert cli.main(args) == 0
@@ -623,6 +625,7 @@ def test_cli_learn_resumes_with_its_progress_and_time(tmp_path, capsys, monkeypa
     assert f"resumed from {ckpt} at step 2" in err and "2/4" not in err.split("resumed")[0]
     ref, res = (json.loads((tmp_path / f"{s}.json").read_text()) for s in ("ref", "r"))
     assert res["learned_with"]["resumed_at_step"] == 2 and "resumed_at_step" not in ref["learned_with"]
+    assert res["learned_with"]["seconds"] > first_run
     from commentaries_ext.files import load_commentary
 
     a, b = load_commentary(tmp_path / "ref.commentary"), load_commentary(tmp_path / "r.commentary")
@@ -643,3 +646,8 @@ def test_atomic_files_get_the_usual_mode(tmp_path):
     finally:
         os.umask(umask)
     assert p.stat().st_mode & 0o777 == 0o644
+    os.chmod(p, 0o600)  # a private file stays private when rewritten (and a 0o664 keeps its group bit)
+    assert write_atomic(p, lambda f: f.write(b"y")).stat().st_mode & 0o777 == 0o600
+    os.chmod(p, 0o664)
+    assert write_atomic(p, lambda f: f.write(b"z")).stat().st_mode & 0o777 == 0o664 and p.read_bytes() == b"z"
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -316,6 +316,25 @@ def test_compiled_student(how):
     torch.compiler.reset()
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method:DeprecationWarning")
+def test_a_submodule_compiled_after_the_first_hyper_step():
+    """module.compile() after a warm-up: the next hyper-step runs it eagerly too (the compiled
+    submodules were looked for once, at the first hyper-step, and the second failed in the double
+    backward)."""
+    x, y = _data(32, seed=4)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))
+    teacher = CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, TabularWeighting(32),
+                                  val_loader=[(x, y)], hyper_lr=0.1)
+    for i in range(2):
+        teacher.zero_grad()
+        teacher.loss(x[:8], y[:8], index=torch.arange(8)).backward()
+        teacher.step()
+        if i == 0:
+            model[1].compile(backend="aot_eager")
+    assert teacher.hyper_steps == 2 and model[1]._compiled_call_impl is not None
+    torch.compiler.reset()
+
+
 def test_fresh_training_batch_for_the_hyper_step():
     x, y = _data()
     model = _model()

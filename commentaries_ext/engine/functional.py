@@ -22,7 +22,7 @@ the module's).
 Compiled students.  The engine differentiates the student twice, which compiled graphs do not
 support: a ``torch.compile(model)`` wrapper is unwrapped to the module it holds (same
 parameters; names without ``_orig_mod.``), and submodules compiled in place
-(``module.compile()`` before the ``FunctionalModule`` is made) run eagerly inside its calls.
+(``module.compile()``; see ``find_compiled``) run eagerly inside its calls.
 """
 from __future__ import annotations
 
@@ -60,8 +60,7 @@ class FunctionalModule:
     def __init__(self, module: nn.Module, *, trainable_only: bool = True):
         module = uncompiled(module)
         self.module = module
-        # found once: walking the modules on every call would cost the inner steps of unroll
-        self._compiled = [m for m in module.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+        self.find_compiled()
         self.param_names = [n for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
         self.frozen = {n: p for n, p in module.named_parameters() if n not in self.param_names}
         self.buffer_names = [n for n, _ in module.named_buffers()]
@@ -71,6 +70,12 @@ class FunctionalModule:
             if isinstance(mod, _NORM_TYPES):
                 for bname, _ in mod.named_buffers(recurse=False):
                     self._stat_owner[f"{mname}.{bname}" if mname else bname] = mod
+
+    def find_compiled(self) -> None:
+        """Look again for submodules compiled in place (done when made: walking the modules on
+        every call would cost the inner steps of unroll; the wrapper looks again per hyper-step,
+        for a ``module.compile()`` after its first one)."""
+        self._compiled = [m for m in self.module.modules() if getattr(m, "_compiled_call_impl", None) is not None]
 
     # ------------------------------------------------------------------ state
     def params(self, *, detach: bool = True) -> dict[str, torch.Tensor]:

@@ -29,12 +29,13 @@ namespace commentaries_ext {
 namespace {
 
 // Rows (one channel of one example, S elements) per chunk of the per-channel sums: ~16K elements,
-// but at most kMaxChunks chunks, each with its own partial sums of every channel (so the scratch
-// stays within kMaxChunks x the output; 16K-element chunks of a [N, C] input with small S would
-// need N C^2 / 16K of it). A fixed count, not the thread count: the sums do not depend on it.
-constexpr int64_t kMaxChunks = 64;
-int64_t rows_per_chunk(int64_t rows, int64_t S) {
-  return std::max({int64_t(1), 16384 / std::max<int64_t>(S, 1), (rows + kMaxChunks - 1) / kMaxChunks});
+// each chunk with its own partial sums of every channel (`sums_per_chunk` doubles), but no more
+// chunks than keep that scratch within 8 MB or 64 outputs' worth (16K-element chunks of a [N, C]
+// input with small S needed N C^2 / 16K doubles: 128 MB for a 32 MB [256, 32768]). Independent of
+// the thread count, so that the sums are too; inputs with few channels keep their many chunks.
+int64_t rows_per_chunk(int64_t rows, int64_t S, int64_t sums_per_chunk) {
+  const int64_t max_chunks = std::max<int64_t>(64, (int64_t(1) << 20) / std::max<int64_t>(sums_per_chunk, 1));
+  return std::max({int64_t(1), 16384 / std::max<int64_t>(S, 1), (rows + max_chunks - 1) / max_chunks});
 }
 
 constexpr int64_t kMaxTerms = 8;
@@ -84,7 +85,7 @@ at::Tensor cpp_channel_sums(at::TensorList a, const c10::List<std::optional<at::
     T* o = out.mutable_data_ptr<T>();
     // fixed chunks of rows in memory order (streaming reads); per-chunk partial sums, added
     // in chunk order
-    const int64_t rows = N * C, per = rows_per_chunk(rows, S);
+    const int64_t rows = N * C, per = rows_per_chunk(rows, S, K * C);
     const int64_t chunks = (rows + per - 1) / per;
     std::vector<double> part(static_cast<size_t>(chunks * K * C), 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t q0, int64_t q1) {
@@ -200,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_batch_norm_reverse(
     const T *pu = u.const_data_ptr<T>(), *pg = gy.const_data_ptr<T>(), *px = x.const_data_ptr<T>();
     const T* pmean = mean.const_data_ptr<T>();
     // pass 1: per-channel sums of u, u (x - mean), u gy
-    const int64_t rows = N * C, per = rows_per_chunk(rows, S);
+    const int64_t rows = N * C, per = rows_per_chunk(rows, S, 3 * C);
     const int64_t chunks = (rows + per - 1) / per;
     std::vector<double> part(static_cast<size_t>(chunks * 3 * C), 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t q0, int64_t q1) {
