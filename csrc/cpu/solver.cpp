@@ -64,7 +64,8 @@ void check_lists(const char* op, std::initializer_list<at::TensorList> lists) {
 
 // The first n_mut lists are updated in place: none of their tensors may share memory with
 // another tensor of any list (the pass reads and writes them together, chunks in parallel).
-// The Python layer checks this too; a direct torch.ops call meets this check. Every tensor
+// ops/solver.py leaves this check to the C++ kernels when they run (it checks for the others).
+// Every tensor
 // is contiguous (check_lists), so each spans [data_ptr, data_ptr + nbytes): one sort, one sweep.
 void check_no_overlap(const char* op, std::initializer_list<at::TensorList> lists,
                       std::initializer_list<const char*> names, size_t n_mut) {
@@ -82,7 +83,7 @@ void check_no_overlap(const char* op, std::initializer_list<at::TensorList> list
     }
     ++l;
   }
-  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  std::stable_sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
   // the spans reaching furthest so far: of any list, and of an updated list
   const Span* far_any = nullptr;
   const Span* far_mut = nullptr;
@@ -90,8 +91,12 @@ void check_no_overlap(const char* op, std::initializer_list<at::TensorList> list
   for (const Span& s : spans) {
     const bool mut = s.list < n_mut;
     const Span* other = mut ? far_any : far_mut;
-    TORCH_CHECK(!other || s.begin >= other->end, op, ": ", name(*other), " and ", name(s),
-                " share memory; the lists updated in place must not alias or overlap any other argument");
+    if (other && s.begin < other->end) {  // (the message and the error type of ops/solver.py's check)
+      const bool s_named_first = !(mut && other->list >= n_mut);  // the updated one goes second
+      TORCH_CHECK_VALUE(false, op, ": ", name(s_named_first ? s : *other), " shares memory with ",
+                        name(s_named_first ? *other : s),
+                        ", which is updated in place; the updated vectors must not alias or overlap any other argument");
+    }
     if (!far_any || s.end > far_any->end) far_any = &s;
     if (mut && (!far_mut || s.end > far_mut->end)) far_mut = &s;
   }
