@@ -36,7 +36,8 @@ bad partner is an error, not an access out of bounds; ``cpp`` also checks
 With ``xb = (x_a if x_b is None else x_b)[perm]`` (no gather when ``perm`` is None):
 
 ``blend_forward(Tensor x_a, Tensor m, Tensor? x_b, Tensor? perm) -> Tensor``
-    ``out = m * x_a + (1 - m) * xb`` (so a 0/1 mask gives ``x_a`` or ``xb`` exactly), a new
+    ``out = m * x_a + (1 - m) * xb`` (so a 0/1 mask gives ``x_a`` or ``xb`` exactly; a term beyond
+    the dtype's range, from a mask far outside [0, 1], gives inf or NaN), a new
     tensor with ``x_a``'s shape and strides (``torch.empty_like(x_a)``).
 
 ``blend_backward(Tensor grad, Tensor x_a, Tensor m, Tensor? x_b, Tensor? perm, bool[3] output_mask) -> (Tensor, Tensor, Tensor)``
