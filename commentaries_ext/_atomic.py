@@ -8,10 +8,12 @@ temporary file is removed.
 """
 from __future__ import annotations
 
+import glob
 import os
 import secrets
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -65,6 +67,21 @@ def _new_temporary(path: Path) -> tuple[int, Path]:
     raise FileExistsError(f"no free temporary name beside {path}")  # pragma: no cover
 
 
+STALE_SECONDS = 3600
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of ``path`` left by a process killed while writing it (an error removes its
+    own): those untouched for an hour; a writer busy now touches its file as it writes."""
+    now = time.time()
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if now - old.stat().st_mtime > STALE_SECONDS:
+                old.unlink()
+        except OSError:  # gone meanwhile, or not ours to remove
+            pass
+
+
 def write_atomic(path: Path, write: Callable[[BinaryIO], None], *, tmp: Path | None = None,
                  before_replace: Callable[[], None] | None = None) -> Path:
     """Replace ``path`` by what ``write(f)`` writes. ``tmp``: the temporary file (default: a
@@ -73,6 +90,7 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None], *, tmp: Path | N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if tmp is None:
+        _remove_stale_temporaries(path)
         fd, tmp = _new_temporary(path)
         f = os.fdopen(fd, "wb")
     else:

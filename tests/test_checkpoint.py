@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -651,3 +652,20 @@ def test_atomic_files_get_the_usual_mode(tmp_path):
     os.chmod(p, 0o664)
     assert write_atomic(p, lambda f: f.write(b"z")).stat().st_mode & 0o777 == 0o664 and p.read_bytes() == b"z"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_temporaries_of_a_killed_writer_are_cleaned_up(tmp_path):
+    """A process killed while writing a commentary file left its .<name>.*.tmp for good; the next
+    write of that path removes those untouched for an hour (a fresh one may be a live writer's)."""
+    from commentaries_ext import _atomic
+
+    stale, fresh = tmp_path / ".c.commentary.dead.tmp", tmp_path / ".c.commentary.live.tmp"
+    other = tmp_path / ".d.commentary.dead.tmp"  # another file's
+    for t in (stale, fresh, other):
+        t.write_bytes(b"partial")
+    hours_ago = time.time() - 2 * _atomic.STALE_SECONDS
+    os.utime(stale, (hours_ago, hours_ago))
+    os.utime(other, (hours_ago, hours_ago))
+    _atomic.write_atomic(tmp_path / "c.commentary", lambda f: f.write(b"new"))
+    assert not stale.exists() and fresh.exists() and other.exists()
+    assert (tmp_path / "c.commentary").read_bytes() == b"new"
