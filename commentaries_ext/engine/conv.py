@@ -48,11 +48,10 @@ def fold_is_faster(key) -> bool:
     ``convolution_backward`` is used (a timed choice changes the rounding from run to run, and
     could differ between ranks); the choices made are saved with a checkpoint."""
     if key not in _FOLD_FASTER:
-        from .. import distributed
+        from .vector import best_seconds, timing_allowed
 
-        if torch.are_deterministic_algorithms_enabled() or distributed.enabled():
+        if not timing_allowed():
             return False
-        from .vector import best_seconds
 
         go_shape, in_shape, w_shape, dtype, stride, padding, dilation = key
         g = torch.Generator().manual_seed(0)

@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from .. import distributed
+
 Vec = Sequence[torch.Tensor]
 
 _fused = None  # the ops.solver module once it is importable
@@ -72,10 +74,7 @@ def _fused_fn(name: str, *lists):
     if mod is None or not _supported(*lists):
         return None
     fn = getattr(mod, name, None)
-    from .. import distributed
-
-    # (under torch.distributed every rank must take the same path: a timed choice could differ)
-    if fn is None or not CALIBRATE or torch.are_deterministic_algorithms_enabled() or distributed.enabled():
+    if fn is None or not CALIBRATE or not timing_allowed():
         return fn
     key = (name, lists[0][0].dtype, tuple(tuple(t.shape) for t in lists[0]))
     choice = _choice.get(key)
@@ -108,6 +107,13 @@ def _calibrate(name, fn, like) -> bool:
         return best_seconds(fused) <= 1.5 * best_seconds(plain)
     except Exception:
         return False
+
+
+def timing_allowed() -> bool:
+    """Whether the engine may choose kernels by timing them (``_fused_fn``, ``conv.fold_is_faster``):
+    not under ``torch.use_deterministic_algorithms(True)`` (a timed choice changes the rounding
+    from run to run) nor under torch.distributed (ranks could choose differently)."""
+    return not torch.are_deterministic_algorithms_enabled() and not distributed.enabled()
 
 
 def best_seconds(f, repeats: int = 3) -> float:

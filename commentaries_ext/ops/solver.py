@@ -145,7 +145,7 @@ def _as_list(name: str, fn: str, v: VecLike) -> list[Tensor]:
 
 
 def _validate(fn: str, mutated: dict[str, VecLike], read: dict[str, VecLike],
-              op: str = "") -> tuple[dict, torch.device, torch.dtype]:
+              op: str | None = None) -> tuple[dict, torch.device, torch.dtype]:
     lists = {k: _as_list(k, fn, v) for k, v in {**mutated, **read}.items()}
     names = list(lists)
     first = lists[names[0]]
@@ -184,8 +184,9 @@ def _validate(fn: str, mutated: dict[str, VecLike], read: dict[str, VecLike],
         ts = lists[k]
         if not all(t.is_contiguous() for t in ts):
             lists[k] = [t.contiguous() for t in ts]
-    if mut and not torch.compiler.is_compiling() and not (dev.type == "cpu" and backend.select(op, dev)[0] == "cpp"):
-        # (the C++ kernels check this themselves, with the same message: not twice on the hot path)
+    if mut and not torch.compiler.is_compiling() and not (op is not None and dev.type == "cpu"
+                                                          and backend.select(op, dev)[0] == "cpp"):
+        # (the C++ kernel op ``op`` checks this itself, with the same message: not twice on the hot path)
         _check_overlap(fn, mut, [(k, i, t) for k in read for i, t in enumerate(lists[k])])
     return lists, dev, dtype
 
