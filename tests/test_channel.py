@@ -65,18 +65,23 @@ def test_matches_float64(name, prob):
     assert bool(((got_comb.double() - expect_comb).abs() <= 4 * len(xs) * eps * magc + 1e-300).all())
 
 
-@pytest.mark.parametrize("name", BACKENDS)
-def test_sums_do_not_depend_on_the_number_of_threads(name):
-    x = torch.randn(64, 8, 33, 7)
+def _sums_on_one_and_two_threads(name, a, b):
     before = torch.get_num_threads()
     try:
         with backend.use(name):
             torch.set_num_threads(1)
-            one = channel_sums([x, x], [None, x])
+            one = channel_sums(a, b)
             torch.set_num_threads(2)
-            two = channel_sums([x, x], [None, x])
+            two = channel_sums(a, b)
     finally:
         torch.set_num_threads(before)
+    return one, two
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_sums_do_not_depend_on_the_number_of_threads(name):
+    x = torch.randn(64, 8, 33, 7)
+    one, two = _sums_on_one_and_two_threads(name, [x, x], [None, x])
     assert torch.equal(one, two)
 
 
@@ -230,20 +235,13 @@ def test_batch_norm_reverse_over_many_chunks(name, shape):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_wide_inputs_with_short_rows(name):
-    """[N, C] with many channels (BatchNorm1d, S = 1): more than 64 chunks of 16K rows, where the
-    C++ sums now take longer chunks (its per-chunk partials of every channel took N C^2 / 16K
-    doubles: 128 MB for a 32 MB [256, 32768] input); the sums stay exact and thread-independent."""
+    """[N, C] with many channels (BatchNorm1d, S = 1): 80 chunks of 16K rows, more than the C++
+    sums' scratch budget allows for 2 x 32768 channels (64), so they take longer chunks (the
+    per-chunk partials of every channel took N C^2 / 16K doubles); the sums stay exact and
+    thread-independent."""
     g = torch.Generator().manual_seed(10)
-    x, b = torch.randn(300, 4000, generator=g, dtype=torch.float64), torch.randn(300, 4000, generator=g, dtype=torch.float64)
-    before = torch.get_num_threads()
-    try:
-        with backend.use(name):
-            torch.set_num_threads(1)
-            one = channel_sums([x, x], [None, b])
-            torch.set_num_threads(2)
-            two = channel_sums([x, x], [None, b])
-    finally:
-        torch.set_num_threads(before)
+    x, b = (torch.randn(40, 32768, generator=g, dtype=torch.float64) for _ in range(2))
+    one, two = _sums_on_one_and_two_threads(name, [x, x], [None, b])
     assert torch.equal(one, two)
     torch.testing.assert_close(one, torch.stack([x.sum(0), (x * b).sum(0)]), rtol=1e-12, atol=1e-12)
 

@@ -173,8 +173,8 @@ std::vector<int64_t> visit_order(const int64_t* perm, int64_t n, bool self_partn
 }
 
 // out = m * a + (1 - m) * b over a run of `len` elements; m constant (ms == 0) or strided.
-// As written (one rounding of (1 - m) * b, then an fma), not as the cheaper lerp b + m * (a - b):
-// a 0/1 mask gives a or b exactly, and a - b cannot overflow where both terms are finite.
+// As written (one rounding of (1 - m) * b, then an fma), not as the lerp b + m * (a - b): a 0/1
+// mask gives a or b exactly, and there is no a - b to overflow.
 template <typename T>
 inline void blend_run(T* out, const T* a, const T* b, const T* m, int64_t ms, int64_t len) {
   using Vec = at::vec::Vectorized<T>;

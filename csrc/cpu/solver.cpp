@@ -65,8 +65,8 @@ void check_lists(const char* op, std::initializer_list<at::TensorList> lists) {
 // The first n_mut lists are updated in place: none of their tensors may share memory with
 // another tensor of any list (the pass reads and writes them together, chunks in parallel).
 // ops/solver.py leaves this check to the C++ kernels when they run (it checks for the others).
-// Every tensor
-// is contiguous (check_lists), so each spans [data_ptr, data_ptr + nbytes): one sort, one sweep.
+// Every tensor is contiguous (check_lists), so each spans [data_ptr, data_ptr + nbytes): one
+// sort, one sweep.
 void check_no_overlap(const char* op, std::initializer_list<at::TensorList> lists,
                       std::initializer_list<const char*> names, size_t n_mut) {
   struct Span {
