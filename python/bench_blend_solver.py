@@ -153,7 +153,6 @@ def bench_blend(args) -> None:
         def copy_traffic():
             dst5.copy_(src5)
 
-
         fns = {"eager autograd": eager, "eager, hand-written backward": hand}
         if not args.no_compile:
             def f(xx, m_):
