@@ -73,7 +73,9 @@ class CommentaryOptimizer:
         ``alpha`` = the student's current learning rate (the reference setting): with several
         parameter groups, the first group's (a warning says so once if their rates differ; pass
         ``solver=NeumannConfig(K=1, alpha=...)`` to choose).
-    curvature, hvp: passed to ``engine.implicit_hypergradient``.
+    curvature, hvp: passed to ``engine.implicit_hypergradient``.  During a hyper-step the
+        student's and commentary's Dropout and RReLU modules run in eval mode (the engine
+        needs one deterministic training loss: ``engine.random_modules_eval``).
     total_steps: for the training progress ``i/T`` fed to the commentary (default: 0).
     criterion: the plain loss used when switched off (default ``F.cross_entropy``).
     hyper_train_loader: optional iterable of ``(x, y[, index])`` batches: the hyper-step's
@@ -356,7 +358,7 @@ class CommentaryOptimizer:
 
     def hypergradient(self, train_batch: dict | None = None, val_batch: Any = None):
         """The engine's IFT hypergradient at the current student (no update)."""
-        from .engine import EngineState, FunctionalModule, implicit_hypergradient
+        from .engine import EngineState, FunctionalModule, implicit_hypergradient, random_modules_eval
 
         if self._fm is None:  # built once: the engine caches its traced HVP per loss callable
             self._fm = FunctionalModule(self._module())
@@ -384,7 +386,8 @@ class CommentaryOptimizer:
             reduce = ShardReducer(self.process_group, train_reduction=getattr(self.commentary, "reduction", "mean"),
                                   train_size=int(train_batch["x"].shape[0]), val_size=int(xv.shape[0]))
         fm.find_compiled()  # (a module.compile() since the last hyper-step: run eagerly as well)
-        with autocast_off:
+        # Dropout/RReLU at their expectation: the engine needs one deterministic training loss
+        with autocast_off, random_modules_eval(fm.module, self.commentary):
             res = implicit_hypergradient(
                 train_loss, val_loss, fm.params(), hparams, train_batch, val_batch,
                 solver=self._solver(), curvature=self.curvature, hvp=self.hvp, state=self._engine_state,

@@ -938,3 +938,105 @@ def test_two_folded_input_gradients_are_merged():
     assert _merge_input_grads(gm) == 1
     assert sum(n.target is input_grad_by_fold for n in gm.graph.nodes) == 1
     torch.testing.assert_close(gm(a, b, W, V), f(a, b, W, V), rtol=1e-12, atol=1e-12)
+
+
+def _student_problem(model):
+    """A weighted training loss over ``model`` (through FunctionalModule) and its data."""
+    torch.manual_seed(0)
+    x, xv = torch.randn(8, 1, 6, 6, dtype=DT), torch.randn(8, 1, 6, 6, dtype=DT)
+    y, yv = torch.randint(0, 3, (8,)), torch.randint(0, 3, (8,))
+    fm = FunctionalModule(model)
+    hp = {"w": torch.randn(8, dtype=DT), "s": torch.tensor(1.2, dtype=DT)}
+
+    def tl(p, h, b):
+        return (torch.sigmoid(h["w"]) * nn.functional.cross_entropy(fm(p, b[0] * h["s"]), b[1], reduction="none")).mean()
+
+    def vl(p, h, b):
+        return nn.functional.cross_entropy(fm(p, b[0]), b[1])
+
+    return fm, tl, vl, hp, (x, y), (xv, yv)
+
+
+def _bn_eval_student():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(32, 3)).to(DT).eval()
+
+
+def _reassign_running_stats(m):
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    sd["1.running_mean"] += 1.0
+    sd["1.running_var"] *= 3.0
+    m.load_state_dict(sd, assign=True)
+
+
+def _leaky_student():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Flatten(), nn.Linear(36, 5), nn.LeakyReLU(0.01), nn.Linear(5, 3)).to(DT)
+
+
+def _set_slope(m):
+    m[2].negative_slope = 0.5
+
+
+def _frozen_student():
+    m = _leaky_student()
+    m[1].weight.requires_grad_(False)
+    return m
+
+
+def _reassign_frozen(m):
+    m[1].weight = nn.Parameter(m[1].weight.detach() * 2, requires_grad=False)
+
+
+@pytest.mark.parametrize("student,change", [(_bn_eval_student, _reassign_running_stats), (_leaky_student, _set_slope),
+                                            (_frozen_student, _reassign_frozen)],
+                         ids=["eval_bn_stats_replaced", "submodule_attribute", "frozen_parameter_replaced"])
+def test_a_reused_trace_sees_the_student_change(student, change):
+    # The linearised trace (hvp="auto" at K >= 3) holds a module's eval-mode buffers, frozen
+    # parameters and plain attributes as constants; it was keyed by the top module's plain
+    # attributes only, so after these changes it was reused and gave hypergradients 30-80 % off.
+    from commentaries_ext.engine import linearize as LZ
+
+    LZ.clear_cache()  # (the parametrisations share the loss's code: not a loss re-created per call)
+    model = student()
+    fm, tl, vl, hp, tb, vb = _student_problem(model)
+    solver = NeumannConfig(K=3, alpha=0.01, on_divergence="raise")
+    first = implicit_hypergradient(tl, vl, fm.params(), hp, tb, vb, solver=solver)  # traces
+    assert first.info["hvp"] == "ForwardOverReverseHessian"
+    change(model)
+    got = implicit_hypergradient(tl, vl, fm.params(), hp, tb, vb, solver=solver)
+    assert got.info["hvp"] == "ForwardOverReverseHessian"
+    exact = implicit_hypergradient(tl, vl, fm.params(), hp, tb, vb, solver=solver, hvp="double_backward")
+    for k in hp:
+        assert torch.allclose(got.grads[k], exact.grads[k], rtol=1e-10, atol=1e-15), k
+    # and the double-backward value is the one of the changed student (not of the original)
+    fresh_model = student()
+    change(fresh_model)
+    fresh = _student_problem(fresh_model)
+    ref = implicit_hypergradient(*fresh[1:3], fresh[0].params(), *fresh[3:], solver=solver, hvp="double_backward")
+    for k in hp:
+        assert torch.allclose(exact.grads[k], ref.grads[k], rtol=1e-12, atol=1e-16), k
+
+
+@pytest.mark.parametrize("hvp", ["double_backward", "auto"])
+def test_a_training_loss_that_draws_random_numbers_is_refused(hvp):
+    # Dropout in training mode: each evaluation of the loss (the Hessian's graph, the mixed term)
+    # drew its own masks, so three identical calls differed by ~190 % with no error
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 3)).to(DT).train()
+    fm, tl, vl, hp, tb, vb = _student_problem(model)
+    solver = NeumannConfig(K=3, alpha=0.01, on_divergence="raise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # auto: "forward-over-reverse HVP unavailable"
+        with pytest.raises(ValueError, match="draws random numbers"):
+            implicit_hypergradient(tl, vl, fm.params(), hp, tb, vb, solver=solver, hvp=hvp)
+    from commentaries_ext.engine import random_modules_eval
+
+    with random_modules_eval(model):  # dropout at its expectation: the student without it
+        got = implicit_hypergradient(tl, vl, fm.params(), hp, tb, vb, solver=solver, hvp=hvp)
+    assert model[3].training
+    plain = nn.Sequential(*[nn.Identity() if isinstance(m, nn.Dropout) else m for m in model])
+    ref_fm, rtl, rvl, *_ = _student_problem(plain)
+    ref = implicit_hypergradient(rtl, rvl, ref_fm.params(), hp, tb, vb, solver=solver, hvp="double_backward")
+    for k in hp:
+        assert torch.allclose(got.grads[k], ref.grads[k], rtol=1e-10, atol=1e-15), k

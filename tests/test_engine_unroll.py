@@ -165,6 +165,35 @@ def test_checkpointing_gives_the_same_metagradient(seg):
     assert torch.allclose(g0, g1, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("seg", [1, 2])
+def test_checkpointing_replays_the_dropout_masks_of_the_forward(seg):
+    # the backward re-runs each segment: it once drew new masks, so the meta-gradient was that of
+    # another trajectory than the one whose loss it differentiated
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 3)).to(DT).train()
+    fm = FunctionalModule(net)
+    bs = [(x, y, i) for i, (x, y) in enumerate(batches(4, seed=5))]
+    xv, yv = batches(1, seed=6)[0]
+
+    def loss_fn(p, buf, h, b):
+        x, y, i = b
+        return (torch.sigmoid(h["phi"][i]) * nn.functional.cross_entropy(fm(p, x), y, reduction="none")).mean()
+
+    def meta_grad(checkpoint):
+        phi = torch.zeros(4, 8, dtype=DT, requires_grad=True)
+        torch.manual_seed(1)
+        res = unroll(loss_fn, fm.params(), Adam(lr=0.05), bs, hparams={"phi": phi}, checkpoint=checkpoint)
+        val = nn.functional.cross_entropy(fm(res.params, xv), yv)  # (its own mask, the same in both runs)
+        g = torch.autograd.grad(val, phi)[0]
+        return g, torch.rand(1)  # the backward's re-run leaves the global stream where it was
+
+    g0, after0 = meta_grad(None)
+    g1, after1 = meta_grad(seg)
+    assert g0.abs().sum() > 0
+    assert torch.allclose(g0, g1, rtol=1e-10, atol=1e-14)
+    assert torch.equal(after0, after1)
+
+
 @pytest.mark.parametrize("checkpoint", [None, 2])
 def test_steps_takes_only_the_batches_it_needs_from_an_endless_iterator(checkpoint):
     # unroll once drained the iterable before looking at steps (an endless stream hung); this

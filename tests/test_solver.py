@@ -232,6 +232,37 @@ def test_raw_cpu_ops_refuse_aliased_in_place_lists():
     torch.testing.assert_close(u, torch.full((40,), 1.0))
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton")
+def test_triton_kernels_refuse_what_they_cannot_compute():
+    """Called directly, the Triton solver kernels computed on whatever pointers they were given:
+    x[4096] . y[2] read past y, a float32 . float64 dot read the wrong bytes, a strided y was
+    written as if contiguous, c = p gave 1.5 against 1.0. They now refuse as the C++ ops do
+    (checked when a tensor table is made; the table's key holds what the checks depend on)."""
+    from commentaries_ext.triton_kernels import solver as TS
+
+    one, a = torch.ones(4), torch.tensor(0.5)
+    with pytest.raises(ValueError, match=r"multi_dot \(triton\): y\[0\] has shape \(2,\)"):
+        TS.multi_dot([torch.ones(4096)], [torch.ones(2)])
+    with pytest.raises(ValueError, match=r"y\[1\] has shape"):  # equal first tensors, the second differs
+        TS.multi_dot([one, one], [one, torch.ones(3)])
+    with pytest.raises(ValueError, match="y has 1 tensors but x has 2"):
+        TS.multi_dot([one, one], [one])
+    with pytest.raises(TypeError, match=r"y\[0\] is torch.float64"):
+        TS.multi_dot([one], [one.double()])
+    with pytest.raises(ValueError, match=r"axpy_dot \(triton\): y\[0\] must be contiguous"):
+        TS.axpy_dot([torch.ones(4, 4).t()], a, [torch.ones(4, 4)], [])
+    with pytest.raises(ValueError, match=r"p\[0\] shares memory with c\[0\]"):
+        TS.neumann_step([one], [one], [torch.ones(4)], a)
+    # the same tensors after a good call (a table is cached for them) still give the right values
+    c, p, h = torch.ones(4), torch.zeros(4), torch.ones(4)
+    for _ in range(2):
+        TS.neumann_step([c], [p], [h], a)
+    torch.testing.assert_close(c, torch.zeros(4))
+    torch.testing.assert_close(p, torch.full((4,), 0.5))
+    with pytest.raises(ValueError, match=r"p\[0\] shares memory with c\[0\]"):  # c's table, then c = p
+        TS.neumann_step([c], [c], [h], a)
+
+
 def test_non_contiguous_read_only_inputs_are_accepted():
     c, p = [torch.zeros(2, 3)], [torch.zeros(2, 3)]
     h = [torch.arange(6.0).reshape(3, 2).t()]

@@ -351,6 +351,13 @@ def test_gpu_kernels_guard_their_inputs(bk):
         jvp = backend.kernel("wce_jvp", DEVICE)(z, lse, torch.tensor([0, 1, IGNORE, 3], device=DEVICE), yb, lam,
                                                 torch.randn_like(z), IGNORE)
         assert torch.isfinite(jvp[:2]).all() and jvp[2] == 0 and jvp[3].isnan()
+        # and the backward (it returned p itself for such a row: a plausible, wrong gradient)
+        bwd = backend.kernel("wce_backward", DEVICE)
+        g = torch.ones(4, device=DEVICE)
+        grad = bwd(g, z, lse, y, None, None, IGNORE)
+        assert torch.isfinite(grad[0]).all() and grad[1].isnan().all() and (grad[2] == 0).all() and grad[3].isnan().all()
+        grad = bwd(g, z, lse, torch.tensor([0, 1, IGNORE, 3], device=DEVICE), yb, lam, IGNORE)
+        assert torch.isfinite(grad[:2]).all() and (grad[2] == 0).all() and grad[3].isnan().all()
         with pytest.raises(RuntimeError, match="target must have shape"):
             fwd(z, y[:2], None, None, IGNORE)
         with pytest.raises(RuntimeError, match="lse must have shape"):

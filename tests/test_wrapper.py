@@ -422,3 +422,27 @@ def test_gauss_newton_curvature_for_every_commentary(kind):
     assert any(g.abs().max() > 0 for g in grads["hessian"].values())
     for k, g in grads["hessian"].items():
         torch.testing.assert_close(grads["gauss_newton"][k], g, rtol=1e-6, atol=1e-9)
+
+
+def test_dropout_student_hyper_step_is_that_of_dropout_at_its_expectation():
+    # Dropout in training mode made each evaluation of the training loss inside the hyper-step
+    # draw its own masks; the hyper-step now runs it in eval mode (identity), training does not
+    x, y = _data()
+
+    def student(dropout):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Dropout(0.5) if dropout else nn.Identity(),
+                             nn.Linear(8, 3))
+
+    grads = []
+    for dropout in (True, False):
+        model = student(dropout)
+        torch.manual_seed(1)
+        com = ExampleWeighting.reference((1, 4, 4), num_classes=3)
+        teacher = CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, com, val_loader=[(x, y)],
+                                      hyper_every=0)
+        res = teacher.hyper_step(train_batch=com.prepare(x[:8], y[:8], progress=0.0), val_batch=(x[8:16], y[8:16]))
+        grads.append(res.grads)
+        assert model.training and all(m.training for m in model.modules())
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7), k

@@ -60,7 +60,8 @@ its object's attributes, followed three levels into containers, functions and
 objects (``__dict__`` or ``__slots__``; numbers and strings by value, numpy
 arrays by content, tensors by identity -- in-place changes are seen, except a
 value read with ``.item()``, which the trace holds as a number --, modules by
-identity, train/eval flags and the top module's plain attributes); non-tensor
+identity, with every submodule's train/eval flag, plain attributes and which tensors
+its parameters and buffers are); non-tensor
 batch entries by value.  A loss that reads changing state deeper than that, or
 through ``.item()``, needs ``hvp="double_backward"``.
 
@@ -121,7 +122,7 @@ backward -- the outer backward's share of each step -- is the reverse rule of
 ``ops/channel.py`` ``batch_norm_reverse``) instead of the stock formula's ~40 elementwise
 passes.
 """
-from .functional import FunctionalModule
+from .functional import FunctionalModule, random_modules_eval
 from .hvp import ReducedOperator, SplitLoss, WeightedLoss, make_operator
 from .implicit import (
     CGConfig,
@@ -140,7 +141,7 @@ from .unroll import SGD, Adam, UnrollResult, from_torch, unroll
 from . import vector
 
 __all__ = [
-    "FunctionalModule", "ReducedOperator", "SplitLoss", "WeightedLoss", "make_operator",
+    "FunctionalModule", "random_modules_eval", "ReducedOperator", "SplitLoss", "WeightedLoss", "make_operator",
     "CGConfig", "EngineState", "HypergradientDivergenceError", "HypergradientDivergenceWarning",
     "HypergradResult", "NeumannConfig", "conjugate_gradient", "implicit_hypergradient", "inverse_hvp",
     "neumann", "power_iteration", "SGD", "Adam", "UnrollResult", "from_torch", "unroll", "vector",

@@ -56,13 +56,37 @@ def eager_calls(compiled: list[nn.Module]):
             m._compiled_call_impl = impl
 
 
+# modules that draw random numbers in training mode
+_RANDOM_TYPES = (nn.modules.dropout._DropoutNd, nn.RReLU)
+
+
+@contextlib.contextmanager
+def random_modules_eval(*modules: nn.Module | None):
+    """Dropout (every kind) and RReLU inside ``modules`` in eval mode, restored on exit.
+
+    The implicit hypergradient needs one deterministic training loss: the engine evaluates
+    it several times per hyper-step (the Hessian's graph or trace, the mixed term), and a
+    module in training mode would draw other masks in each evaluation.  In eval mode they
+    are their expectation (dropout's identity, RReLU's mean slope)."""
+    switched = [m for mod in modules if mod is not None for m in mod.modules()
+                if isinstance(m, _RANDOM_TYPES) and m.training]
+    for m in switched:
+        m.train(False)
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.train(True)
+
+
 class FunctionalModule:
     def __init__(self, module: nn.Module, *, trainable_only: bool = True):
         module = uncompiled(module)
         self.module = module
         self.find_compiled()
+        # frozen parameters are not passed: functional_call(strict=False) reads them from the
+        # module at each call, so one reassigned later (load_state_dict(assign=True)) is seen
         self.param_names = [n for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
-        self.frozen = {n: p for n, p in module.named_parameters() if n not in self.param_names}
         self.buffer_names = [n for n, _ in module.named_buffers()]
         # Buffers owned by norm layers (running stats): mutable state of training mode.
         self._stat_owner: dict[str, nn.Module] = {}
@@ -110,8 +134,7 @@ class FunctionalModule:
         return out
 
     def __call__(self, params: Mapping[str, torch.Tensor], *args, buffers: Mapping[str, torch.Tensor] | None = None, **kwargs):
-        state = dict(self.frozen)
-        state.update(params)
+        state = dict(params)
         state.update(self._frozen_buffers(buffers))
         return self._call(state, args, kwargs)
 
@@ -133,7 +156,6 @@ class FunctionalModule:
         if missing:  # (unroll passes them all: no walk over the module's buffers per inner step)
             own = self.buffers()
             new_buffers.update({n: own[n].detach().clone() for n in missing})
-        state = dict(self.frozen)
-        state.update(params)
+        state = dict(params)
         state.update(new_buffers)
         return self._call(state, args, kwargs), new_buffers

@@ -443,6 +443,27 @@ def _auto_alpha(op, v, solver, state, info, sync=None):
     return solver.alpha_scale / state.lambda_max
 
 
+def _rng_marks(tensors) -> list:
+    """The states of the random generators the training loss could draw from: the CPU one and
+    those of the CUDA devices ``tensors`` live on (a few bytes each; no synchronisation)."""
+    marks = [torch.default_generator.get_state()]
+    for dev in sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"}):
+        marks.append(torch.cuda.get_rng_state(dev))
+    return marks
+
+
+def _check_deterministic(before: list, tensors) -> None:
+    after = _rng_marks(tensors)
+    if len(after) != len(before) or any(not torch.equal(a, b) for a, b in zip(after, before)):
+        raise ValueError(
+            "implicit_hypergradient: train_loss draws random numbers (Dropout or RReLU in training mode, "
+            "a random augmentation ...). The implicit hypergradient needs one deterministic training loss: "
+            "it is evaluated several times per call (the Hessian's graph or trace, the mixed term), and each "
+            "evaluation would draw other numbers. Draw them outside and pass them in the batch, or put such "
+            "modules in eval mode for the call (engine.random_modules_eval(student); CommentaryOptimizer and "
+            "learn_ift do this)")
+
+
 def implicit_hypergradient(
     train_loss: Callable,
     val_loss: Callable,
@@ -516,6 +537,7 @@ def implicit_hypergradient(
                                  f"({[tuple(t.shape) for t in params.values()]})")
             Lv, direct = torch.tensor(float("nan")), [torch.zeros_like(t) for t in hparams.values()]
         expected = solver.K if isinstance(solver, NeumannConfig) and solver.alpha is not None else None
+        rng_before = _rng_marks(list(params.values()))  # (the power iteration has its own generator)
         # undamped: inverse_hvp adds the solver's damping (and any fallback's)
         op = make_operator(train_loss, params, hparams, train_batch, curvature=curvature, hvp=hvp, damping=0.0,
                            linearize=linearize, expected_products=expected)
@@ -532,5 +554,6 @@ def implicit_hypergradient(
         else:
             mixed = op.mixed(p)
         info["n_matvec"] = op.n_matvec
+        _check_deterministic(rng_before, list(params.values()))
         grads = {name: d - m for name, d, m in zip(hparams, direct, mixed)}
         return HypergradResult(grads=grads, p=p, v=v, val_loss=Lv, info=info)

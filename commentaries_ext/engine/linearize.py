@@ -377,7 +377,7 @@ def _state_sig(obj, depth: int):
     """A hashable fingerprint of ``obj`` as a trace would have frozen it: numbers and strings
     by value; tensors by identity (the graph holds the tensor itself, so in-place changes are
     seen -- except through ``.item()``, which a trace turns into a number); modules by
-    identity, training flags and the top module's plain attributes; numpy arrays by content;
+    identity and :func:`_module_sig`; numpy arrays by content;
     containers, functions and plain objects' attributes (``__dict__`` or ``__slots__``)
     element-wise, ``depth`` levels down.  Anything it cannot read is keyed by identity."""
     try:
@@ -394,8 +394,7 @@ def _state_sig_of(obj, depth: int):
     if torch.is_tensor(obj):
         return ("tensor", id(obj))
     if isinstance(obj, torch.nn.Module):
-        plain = tuple((k, v) for k, v in vars(obj).items() if type(v) in _SCALARS and k != "training")
-        return ("module", id(obj), _mode_sig(obj), plain)
+        return ("module", id(obj), _module_sig(obj))
     if isinstance(obj, (types.ModuleType, type, types.BuiltinFunctionType)):
         return ("id", id(obj))
     if _is_numpy(obj):  # an array or numpy scalar: by value
@@ -454,12 +453,21 @@ def _fn_sig(fn, depth: int):
     return (code, gsig, cells, defaults)
 
 
-def _mode_sig(obj):
-    """Training flags of captured modules (train/eval changes the traced graph)."""
-    mod = getattr(obj, "module", obj)
-    if isinstance(mod, torch.nn.Module):
-        return tuple(m.training for m in mod.modules())
-    return None
+def _plain(v) -> bool:
+    return type(v) in _SCALARS or (type(v) is tuple and all(type(e) in _SCALARS for e in v))
+
+
+def _module_sig(mod: torch.nn.Module):
+    """What a trace freezes of a module and its submodules: training flags, plain attributes
+    (``eps``, ``negative_slope``, a convolution's ``padding`` ...) by value, and which tensors
+    the parameters and buffers are (a trace holds them as constants: one replaced, e.g. by
+    ``load_state_dict(assign=True)``, must not be read from the old one; in-place changes are
+    seen through the held tensor)."""
+    return tuple((id(m), m.training,
+                  tuple((k, v) for k, v in vars(m).items() if k != "training" and _plain(v)),
+                  tuple((k, id(t)) for k, t in m._parameters.items()),
+                  tuple((k, id(t)) for k, t in m._buffers.items()))
+                 for m in mod.modules())
 
 
 def _code_key(lkey):

@@ -428,6 +428,9 @@ class _Segment(torch.autograd.Function):
     def forward(ctx, run, *flat):
         ctx.run = run
         ctx.save_for_backward(*flat)
+        # the re-run must draw the same random numbers (a student's Dropout masks) as this run
+        ctx.cuda_devices = sorted({t.device.index or 0 for t in flat if t.device.type == "cuda"})
+        ctx.rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in ctx.cuda_devices])
         with torch.no_grad():
             out = run([t.detach() for t in flat], False)
         return tuple(o.detach() for o in out)
@@ -435,7 +438,10 @@ class _Segment(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_out):
         flat = ctx.saved_tensors
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.random.fork_rng(devices=ctx.cuda_devices):
+            torch.set_rng_state(ctx.rng[0])
+            for d, st in zip(ctx.cuda_devices, ctx.rng[1]):
+                torch.cuda.set_rng_state(st, d)
             inputs = [t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() else t.detach() for t in flat]
             out = ctx.run(inputs, True)
             pairs = [(o, g) for o, g in zip(out, grad_out) if o.requires_grad and g is not None]

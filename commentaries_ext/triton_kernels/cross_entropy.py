@@ -96,7 +96,12 @@ def _wce_backward_kernel(G, Z, LSE, Y, YB, LAM, OUT, N, C, sg, szn, szc, slse, s
     orow = OUT + rows64 * C
     cols = tl.arange(0, BLOCK_C)
     y, yb, lam, valid = _mix_terms(Y, YB, LAM, rows64, rmask, sy, syb, slam, ignore_index, HAS_MIX, ACC)
+    # a target out of range (a direct call of the op) gives a NaN row, as the forward's loss
+    in_range = (y >= 0) & (y < C)
+    if HAS_MIX:
+        in_range = in_range & (yb >= 0) & (yb < C)
     g = tl.load(G + rows64 * sg, mask=valid, other=0.0).to(ACC)
+    g = tl.where(in_range, g, float("nan"))
     lse = tl.load(LSE + rows64 * slse, mask=rmask, other=0.0).to(ACC)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + cols

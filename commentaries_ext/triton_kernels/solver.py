@@ -27,7 +27,34 @@ _tables: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def _table(lists: list[list[torch.Tensor]]):
+def _check_lists(op: str, names: tuple, n_mutated: int, lists: list[list[torch.Tensor]]) -> None:
+    """What the kernels assume of a direct call of the op (the public functions check it before,
+    ``ops/solver.py``): equal lengths and shapes, one dtype and device, contiguous tensors, and
+    no tensor updated in place sharing memory with another argument.  Run when a table is
+    made; the table's key holds what these depend on, so a hit needs no check."""
+    fn = f"{op} (triton)"
+    first = lists[0]
+    for k, ts in zip(names, lists):
+        if len(ts) != len(first):
+            raise ValueError(f"{fn}: {k} has {len(ts)} tensors but {names[0]} has {len(first)}")
+        for i, t in enumerate(ts):
+            if t.shape != first[i].shape:
+                raise ValueError(f"{fn}: {k}[{i}] has shape {tuple(t.shape)} but {names[0]}[{i}] has shape "
+                                 f"{tuple(first[i].shape)}")
+            if t.dtype != first[0].dtype or t.device != first[0].device:
+                raise TypeError(f"{fn}: {k}[{i}] is {t.dtype} on {t.device} but {names[0]}[0] is "
+                                f"{first[0].dtype} on {first[0].device}")
+            if not t.is_contiguous():
+                raise ValueError(f"{fn}: {k}[{i}] must be contiguous")
+    from ..ops.solver import _check_overlap
+
+    mut = [(k, i, t) for k, ts in zip(names[:n_mutated], lists) for i, t in enumerate(ts)]
+    read = [(k, i, t) for k, ts in zip(names[n_mutated:], lists[n_mutated:]) for i, t in enumerate(ts)]
+    if mut:
+        _check_overlap(fn, mut, read)
+
+
+def _table(op: str, names: tuple, n_mutated: int, lists: list[list[torch.Tensor]]):
     """(pointers [len(lists), T] int64, tensor index per block, block start, numel per tensor, n_blocks)."""
     if lists[0][0].is_cuda and torch.cuda.is_current_stream_capturing():
         # a cached table can be evicted (freed) while a graph still reads it, and a new one is
@@ -38,11 +65,13 @@ def _table(lists: list[list[torch.Tensor]]):
     # the stream too: a table is copied (non_blocking) and freed on the stream that made it, so a
     # hit from another stream could read it before the copy lands, or after its memory is reused
     stream = torch.cuda.current_stream(dev0).cuda_stream if dev0.type == "cuda" else 0
-    key = tuple((t.data_ptr(), t.numel()) for ts in lists for t in ts) + (len(lists), str(dev0), stream)
+    key = (tuple(len(ts) for ts in lists), op, names,
+           tuple((t.data_ptr(), t.shape, t.dtype, t.is_contiguous()) for ts in lists for t in ts), str(dev0), stream)
     hit = _tables.get(key)
     if hit is not None:
         _tables.move_to_end(key)
         return hit
+    _check_lists(op, names, n_mutated, lists)
     first = lists[0]
     dev = first[0].device
     numels = [t.numel() for t in first]
@@ -144,8 +173,8 @@ def _dot_kernel(PTRS, TIDX, STARTS, NUMELS, T, PART, HAS_Y: tl.constexpr, DT: tl
     tl.store(PART + tl.program_id(0), tl.sum(tl.where(mask, x * y, 0.0), axis=0))
 
 
-def _meta(lists):
-    ptrs, tidx, starts, numels, nblocks = _table(lists)
+def _meta(op: str, names: tuple, n_mutated: int, lists):
+    ptrs, tidx, starts, numels, nblocks = _table(op, names, n_mutated, lists)
     dt = lists[0][0].dtype
     return (ptrs, tidx, starts, numels, len(lists[0])), nblocks, _TL[dt], tl_acc(dt), acc_dtype(dt)
 
@@ -155,14 +184,14 @@ def _finish(part: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
 
 
 def neumann_step(c, p, h, alpha) -> None:
-    args, nb, dt, ACC, _ = _meta([c, p, h])
+    args, nb, dt, ACC, _ = _meta("neumann_step", ("c", "p", "h"), 2, [c, p, h])
     if nb:
         _neumann_kernel[(nb,)](*args, alpha, DT=dt, ACC=ACC, BLOCK=BLOCK, num_warps=4)
 
 
 def axpy_dot(y, a, x, z):
     lists = [y, x] + ([z] if len(z) else [])
-    args, nb, dt, ACC, acc = _meta(lists)
+    args, nb, dt, ACC, acc = _meta("axpy_dot", ("y", "x", "z")[:len(lists)], 1, lists)
     part = torch.empty(max(nb, 1), dtype=acc, device=y[0].device)
     if nb == 0:
         return part.zero_()[0]
@@ -171,7 +200,7 @@ def axpy_dot(y, a, x, z):
 
 
 def cg_update(x, r, d, q, a):
-    args, nb, dt, ACC, acc = _meta([x, r, d, q])
+    args, nb, dt, ACC, acc = _meta("cg_update", ("x", "r", "d", "q"), 2, [x, r, d, q])
     part = torch.empty(max(nb, 1), dtype=acc, device=x[0].device)
     if nb == 0:
         return part.zero_()[0]
@@ -181,7 +210,7 @@ def cg_update(x, r, d, q, a):
 
 def multi_dot(x, y):
     lists = [x] + ([y] if len(y) else [])
-    args, nb, dt, ACC, acc = _meta(lists)
+    args, nb, dt, ACC, acc = _meta("multi_dot", ("x", "y")[:len(lists)], 0, lists)
     part = torch.empty(max(nb, 1), dtype=acc, device=x[0].device)
     if nb == 0:
         return part.zero_()[0]

@@ -150,7 +150,9 @@ __global__ void __launch_bounds__(kBlock) wce_backward_kernel(const acc_t<T>* g,
     for (int64_t j = threadIdx.x; j < c; j += GROUP) orow[j] = cast_to<T>(A(0));
     return;
   }
-  const A gi = g[row * sg];
+  // a target out of range (a direct call of the op) gives a NaN row, as the forward's loss
+  const bool in_range = m.y >= 0 && m.y < c && (!m.mixed || (m.yb >= 0 && m.yb < c));
+  const A gi = in_range ? g[row * sg] : A(NAN);
   const A l = lse[row * slse];
   scan1<T, GROUP>(z + row * szn, c, szc, vec,
                   [&](int64_t j, A x) { orow[j] = cast_to<T>(gi * (xexp(x - l) - mix_at(m, j))); });
