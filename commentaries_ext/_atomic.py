@@ -8,6 +8,7 @@ temporary file is removed.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import secrets
@@ -35,6 +36,8 @@ def check_writable(path: Path) -> None:
     """Raise ``OSError`` naming ``path`` now if a file cannot be written there (its folder is
     created), before work whose result would then be lost."""
     path = Path(path)
+    if path.is_dir():  # (os.replace onto it fails only at the end)
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {path}: it is a directory; give a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)

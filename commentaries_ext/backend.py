@@ -21,10 +21,9 @@ than quietly running another one.
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import os
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -92,16 +91,20 @@ def forced() -> str | None:
     return None if name == "auto" else name
 
 
-@contextlib.contextmanager
-def use(name: str) -> Iterator[None]:
-    """Force backend ``name`` (or ``"auto"``) for the ops run inside the block."""
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}")
-    token = _forced.set(name)
-    try:
-        yield
-    finally:
-        _forced.reset(token)
+class use:
+    """Force backend ``name`` (or ``"auto"``): ``with use(name): ...`` inside the block only,
+    a plain ``use(name)`` from then on (in this thread or task), as ``torch.set_grad_enabled``."""
+
+    def __init__(self, name: str):
+        if name != "auto" and name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}")
+        self._token = _forced.set(name)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        _forced.reset(self._token)
 
 
 def candidates(op: str, device_type: str) -> list[str]:

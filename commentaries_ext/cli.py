@@ -199,7 +199,9 @@ def learn_commentary(kind: str, splits, args, quiet=False):
 
         res = learn_ift(commentary, factory(), splits.train, splits.val, steps=args.steps, batch_size=args.batch_size,
                         student_lr=args.lr, hyper_lr=args.hyper_lr, hyper_every=args.hyper_every, solver=_ift_solver(args),
-                        val_batch_size=args.val_batch_size or 128, seed=args.seed, nan_policy="skip", callback=cb,
+                        val_batch_size=128 if args.val_batch_size is None else args.val_batch_size, seed=args.seed,
+                        curvature=args.curvature or ("gauss_newton" if args.solver == "cg" else "hessian"),
+                        nan_policy="skip", callback=cb,
                         log_every=max(1, args.steps // 100), **_checkpoint_kwargs(args))
     else:
         raise ValueError(f"--algorithm must be bptt or ift, got {algo!r}")
@@ -224,13 +226,13 @@ def _ift_solver(args):
     if args.solver == "cg":
         from .engine import CGConfig
 
-        return CGConfig()
-    if args.neumann_k is None:
+        return CGConfig(damping=args.damping)
+    if args.neumann_k is None and not args.damping:
         return None
     from .engine import NeumannConfig
 
     # only K changes: alpha stays the student's learning rate (NeumannConfig's own default is a fixed 1e-3)
-    return NeumannConfig(K=args.neumann_k, alpha=args.lr)
+    return NeumannConfig(K=1 if args.neumann_k is None else args.neumann_k, alpha=args.lr, damping=args.damping)
 
 
 def _checkpoint_kwargs(args) -> dict:
@@ -376,21 +378,48 @@ def cmd_inspect(args) -> dict:
     png = None
     if not args.no_plot:
         commentary = load_commentary(args.path)
-        ds = (meta.get("extra") or {}).get("dataset") or {}
         png = Path(args.out) if args.out else _stem(Path(args.path)).with_suffix(".inspect.png")
-        try:
-            splits = data_mod.load(ds.get("dataset", "digits").replace("+spurious", ""),
-                                   spurious_cue=bool(ds.get("spurious")), seed=int(ds.get("seed", 0)),
-                                   train_size=ds.get("train"), val_size=ds.get("val"), test_size=ds.get("test"))
+        splits, why = _inspect_data(args, meta, commentary)
+        if splits is not None:
             plot_commentary(commentary, splits, png)
-        except data_mod.DatasetUnavailable as e:
-            if type(commentary).__name__ != "Blending":
-                raise
-            print(f"note: {e}", file=sys.stderr)
+        elif type(commentary).__name__ == "Blending":  # its matrix needs no data
+            print(f"note: {why}; the matrix is plotted without example images", file=sys.stderr)
             _save_fig(commentary.plot(), png)
-        rows.append(("plot", png))
+        else:
+            print(f"note: no plot: {why}", file=sys.stderr)
+            png = None
+        if png is not None:
+            rows.append(("plot", png))
     print(table(rows, (str(args.path), "")))
     return {"metadata": meta, "plot": str(png) if png else None}
+
+
+def _inspect_data(args, meta: dict, commentary):
+    """The splits to plot ``commentary`` on: those the CLI recorded in the file, else ``--data``
+    (a file saved from Python records none; guessing one plotted masks on the wrong images or
+    failed inside the teacher network); ``(None, why)`` when there are none or they do not fit."""
+    ds = (meta.get("extra") or {}).get("dataset") or {}
+    try:
+        if ds.get("dataset"):
+            splits = data_mod.load(ds["dataset"].replace("+spurious", ""), spurious_cue=bool(ds.get("spurious")),
+                                   seed=int(ds.get("seed", 0)), train_size=ds.get("train"), val_size=ds.get("val"),
+                                   test_size=ds.get("test"))
+        elif args.data is not None or args.data_dir is not None:
+            splits = load_data(args)
+        else:
+            return None, "the file records no dataset; pass --data NAME (and its --train-size etc.) to plot it"
+    except data_mod.DatasetUnavailable as e:
+        return None, str(e)
+    why = commentary.input_mismatch(tuple(splits.input_shape))
+    n = meta.get("num_examples")
+    if why is None and n is not None and int(n) != splits.train[0].shape[0]:
+        why = f"it holds one entry per training example of {n}, the training split has {splits.train[0].shape[0]}"
+    k = meta.get("num_classes")
+    if why is None and k is not None and int(k) != splits.num_classes:
+        why = f"it was made for {k} classes, the dataset has {splits.num_classes}"
+    if why is not None:
+        raise ValueError(f"{args.path} does not fit the dataset {ds.get('dataset') or args.data_dir or args.data}: {why}")
+    return splits, None
 
 
 # --------------------------------------------------------------------------- demo
@@ -459,6 +488,12 @@ def _add_learn(p):
     g.add_argument("--hyper-every", type=int, default=1, help="ift: a hyper-step every N student steps (default: %(default)s)")
     g.add_argument("--solver", choices=("neumann", "cg"), default="neumann",
                    help="ift: inverse-Hessian approximation (default: %(default)s)")
+    g.add_argument("--curvature", choices=("hessian", "gauss_newton"), default=None,
+                   help="ift: the curvature the solver inverts (default: hessian with neumann, gauss_newton with "
+                        "cg, which needs a positive definite operator: on a network's indefinite Hessian it stops "
+                        "at the first direction of negative curvature)")
+    g.add_argument("--damping", type=float, default=0.0,
+                   help="ift: add damping * I to the curvature (default: %(default)s)")
     g.add_argument("--neumann-k", type=int, default=None,
                    help="ift: Neumann terms K (default: 1); the step alpha is the student's learning rate --lr "
                         "either way")
@@ -534,11 +569,13 @@ def build_parser() -> argparse.ArgumentParser:
     tp.set_defaults(func=cmd_train)
 
     ip = sub.add_parser("inspect", help="show a commentary file's metadata and plot what it learned",
-                        description="Print the metadata of a commentary file and write a plot of what it learned "
-                                    "(needs the dataset it was learned on, except for blending).")
+                        description="Print the metadata of a commentary file and write a plot of what it learned. "
+                                    "The plot needs the dataset it was learned on (except for blending): the one "
+                                    "the CLI recorded in the file, else --data.")
     ip.add_argument("path", help="the commentary file")
     ip.add_argument("--out", default=None, help="PNG to write (default: <stem>.inspect.png)")
     ip.add_argument("--no-plot", action="store_true", help="metadata only")
+    _add_data(ip, default=None)
     ip.set_defaults(func=cmd_inspect)
     return p
 
@@ -549,12 +586,29 @@ def _finish_defaults(args):
         args.hyper_lr = 1e-3 if algo == "bptt" else 1e-2
 
 
+# the least value each integer option takes (an option a subcommand does not have is skipped)
+_INT_MINIMUM = {"train_steps": 1, "batch_size": 1, "eval_every": 1, "threads": 0, "inner_steps": 1, "outer_steps": 0,
+                "truncate": 1, "checkpoint": 1, "steps": 0, "hyper_every": 0, "neumann_k": 1, "val_batch_size": 1,
+                "bins": 1, "checkpoint_every": 1, "train_size": 1, "val_size": 1, "test_size": 1}
+
+
+def _check_options(parser, args) -> None:
+    """Refuse out-of-range options before any work (they failed deep inside, or after it)."""
+    for name, lo in _INT_MINIMUM.items():
+        v = getattr(args, name, None)
+        if v is not None and v < lo:
+            parser.error(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
+    if getattr(args, "damping", 0.0) < 0:
+        parser.error(f"--damping must be >= 0, got {args.damping}")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    _check_options(parser, args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.command == "demo":

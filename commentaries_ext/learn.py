@@ -34,6 +34,7 @@ from .commentary.base import (
     NonFiniteError,
     call_commentary,
     check_batch,
+    check_logit_width,
     commentary_loss,
     kept_buffers,
     plain_ops,
@@ -90,6 +91,11 @@ def _check_counts(fn: str, **counts) -> None:
             raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")
         if v < lo:
             raise ValueError(f"{fn}: {name} must be >= {lo}, got {v}")
+
+
+def _check_optional_counts(fn: str, **counts) -> None:
+    """Like :func:`_check_counts` for arguments that may also be None."""
+    _check_counts(fn, **{k: vl for k, vl in counts.items() if vl[0] is not None})
 
 
 def _sample(n: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
@@ -235,8 +241,13 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
 
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
-    if inner_steps <= 0 or outer_steps < 0 or batch_size <= 0:
-        raise ValueError("inner_steps and batch_size must be positive and outer_steps >= 0")
+    _check_counts("learn_bptt", inner_steps=(inner_steps, 1), outer_steps=(outer_steps, 0),
+                  batch_size=(batch_size, 1))
+    _check_optional_counts("learn_bptt", truncate=(truncate, 1), val_batch_size=(val_batch_size, 1))
+    if isinstance(student_factory, nn.Module) or not callable(student_factory):
+        raise TypeError("learn_bptt: student_factory must be a function that returns a fresh student nn.Module "
+                        f"(e.g. models.student_factory(...)), got {type(student_factory).__name__}; learn_ift "
+                        "takes the student module itself")
     x, y = _check_data(train_data, "train_data", commentary.num_classes)
     xv, yv = _check_data(val_data, "val_data", commentary.num_classes)
     from . import distributed as D
@@ -320,6 +331,8 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
     with reuse_cpu_memory():
         for step in range(start, outer_steps):
             student = copy.deepcopy(base) if same_init else student_factory()
+            if not isinstance(student, nn.Module):
+                raise TypeError(f"learn_bptt: student_factory() must return an nn.Module, got {type(student).__name__}")
             if not same_init and student_shapes is None:
                 student_shapes = shapes(student)
             if device is not None:
@@ -338,6 +351,7 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
             def loss_fn(params, buffers, hp, batch):
                 prep = call_commentary(commentary, hp, batch)
                 out, new_buffers = fm.call_update(params, buffers, prep.x)
+                check_logit_width(commentary, out, "the student")
                 with plain_ops():  # the unroll differentiates the loss twice: plain PyTorch cross-entropy
                     return commentary_loss(out, prep), new_buffers
 
@@ -414,6 +428,10 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
     existing one with the same run configuration is continued bit-exactly.
     """
     _check_counts("learn_ift", steps=(steps, 0), batch_size=(batch_size, 1), hyper_every=(hyper_every, 0))
+    _check_optional_counts("learn_ift", val_batch_size=(val_batch_size, 1))
+    if not isinstance(student, nn.Module):
+        raise TypeError(f"learn_ift: student must be the student nn.Module, got {type(student).__name__}; "
+                        "learn_bptt takes a factory of fresh students")
     x, y = _check_data(train_data, "train_data", commentary.num_classes)
     xv, yv = _check_data(val_data, "val_data", commentary.num_classes)
     from . import distributed as D

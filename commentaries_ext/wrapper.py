@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import sys
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -38,10 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as D
+from ._stack import user_stacklevel
 from .commentary.base import (
     BatchError,
     Commentary,
     NonFiniteError,
+    check_batch,
+    check_logit_width,
     commentary_loss,
     restore_buffers,
     snapshot_buffers,
@@ -54,6 +56,10 @@ NAN_POLICIES = ("raise", "skip")
 
 def _split_batch(b):
     if isinstance(b, dict):
+        missing = [k for k in ("x", "y") if k not in b]
+        if missing:
+            raise BatchError(f"a validation batch dict needs the keys 'x' and 'y'; it has no {missing} (its keys: "
+                             f"{sorted(str(k) for k in b)})")
         return b["x"], b["y"]
     if isinstance(b, (tuple, list)) and len(b) >= 2:
         return b[0], b[1]
@@ -142,6 +148,11 @@ class CommentaryOptimizer:
                                         or total_steps < 0):
             raise ValueError(f"total_steps must be None or an int >= 0, got {total_steps!r}")
         D.use_distributed(distributed)  # refuses True without a process group now, not at step()
+        owned = {id(p) for p in model.parameters()}
+        stepped = [p for g in optimizer.param_groups for p in g["params"]]
+        if stepped and not any(id(p) in owned for p in stepped):
+            raise ValueError("optimizer holds none of model's parameters (made for another model?): the "
+                             "student would not train while its commentary is learned")
         self.optimizer, self.model, self.commentary = optimizer, model, commentary
         self.enabled = bool(enabled) and commentary is not None
         self.val_loader = val_loader
@@ -161,6 +172,7 @@ class CommentaryOptimizer:
         self.last_hyper = None  # the last engine HypergradResult
         self._last_batch = None
         self._last_loss = None
+        self._loss_since_step = False  # step() needs this step's loss from loss()
         self._bad_batch = False
         self._val_iter = None
         self.hyper_train_loader = hyper_train_loader
@@ -226,8 +238,11 @@ class CommentaryOptimizer:
             self._saved_buffers = snapshot_buffers(*self._buffer_owners())
         with torch.no_grad():  # the student step needs no graph into the commentary
             prep = self.commentary(batch)
-        out = commentary_loss(self.model(prep.x), prep)
+        logits = self.model(prep.x)
+        check_logit_width(self.commentary, logits, "the student")
+        out = commentary_loss(logits, prep)
         self._last_batch = batch
+        self._loss_since_step = True
         self._last_loss = out
         return out
 
@@ -254,6 +269,12 @@ class CommentaryOptimizer:
                 out = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
             self.steps += 1
             return out
+        if not self._loss_since_step and closure is None:
+            # (the optimizer would step on gradients of some other loss, and the hyper-step
+            # would reuse the batch of an earlier loss() call)
+            raise RuntimeError("step() without this step's loss: compute it with teacher.loss(x, y) (which applies "
+                               "the commentary) before backward() and step()")
+        self._loss_since_step = False
         bad = self._bad_batch or (self._last_loss is not None and not bool(torch.isfinite(self._last_loss.detach())))
         if not bad and self.scaler is None:
             bad = not self._grads_finite()
@@ -353,7 +374,7 @@ class CommentaryOptimizer:
             warnings.warn(f"CommentaryOptimizer: the parameter groups have different learning rates {lrs}; the "
                           f"hyper-step's Neumann alpha is the first group's ({lrs[0]}). Pass "
                           "solver=NeumannConfig(K=1, alpha=...) to choose it", UserWarning,
-                          stacklevel=_outside_this_file())
+                          stacklevel=user_stacklevel())
         return NeumannConfig(K=1, alpha=lrs[0])
 
     def hypergradient(self, train_batch: dict | None = None, val_batch: Any = None):
@@ -375,7 +396,12 @@ class CommentaryOptimizer:
         if train_batch is None:
             raise ValueError("no training batch yet: call loss(x, y) first or pass train_batch=")
         xv, yv = _split_batch(self._next_val() if val_batch is None else val_batch)
-        val_batch = {"x": xv.to(dev), "y": yv.to(dev)}
+        val_batch = {"x": xv.to(dev) if torch.is_tensor(xv) else xv, "y": yv.to(dev) if torch.is_tensor(yv) else yv}
+        check_batch(val_batch["x"], val_batch["y"], getattr(self.commentary, "num_classes", None),
+                    name="validation batch")
+        pdt = next(iter(self.model.parameters())).dtype
+        if val_batch["x"].dtype != pdt:  # (the hyper-step runs outside autocast)
+            raise BatchError(f"validation batch: x is {val_batch['x'].dtype} but the student's parameters are {pdt}")
         hparams = self.commentary.hparams()
         autocast_off = (torch.autocast(device_type=dev.type, enabled=False)
                         if dev.type in ("cpu", "cuda") else contextlib.nullcontext())
@@ -415,8 +441,22 @@ class CommentaryOptimizer:
         self.hyper_optimizer.zero_grad(set_to_none=True)
         for n, g in res.grads.items():
             named[n].grad = g.to(named[n].dtype).clone()
+        before = {n: p.detach().clone() for n, p in named.items() if n in res.grads}
         self.hyper_optimizer.step()
         self.hyper_optimizer.zero_grad(set_to_none=True)
+        if not all(bool(torch.isfinite(p).all()) for n, p in named.items() if n in before):
+            # e.g. Adam on float16 parameters: its eps=1e-8 is 0 there, and 0/0 is NaN
+            with torch.no_grad():
+                for n, p in before.items():
+                    named[n].copy_(p)
+            dts = sorted({str(p.dtype) for p in before.values()})
+            msg = (f"the hyper-optimizer's step made the commentary's parameters ({', '.join(dts)}) non-finite at step "
+                   f"{self.steps}; they were restored. With float16 parameters keep the commentary in float32 (or "
+                   "give the hyper-optimizer an eps that float16 holds)")
+            if self.nan_policy == "raise":
+                raise NonFiniteError(msg + " (nan_policy='raise')")
+            self.skipped_hyper_steps += 1
+            return res
         self.hyper_steps += 1
         return res
 
@@ -471,14 +511,6 @@ class CommentaryOptimizer:
                 lambda_max=None if es.get("lambda_max") is None else float(es["lambda_max"]),
                 eigvec=None if eig is None else [t.to(dev) for t in eig],
                 estimated_at=int(es.get("estimated_at", -(10**9))))
-
-
-def _outside_this_file() -> int:
-    """The ``stacklevel`` of the first caller outside this file (step, hyper_step, ... lead here)."""
-    level, frame = 1, sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename == __file__:
-        level, frame = level + 1, frame.f_back
-    return level
 
 
 def cycle(loader: Iterable):

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from commentaries_ext import cli
 
@@ -136,3 +137,73 @@ def test_an_unwritable_output_fails_before_the_work(tmp_path, capsys, monkeypatc
 
     with pytest.raises(CheckpointError, match="cannot be written"):
         make_checkpointer(blocker / "c.ckpt", "train_student", {}, total=1)
+
+
+SMALL = ["--data", "digits", "--train-size", "200", "--val-size", "100", "--test-size", "100", "--quiet"]
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["train", "--train-steps", "0"], "--train-steps"),  # IndexError on an empty curve
+    (["train", "--eval-every", "0"], "--eval-every"),  # ZeroDivisionError
+    (["train", "--batch-size", "0"], "--batch-size"),  # trained on empty batches, exit 0
+    (["train", "--threads", "-1"], "--threads"),  # RuntimeError from torch
+    (["learn", "weighting", "--truncate", "0"], "--truncate"),  # "does not require grad" after learning
+    (["learn", "blending", "--val-batch-size", "-3"], "--val-batch-size"),  # randperm[:-3]: 125 of 128
+    (["learn", "blending", "--val-batch-size", "0"], "--val-batch-size"),  # turned into 128
+    (["learn", "blending", "--damping", "-1"], "--damping"),
+])
+def test_out_of_range_options_are_refused_before_any_work(argv, option, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "learn_commentary", lambda *a, **k: pytest.fail("learning started"))
+    monkeypatch.setattr(cli, "train_tracked", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv + SMALL)
+    assert e.value.code == 2 and f"{option} must be >=" in capsys.readouterr().err
+
+
+def test_out_naming_a_folder_is_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    # it learned, then failed to replace the folder by the file: "[Errno 21] Is a directory"
+    monkeypatch.setattr(cli, "learn_commentary", lambda *a, **k: pytest.fail("learning started"))
+    assert cli.main(["learn", "blending", "--steps", "1", "--out", str(tmp_path), *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert "it is a directory" in err and "Traceback" not in err
+
+
+def test_cg_runs_on_the_gauss_newton_curvature_by_default(tmp_path):
+    # on the network's indefinite Hessian CG met negative curvature at its first direction in 9 of
+    # 10 hyper-steps and returned p = 0; --curvature / --damping were not offered
+    import warnings
+
+    from commentaries_ext.engine import HypergradientDivergenceWarning
+
+    out = tmp_path / "b.commentary"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HypergradientDivergenceWarning)
+        assert cli.main(["learn", "blending", "--steps", "3", "--solver", "cg", "--arch", "mlp", "--out", str(out),
+                         *SMALL]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["learned_with"]["solver"].startswith("CGConfig")
+
+
+def test_inspect_plots_only_on_the_data_it_was_told(tmp_path, capsys):
+    """A file saved from Python records no dataset: inspect once assumed digits (a mask plotted on
+    8x8 digits, a Fashion-MNIST teacher failing inside its network). Now it needs --data, and the
+    file must fit that data."""
+    from commentaries_ext.commentary import AttentionMask, Blending, ExampleWeighting
+    from commentaries_ext.data import load_dataset
+    from commentaries_ext.files import save_commentary
+
+    digits = load_dataset("digits", seed=0)
+    fm_like = (torch.rand(20, 1, 28, 28), torch.randint(0, 10, (20,)))
+    teacher = tmp_path / "teacher.commentary"
+    save_commentary(teacher, ExampleWeighting.reference((1, 28, 28), num_classes=10), data=fm_like)
+    assert cli.main(["inspect", str(teacher)]) == 0
+    captured = capsys.readouterr()
+    assert "records no dataset; pass --data" in captured.err and not teacher.with_suffix(".inspect.png").exists()
+    assert cli.main(["inspect", str(teacher), "--data", "digits"]) == 1  # 28x28 teacher, 8x8 digits
+    assert "does not fit the dataset digits" in capsys.readouterr().err
+    mask = tmp_path / "mask.commentary"
+    save_commentary(mask, AttentionMask(1, num_classes=10), data=digits.train)
+    assert cli.main(["inspect", str(mask), "--data", "digits"]) == 0
+    assert mask.with_suffix(".inspect.png").exists()
+    blend = tmp_path / "blend.commentary"  # its matrix needs no data
+    save_commentary(blend, Blending(10), data=digits.train)
+    assert cli.main(["inspect", str(blend)]) == 0 and blend.with_suffix(".inspect.png").exists()

@@ -131,6 +131,26 @@ def test_bad_arguments():
         learn_ift(Blending(3), _student(), x, (x, y))
     with pytest.raises(ValueError, match="inner_optimizer"):
         learn_bptt(Blending(3), _student, (x, y), (x, y), inner_steps=1, outer_steps=1, inner_optimizer="rmsprop")
+    # each of these once failed deep inside (a missing forward argument, "does not require grad",
+    # a TypeError naming no argument) or ran with another setting (randperm[:-3])
+    with pytest.raises(TypeError, match="student_factory must be a function .* got Sequential"):
+        learn_bptt(Blending(3), _student(), (x, y), (x, y), inner_steps=1, outer_steps=1)
+    with pytest.raises(TypeError, match="student_factory\\(\\) must return an nn.Module"):
+        learn_bptt(Blending(3), lambda: None, (x, y), (x, y), inner_steps=1, outer_steps=1)
+    with pytest.raises(TypeError, match="learn_ift: student must be the student nn.Module, got function"):
+        learn_ift(Blending(3), _student, (x, y), (x, y))
+    with pytest.raises(TypeError, match="learn_bptt: inner_steps must be an int"):
+        learn_bptt(Blending(3), _student, (x, y), (x, y), inner_steps=2.5, outer_steps=1)
+    with pytest.raises(ValueError, match="learn_bptt: truncate must be >= 1"):
+        learn_bptt(Blending(3), _student, (x, y), (x, y), inner_steps=2, outer_steps=1, truncate=0)
+    for fn, student in ((learn_bptt, _student), (learn_ift, _student())):
+        with pytest.raises(ValueError, match="val_batch_size must be >= 1, got -3"):
+            fn(Blending(3), student, (x, y), (x, y), val_batch_size=-3)
+    # a commentary for other classes than the student's logits
+    with pytest.raises(BatchError, match="Blending was made for 4 classes but the student outputs 3 logits"):
+        learn_bptt(Blending(4), _student, (x, y), (x, y), inner_steps=1, outer_steps=1)
+    with pytest.raises(BatchError, match="Blending was made for 4 classes but the student outputs 3 logits"):
+        learn_ift(Blending(4), _student(), (x, y), (x, y), steps=1)
 
 
 def test_reuse_a_saved_commentary_on_a_new_architecture(tmp_path):

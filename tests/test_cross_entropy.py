@@ -136,6 +136,38 @@ def test_backends_listed(name):
     assert "cpp" in BACKENDS and "reference" in BACKENDS, BACKENDS
 
 
+def test_use_forces_a_backend_as_a_block_or_from_then_on():
+    # the README said `backend.use("reference")`: a context manager, so a plain call did nothing
+    assert backend.forced() is None
+    with backend.use("reference"):
+        assert backend.forced() == "reference"
+    assert backend.forced() is None
+    backend.use("reference")
+    try:
+        assert backend.forced() == "reference" and backend.select("wce_forward", "cpu")[0] == "reference"
+    finally:
+        backend.use("auto")
+    assert backend.forced() is None
+
+
+def test_a_forced_backend_that_cannot_run_does_not_turn_the_fused_loss_off_for_good(recwarn):
+    # the commentary loss checks the fused ops once; a failure under a forced backend (cuda on a
+    # CPU tensor) was remembered, so the process ran plain PyTorch losses from then on
+    from commentaries_ext.commentary import base as B
+
+    z, y, w = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1]), torch.rand(6)
+    saved = dict(B._CE_STATE)
+    B._CE_STATE.clear()
+    try:
+        with backend.use("cuda"):
+            B.commentary_loss(z, B.Prepared(x=z, target=y, weight=w))
+        assert any("while backend 'cuda' is forced" in str(r.message) for r in recwarn)
+        assert B._ops() is not None
+    finally:
+        B._CE_STATE.clear()
+        B._CE_STATE.update(saved)
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kernels_match_float64(name, dtype):

@@ -372,11 +372,11 @@ def _worker(r, world, tmp):
                                                  steps=1, batch_size=4, student_lr=1e-3 * (r + 1))),
             ("bptt_inner_lr", lambda: learn_bptt(_weighting(1, "sum"), lambda: _student(1), _data(8, 1), _data(4, 2),
                                                  inner_steps=1, outer_steps=1, batch_size=4, inner_lr=0.1 * (r + 1))),
-            ("wrapper_solver", lambda: CommentaryOptimizer(
-                torch.optim.SGD(_student(1).parameters(), lr=0.1), _student(1), _weighting(1, "sum"),
+            ("wrapper_solver", lambda s=_student(1): CommentaryOptimizer(
+                torch.optim.SGD(s.parameters(), lr=0.1), s, _weighting(1, "sum"),
                 solver=NeumannConfig(K=1 + r, alpha=0.1))),
-            ("wrapper_lr", lambda: CommentaryOptimizer(
-                torch.optim.SGD(_student(1).parameters(), lr=0.1 * (r + 1)), _student(1), _weighting(1, "sum"))),
+            ("wrapper_lr", lambda s=_student(1): CommentaryOptimizer(
+                torch.optim.SGD(s.parameters(), lr=0.1 * (r + 1)), s, _weighting(1, "sum"))),
             # what ranks pass a ShardReducer must agree (a size on one rank only paired its collective
             # with another one; equal-sized tensors of other shapes were mixed silently)
             ("reducer_size_one_rank", lambda: D.ShardReducer(train_size=4 if r == 0 else None)),

@@ -1040,3 +1040,21 @@ def test_a_training_loss_that_draws_random_numbers_is_refused(hvp):
     ref = implicit_hypergradient(rtl, rvl, ref_fm.params(), hp, tb, vb, solver=solver, hvp="double_backward")
     for k in hp:
         assert torch.allclose(got.grads[k], ref.grads[k], rtol=1e-10, atol=1e-15), k
+
+
+def test_divergence_warnings_point_at_the_callers_line():
+    # they pointed into engine/implicit.py; the CG information named the curvature setting
+    # "curvature" and then overwrote it with the value d^T H d
+    params = {"w": torch.tensor([0.5, -0.3], dtype=DT)}
+    hp = {"a": torch.tensor([1.0, 2.0], dtype=DT)}
+
+    def tl(p, h, b):  # concave in w: negative curvature everywhere
+        return -(h["a"] * p["w"] ** 2).sum()
+
+    def vl(p, h, b):
+        return (p["w"] ** 2).sum()
+
+    with pytest.warns(HypergradientDivergenceWarning) as rec:
+        res = implicit_hypergradient(tl, vl, params, hp, solver=CGConfig(max_iter=5), hvp="double_backward")
+    assert {w.filename for w in rec} == {__file__}
+    assert res.info["curvature"] == "hessian" and res.info["direction_curvature"] < 0

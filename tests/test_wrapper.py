@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from commentaries_ext.commentary import Blending, ExampleWeighting, NonFiniteError, TabularWeighting
+from commentaries_ext.commentary.base import BatchError
 from commentaries_ext.engine import CGConfig
 from commentaries_ext.wrapper import CommentaryOptimizer
 
@@ -446,3 +447,74 @@ def test_dropout_student_hyper_step_is_that_of_dropout_at_its_expectation():
         assert model.training and all(m.training for m in model.modules())
     for k in grads[0]:
         assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7), k
+
+
+def test_validation_batches_are_checked_like_training_batches():
+    # they were used as given: float labels truncated by .long(), out-of-range or one-hot labels
+    # failing inside torch, an empty batch reported as a NaN loss, dict keys as a bare KeyError
+    x, y = _data()
+    model = _model()
+    t = CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, Blending(3), hyper_every=0)
+    t.loss(x[:8], y[:8]).backward()
+    t.step()
+    for val, msg in [((x[:8], y[:8].float()), "y must hold integer class indices"),
+                     ((x[:8], F.one_hot(y[:8], 3)), r"y must have shape \[8\]"),
+                     ((x[:8], y[:8] + 3), "label 5 out of range"),
+                     ((x[:0], y[:0]), "empty batch"),
+                     ((x[:8].double(), y[:8]), "x is torch.float64 but the student's parameters are torch.float32"),
+                     ({"inputs": x[:8], "y": y[:8]}, r"needs the keys 'x' and 'y'; it has no \['x'\]")]:
+        with pytest.raises(BatchError, match=msg):
+            t.hyper_step(val_batch=val)
+    assert t.hyper_steps == 0
+
+
+def test_a_commentary_for_other_classes_is_refused():
+    x, y = _data()
+    model = _model()  # 3 logits
+    for com in (Blending(10), ExampleWeighting.reference((1, 4, 4), num_classes=10)):
+        t = CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, com, hyper_every=0)
+        with pytest.raises(BatchError, match="made for 10 classes but the student outputs 3 logits"):
+            t.loss(x[:8], y[:8])
+
+
+def test_step_needs_this_steps_loss_and_the_models_optimizer():
+    x, y = _data()
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    t = CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, Blending(3), val_loader=[(x, y)])
+    F.cross_entropy(model(x[:8]), y[:8]).backward()  # the user's own loss: the commentary not applied
+    with pytest.raises(RuntimeError, match=r"step\(\) without this step's loss"):
+        t.step()
+    assert t.steps == 0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    t.zero_grad()
+    t.loss(x[:8], y[:8]).backward()
+    t.step()
+    F.cross_entropy(model(x[:8]), y[:8]).backward()  # a later step would reuse the first batch
+    with pytest.raises(RuntimeError, match=r"step\(\) without this step's loss"):
+        t.step()
+    with pytest.raises(ValueError, match="optimizer holds none of model's parameters"):
+        CommentaryOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1), model, Blending(3))
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_a_hyper_step_that_makes_the_commentary_non_finite_is_undone(policy):
+    # Adam on float16 commentary parameters: eps=1e-8 is 0 in float16, and its first step 0/0 = NaN
+    # for every entry whose gradient is 0, after which every student step was non-finite
+    x, y = _data()
+    model = _model()
+    com = Blending(3).half()
+    t = CommentaryOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, com, val_loader=[(x, y)],
+                            nan_policy=policy, hyper_every=0)
+    phi0 = com.phi.detach().clone()
+    t.loss(x[:8], y[:8]).backward()
+    t.step()
+    grads = {"phi": torch.zeros_like(com.phi, dtype=torch.float32)}
+    res = type("R", (), {"grads": grads, "info": {}})()  # a hypergradient of zeros (finite)
+    t.hypergradient = lambda *a, **k: res
+    if policy == "raise":
+        with pytest.raises(NonFiniteError, match="made the commentary's parameters .*torch.float16.* non-finite"):
+            t.hyper_step()
+    else:
+        t.hyper_step()
+        assert t.skipped_hyper_steps == 1 and t.hyper_steps == 0
+    assert torch.equal(com.phi, phi0)

@@ -172,6 +172,15 @@ def check_batch(x: Any, y: Any, num_classes: int | None = None, *, name: str = "
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+def check_logit_width(commentary: "Commentary", logits: torch.Tensor, who: str) -> None:
+    """A commentary made for ``num_classes`` classes needs a student with that many logits (a
+    10-class blending matrix or label-conditioned weights would be read at the wrong classes)."""
+    k = getattr(commentary, "num_classes", None)
+    if k is not None and logits.dim() == 2 and logits.shape[1] != k:
+        raise BatchError(f"{type(commentary).__name__} was made for {k} classes but {who} outputs "
+                         f"{logits.shape[1]} logits per example")
+
+
 def check_param_dtype(who: str, x: torch.Tensor, param: torch.Tensor) -> None:
     """A network commentary's input must have its parameters' dtype (outside autocast)."""
     if x.dtype != param.dtype and param.is_floating_point() and not torch.is_autocast_enabled(x.device.type):
@@ -207,16 +216,25 @@ def _ops():
     except Exception:  # not built / not written yet
         _CE_STATE["mod"] = None
         return None
+    from .. import backend
+
     try:
         _self_check(ce)
-        _CE_STATE["mod"] = ce
     except Exception as e:  # noqa: BLE001
         import warnings
 
+        # a forced backend that cannot run here (an invalid COMMENTARIES_EXT_BACKEND raises in
+        # forced()) is that block's problem: not remembered past it
+        forced = backend.forced()
         warnings.warn(f"fused cross-entropy ops disabled for commentary losses ({type(e).__name__}: {e}); "
-                      "using plain PyTorch", RuntimeWarning, stacklevel=3)
+                      f"using plain PyTorch{f' while backend {forced!r} is forced' if forced else ''}",
+                      RuntimeWarning, stacklevel=3)
+        if forced is not None:
+            return None
         _CE_STATE["mod"] = None
-    return _CE_STATE["mod"]
+        return None
+    _CE_STATE["mod"] = ce
+    return ce
 
 
 def _self_check(ce) -> None:

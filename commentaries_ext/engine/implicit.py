@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from . import vector as V
+from .._stack import user_stacklevel
 from ..memory import reuse_cpu_memory
 from .hvp import make_operator, scalar_loss
 from .pooling import pool_rules
@@ -193,7 +194,7 @@ def conjugate_gradient(matvec: Callable, v: list, max_iter: int, tol: float = 1e
         dhd = _synced(sync, V.dot(d, hd))[0]
         if not torch.isfinite(dhd) or float(dhd) <= 0.0:
             info["negative_curvature"] = True
-            info["curvature"] = float(dhd)
+            info["direction_curvature"] = float(dhd)
             break  # the last iterate (0 on the first direction: no curvature to scale a step by)
         a = rr / dhd
         r_new_dot = _synced(sync, V.cg_update_(x, r, d, hd, a))[0]  # x <- x + a d ; r <- r - a Hd ; <r, r>
@@ -342,17 +343,17 @@ def _inverse_hvp(op, v, solver, state, info, reduce, base):
         op.damping = base + solver.damping
         p, cg = conjugate_gradient(op.matvec, v, solver.max_iter, solver.tol, sync=sync)
         info.update(solver="cg", **cg)
-        if cg["negative_curvature"] and not math.isfinite(cg.get("curvature", 0.0)):
+        if cg["negative_curvature"] and not math.isfinite(cg.get("direction_curvature", 0.0)):
             _check_grad_finite(op, "conjugate gradients met a non-finite curvature")
         if cg["negative_curvature"]:
-            msg = (f"conjugate gradients met non-positive curvature ({cg.get('curvature')}) after "
+            msg = (f"conjugate gradients met non-positive curvature ({cg.get('direction_curvature')}) after "
                    f"{cg['iterations']} iterations: the Hessian is indefinite here")
             hint = "Use damping or curvature='gauss_newton'."
             if solver.on_divergence == "raise":
                 raise HypergradientDivergenceError(f"{msg}. {hint}")
             last = ("returning the last iterate" if cg["iterations"] else
                     "returning p = 0 (the last iterate: the hypergradient is the direct term alone)")
-            warnings.warn(f"{msg}; {last}. {hint}", HypergradientDivergenceWarning, stacklevel=3)
+            warnings.warn(f"{msg}; {last}. {hint}", HypergradientDivergenceWarning, stacklevel=user_stacklevel())
         return p, info
     if not isinstance(solver, NeumannConfig):
         raise TypeError(f"solver must be NeumannConfig or CGConfig, got {type(solver).__name__}")
@@ -378,7 +379,7 @@ def _inverse_hvp(op, v, solver, state, info, reduce, base):
     if solver.on_divergence == "raise":
         raise HypergradientDivergenceError(msg)
     if solver.on_divergence == "truncate":
-        warnings.warn(msg + f"; keeping {_kept(ninfo)}", HypergradientDivergenceWarning, stacklevel=3)
+        warnings.warn(msg + f"; keeping {_kept(ninfo)}", HypergradientDivergenceWarning, stacklevel=user_stacklevel())
         return p, info
     # fallback: alpha from power iteration, then damping if indefinite
     lam, vec, used = power_iteration(op.matvec, v, solver.power_iters, sync=sync)
@@ -419,7 +420,7 @@ def _inverse_hvp(op, v, solver, state, info, reduce, base):
             _check_grad_finite(op, "the damped Neumann series met a non-finite term")
         warnings.warn(f"Neumann series still grows after the fallback (alpha={alpha2:.3g}, damping={op.damping:.3g}): "
                       f"{ninfo['reason']}; keeping {_kept(ninfo)}",
-                      HypergradientDivergenceWarning, stacklevel=3)
+                      HypergradientDivergenceWarning, stacklevel=user_stacklevel())
     return p, info
 
 
