@@ -9,7 +9,12 @@ for them is avoidable work: one ConvNet hyper-step at K = 5 ran 1.19x faster
 with the cache on a 2-core machine (``python/bench_engine_paths.py``,
 BENCHMARKS.md).  Closing the outermost scope releases the cached blocks;
 blocks still alive then are released when they are freed.  Scopes nest and
-are process-wide (the allocator is torch's CPU allocator while one is open).
+are process-wide.  The first scope installs the allocator as torch's CPU
+allocator and it stays installed, passing every call through to torch's
+``alloc_cpu``/``free_cpu`` outside scopes (oneDNN frees raw buffers with the
+allocator installed at free time: see ``csrc/cpu/memory.cpp``).  The cache holds
+at most the peak of the bytes the scope handed out and still alive.  A forked
+child (a DataLoader worker) caches nothing.
 
 The engine opens a scope around ``implicit_hypergradient`` and around each
 BPTT outer step of the trainers.  ``COMMENTARIES_EXT_REUSE_CPU_MEMORY=0``

@@ -140,3 +140,100 @@ def test_hypergradient_is_the_same_with_and_without_the_cache(monkeypatch):
     without = run().grads["log_lam"]
     assert torch.equal(with_cache, without)
     assert memory.stats()["open_scopes"] == 0
+
+
+STALE_ENTRY_SCRIPT = """
+import torch
+from commentaries_ext import memory
+from commentaries_ext.memory import reuse_cpu_memory
+
+big, small = 1 << 20, 1 << 16
+for _ in range(20):
+    with reuse_cpu_memory():
+        x = torch.empty(big, layout=torch._mkldnn)
+    del x
+    y = torch.empty(small, layout=torch._mkldnn)  # glibc may place it where x was
+    with reuse_cpu_memory():
+        before = memory.stats()["cached_bytes"]
+        del y
+        grew = memory.stats()["cached_bytes"] - before
+        assert grew <= small * 4 + 4096, f"a {small * 4} B block was cached as {grew} B"
+"""
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_raw_blocks_freed_after_the_scope_are_not_cached_under_a_stale_size():
+    """oneDNN frees its raw buffers with the allocator installed at free time. The allocator was
+    uninstalled when the last scope closed, so a 4 MiB buffer freed later left its table entry;
+    a 256 KiB block glibc then placed at that address was cached as 4 MiB when freed inside a
+    scope, and handed out for the next 4 MiB request (a heap overflow). The allocator now stays
+    installed and passes through outside scopes. (A fresh process: glibc's address reuse
+    depends on the heap's history.)"""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", STALE_ENTRY_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_cache_holds_at_most_the_scopes_peak_of_live_blocks():
+    # blocks are reused by exact size: a loop of ever-new sizes once kept every one, up to 2 GiB
+    with reuse_cpu_memory():
+        for i in range(200):
+            t = torch.empty(BIG + 1024 * i)
+            del t
+        assert memory.stats()["cached_bytes"] <= (BIG + 1024 * 199) * 4 + 4096
+        a, b = torch.empty(BIG), torch.empty(BIG)  # two at once: both can wait for reuse
+        del a, b
+        assert memory.stats()["cached_bytes"] >= 2 * BIG * 4
+
+
+def test_a_forked_child_caches_nothing_and_never_waits_for_the_parents_lock():
+    """fork() while another thread held the allocator's lock left the child's copy locked: its
+    first allocation hung (1-3 children in 200). A child also kept the parent's scope open and
+    its free lists (a DataLoader worker held up to 2 GiB)."""
+    import os
+    import threading
+    import time
+
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            a, b = torch.empty(BIG), torch.empty(100)
+            del a, b
+
+    hung = bad = 0
+    with reuse_cpu_memory():
+        keep = torch.empty(BIG)
+        del keep  # a cached block the children inherit
+        thread = threading.Thread(target=churn)
+        thread.start()
+        try:
+            for _ in range(100):
+                pid = os.fork()
+                if pid == 0:  # the child: allocate, then report what it caches
+                    code = 0
+                    try:
+                        with reuse_cpu_memory():
+                            t = torch.empty(BIG)
+                            del t
+                            s = memory.stats()
+                            code = 0 if (s["cached_bytes"], s["open_scopes"]) == (0, 0) else 3
+                    finally:
+                        os._exit(code)
+                deadline = time.time() + 5
+                while time.time() < deadline:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        bad += os.waitstatus_to_exitcode(status) != 0
+                        break
+                    time.sleep(0.002)
+                else:
+                    hung += 1
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+        finally:
+            stop.set()
+            thread.join()
+    assert hung == 0 and bad == 0
