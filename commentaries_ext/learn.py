@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -87,7 +88,7 @@ def _check_data(data, name, num_classes=None):
 def _check_counts(fn: str, **counts) -> None:
     """Each ``name=(value, minimum)`` must be an int >= minimum."""
     for name, (v, lo) in counts.items():
-        if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):  # (numpy integers too)
             raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")
         if v < lo:
             raise ValueError(f"{fn}: {name} must be >= {lo}, got {v}")

@@ -80,7 +80,7 @@ class CommentaryOptimizer:
         parameter groups, the first group's (a warning says so once if their rates differ; pass
         ``solver=NeumannConfig(K=1, alpha=...)`` to choose).
     curvature, hvp: passed to ``engine.implicit_hypergradient``.  During a hyper-step the
-        student's and commentary's Dropout and RReLU modules run in eval mode (the engine
+        student's and commentary's Dropout, RReLU and MultiheadAttention modules run in eval mode (the engine
         needs one deterministic training loss: ``engine.random_modules_eval``).
     total_steps: for the training progress ``i/T`` fed to the commentary (default: 0).
     criterion: the plain loss used when switched off (default ``F.cross_entropy``).
@@ -399,9 +399,6 @@ class CommentaryOptimizer:
         val_batch = {"x": xv.to(dev) if torch.is_tensor(xv) else xv, "y": yv.to(dev) if torch.is_tensor(yv) else yv}
         check_batch(val_batch["x"], val_batch["y"], getattr(self.commentary, "num_classes", None),
                     name="validation batch")
-        pdt = next(iter(self.model.parameters())).dtype
-        if val_batch["x"].dtype != pdt:  # (the hyper-step runs outside autocast)
-            raise BatchError(f"validation batch: x is {val_batch['x'].dtype} but the student's parameters are {pdt}")
         hparams = self.commentary.hparams()
         autocast_off = (torch.autocast(device_type=dev.type, enabled=False)
                         if dev.type in ("cpu", "cuda") else contextlib.nullcontext())

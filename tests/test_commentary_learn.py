@@ -139,6 +139,9 @@ def test_bad_arguments():
         learn_bptt(Blending(3), lambda: None, (x, y), (x, y), inner_steps=1, outer_steps=1)
     with pytest.raises(TypeError, match="learn_ift: student must be the student nn.Module, got function"):
         learn_ift(Blending(3), _student, (x, y), (x, y))
+    import numpy as np
+
+    learn_bptt(Blending(3), _student, (x, y), (x, y), inner_steps=np.int64(1), outer_steps=np.int64(1))  # a sweep's
     with pytest.raises(TypeError, match="learn_bptt: inner_steps must be an int"):
         learn_bptt(Blending(3), _student, (x, y), (x, y), inner_steps=2.5, outer_steps=1)
     with pytest.raises(ValueError, match="learn_bptt: truncate must be >= 1"):

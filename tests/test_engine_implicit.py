@@ -988,9 +988,29 @@ def _reassign_frozen(m):
     m[1].weight = nn.Parameter(m[1].weight.detach() * 2, requires_grad=False)
 
 
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(36, 3)
+        self.temp = torch.tensor(1.5, dtype=DT)  # a plain tensor attribute: not a buffer
+
+    def forward(self, x):
+        return self.lin(x.flatten(1)).tanh() * self.temp
+
+
+def _scaled_student():
+    torch.manual_seed(1)
+    return _Scaled().to(DT)
+
+
+def _replace_temp(m):
+    m.temp = torch.tensor(4.0, dtype=DT)
+
+
 @pytest.mark.parametrize("student,change", [(_bn_eval_student, _reassign_running_stats), (_leaky_student, _set_slope),
-                                            (_frozen_student, _reassign_frozen)],
-                         ids=["eval_bn_stats_replaced", "submodule_attribute", "frozen_parameter_replaced"])
+                                            (_frozen_student, _reassign_frozen), (_scaled_student, _replace_temp)],
+                         ids=["eval_bn_stats_replaced", "submodule_attribute", "frozen_parameter_replaced",
+                              "tensor_attribute_replaced"])
 def test_a_reused_trace_sees_the_student_change(student, change):
     # The linearised trace (hvp="auto" at K >= 3) holds a module's eval-mode buffers, frozen
     # parameters and plain attributes as constants; it was keyed by the top module's plain
@@ -1058,3 +1078,50 @@ def test_divergence_warnings_point_at_the_callers_line():
         res = implicit_hypergradient(tl, vl, params, hp, solver=CGConfig(max_iter=5), hvp="double_backward")
     assert {w.filename for w in rec} == {__file__}
     assert res.info["curvature"] == "hessian" and res.info["direction_curvature"] < 0
+    with pytest.warns(HypergradientDivergenceWarning) as rec:  # the Neumann series' fallback
+        implicit_hypergradient(tl, vl, params, hp, solver=NeumannConfig(K=20, alpha=1.0), hvp="double_backward")
+    assert {w.filename for w in rec} == {__file__}
+
+
+def test_a_deterministic_loss_is_not_refused_while_another_thread_draws_random_numbers():
+    # the first form of the check compared the global generator's state before and after the call:
+    # a data-loading thread drawing from it made 15 of 20 calls of a deterministic loss raise
+    import threading
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    fm, tl, vl, hp, tb, vb = _student_problem(model)
+    stop = threading.Event()
+
+    def prefetch():
+        while not stop.is_set():
+            torch.randint(0, 10, (64,))
+
+    thread = threading.Thread(target=prefetch)
+    thread.start()
+    try:
+        for _ in range(10):
+            implicit_hypergradient(tl, vl, fm.params(), hp, tb, vb, solver=NeumannConfig(K=2, alpha=0.01))
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_the_weighted_mixed_term_without_forward_mode():
+    """The example-weighting mixed term takes d_i = grad l_i . p by forward mode; where an op has no
+    forward-mode formula (MultiheadAttention's fast path in eval mode) it is taken by two reverse
+    passes, and must agree."""
+    from commentaries_ext.engine.hvp import _jvp_by_double_vjp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(DT)
+    fm = FunctionalModule(model)
+    x, y = torch.randn(6, 5, dtype=DT), torch.randint(0, 3, (6,))
+
+    def per_example(q):
+        return nn.functional.cross_entropy(fm(q, x), y, reduction="none")
+
+    th = fm.params()
+    tangent = {k: torch.randn_like(v) for k, v in th.items()}
+    _, want = torch.func.jvp(per_example, (th,), (tangent,))
+    torch.testing.assert_close(_jvp_by_double_vjp(per_example, th, tangent), want, rtol=1e-12, atol=1e-14)

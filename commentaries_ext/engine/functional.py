@@ -56,13 +56,14 @@ def eager_calls(compiled: list[nn.Module]):
             m._compiled_call_impl = impl
 
 
-# modules that draw random numbers in training mode
-_RANDOM_TYPES = (nn.modules.dropout._DropoutNd, nn.RReLU)
+# modules that draw random numbers in training mode (MultiheadAttention: its attention dropout)
+_RANDOM_TYPES = (nn.modules.dropout._DropoutNd, nn.RReLU, nn.MultiheadAttention)
 
 
 @contextlib.contextmanager
 def random_modules_eval(*modules: nn.Module | None):
-    """Dropout (every kind) and RReLU inside ``modules`` in eval mode, restored on exit.
+    """Dropout (every kind), RReLU and MultiheadAttention inside ``modules`` in eval mode (their
+    own flag only: not their submodules'), restored on exit.
 
     The implicit hypergradient needs one deterministic training loss: the engine evaluates
     it several times per hyper-step (the Hessian's graph or trace, the mixed term), and a
@@ -71,12 +72,12 @@ def random_modules_eval(*modules: nn.Module | None):
     switched = [m for mod in modules if mod is not None for m in mod.modules()
                 if isinstance(m, _RANDOM_TYPES) and m.training]
     for m in switched:
-        m.train(False)
+        m.training = False
     try:
         yield
     finally:
         for m in switched:
-            m.train(True)
+            m.training = True
 
 
 class FunctionalModule:

@@ -41,6 +41,7 @@ import torch
 from torch.func import grad as fgrad
 from torch.func import jvp as fjvp
 
+from .._stack import user_stacklevel
 from . import vector as V
 from .batchnorm import batch_norm_reverse_rules, batch_norm_rules
 from .conv import conv_rules
@@ -184,7 +185,10 @@ def _mixed_weighted(loss: WeightedLoss, params, hparams, batch, p, pnames):
     """Example-weighting fast path: d_i = grad l_i . p by one jvp, one backward to phi."""
     th = {k: v.detach() for k, v in params.items()}
     tangent = {n: t.detach() for n, t in zip(pnames, p)}
-    _, d = fjvp(lambda q: loss.per_example(q, batch), (th,), (tangent,))
+    try:
+        _, d = fjvp(lambda q: loss.per_example(q, batch), (th,), (tangent,))
+    except NotImplementedError:  # an op without a forward-mode formula (MultiheadAttention's fast path ...)
+        d = _jvp_by_double_vjp(lambda q: loss.per_example(q, batch), th, tangent)
     ph = _leaves(hparams)
     with torch.enable_grad():
         w = loss.weights(ph, batch)
@@ -193,6 +197,19 @@ def _mixed_weighted(loss: WeightedLoss, params, hparams, batch, p, pnames):
             pass
         out = torch.autograd.grad(s, list(ph.values()), allow_unused=True)
     return _zeros_if_none(out, list(ph.values()))
+
+
+def _jvp_by_double_vjp(f, th: dict, tangent: dict) -> torch.Tensor:
+    """``J t`` of ``f`` at ``th`` by reverse mode only: ``d/du <J^T u, t>`` (J^T u is linear in u)."""
+    leaves = _leaves(th)
+    with torch.enable_grad():
+        out = f(leaves)
+        u = torch.zeros_like(out, requires_grad=True)
+        g = torch.autograd.grad(out, list(leaves.values()), u, create_graph=True, allow_unused=True)
+        pairs = [(gi, tangent[k]) for gi, k in zip(g, leaves) if gi is not None and gi.requires_grad]
+        if not pairs:
+            return torch.zeros_like(out).detach()
+        return torch.autograd.grad([a for a, _ in pairs], u, [b for _, b in pairs])[0]
 
 
 class DoubleBackwardHessian(_Base):
@@ -388,7 +405,8 @@ def make_operator(
             _AUTO_BROKEN.add(_code_of(loss))
         if probe:
             _FEW_PRODUCTS_LINEARIZED[_code_of(loss)] = False
-        warnings.warn(f"forward-over-reverse HVP unavailable ({type(exc).__name__}: {exc}); using double backward", stacklevel=3)
+        warnings.warn(f"forward-over-reverse HVP unavailable ({type(exc).__name__}: {exc}); using double backward",
+                      stacklevel=user_stacklevel())
         return DoubleBackwardHessian(loss, params, hparams, batch, damping)
 
 

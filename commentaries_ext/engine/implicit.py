@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -407,7 +408,7 @@ def _inverse_hvp(op, v, solver, state, info, reduce, base):
         msg + f"; falling back to alpha={alpha2:.3g} from power iteration (lambda_max~{lam_max:.3g}, "
         f"lambda_min~{lam_min:.3g}) with damping {op.damping:.3g}",
         HypergradientDivergenceWarning,
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )
     # A few power iterations underestimate |lambda_min| (a Rayleigh quotient approaches the
     # extreme eigenvalue from inside), so on a strongly indefinite minibatch Hessian the damped
@@ -444,25 +445,38 @@ def _auto_alpha(op, v, solver, state, info, sync=None):
     return solver.alpha_scale / state.lambda_max
 
 
-def _rng_marks(tensors) -> list:
-    """The states of the random generators the training loss could draw from: the CPU one and
-    those of the CUDA devices ``tensors`` live on (a few bytes each; no synchronisation)."""
-    marks = [torch.default_generator.get_state()]
-    for dev in sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"}):
-        marks.append(torch.cuda.get_rng_state(dev))
-    return marks
+# training losses found deterministic, by linearize's key of a loss and the state it reads (a
+# module switched to training mode is another key); a loss re-created with new captured objects
+# every call is probed every call (pass the same callable: the linearised HVP needs that too)
+_DETERMINISTIC: "OrderedDict[tuple, bool]" = OrderedDict()
 
 
-def _check_deterministic(before: list, tensors) -> None:
-    after = _rng_marks(tensors)
-    if len(after) != len(before) or any(not torch.equal(a, b) for a, b in zip(after, before)):
+def _check_deterministic(train_loss, params, hparams, batch) -> None:
+    """Refuse a training loss that draws random numbers (Dropout in training mode ...): the
+    engine evaluates it several times per call (the Hessian's graph or trace, the mixed term),
+    and each evaluation would draw others, so the result would be the hypergradient of no one
+    loss.  Two evaluations are compared once per loss and state (not the global generator's
+    state, which other threads draw from too); a tolerance leaves GPU atomics' rounding alone."""
+    from .linearize import _loss_key
+
+    key, _ = _loss_key(train_loss)
+    if key in _DETERMINISTIC:
+        _DETERMINISTIC.move_to_end(key)
+        return
+    with torch.no_grad():
+        a, b = (scalar_loss("train_loss", train_loss(params, hparams, batch)) for _ in range(2))
+    if not torch.allclose(a, b, rtol=1e-5, atol=1e-8, equal_nan=True):
         raise ValueError(
-            "implicit_hypergradient: train_loss draws random numbers (Dropout or RReLU in training mode, "
-            "a random augmentation ...). The implicit hypergradient needs one deterministic training loss: "
-            "it is evaluated several times per call (the Hessian's graph or trace, the mixed term), and each "
-            "evaluation would draw other numbers. Draw them outside and pass them in the batch, or put such "
-            "modules in eval mode for the call (engine.random_modules_eval(student); CommentaryOptimizer and "
-            "learn_ift do this)")
+            f"implicit_hypergradient: train_loss gave {float(a):.6g} and then {float(b):.6g} at the same point: it "
+            "draws random numbers (Dropout in training mode, a random augmentation ...). The implicit "
+            "hypergradient needs one deterministic training loss: it is evaluated several times per call, and "
+            "each evaluation would draw other numbers. Draw them outside and pass them in the batch, or switch "
+            "such modules to eval mode for the call (engine.random_modules_eval(student) does this for Dropout, "
+            "RReLU and MultiheadAttention, and CommentaryOptimizer and learn_ift use it; a module calling "
+            "F.dropout itself needs its training flag off)")
+    _DETERMINISTIC[key] = True
+    if len(_DETERMINISTIC) > 256:
+        _DETERMINISTIC.popitem(last=False)
 
 
 def implicit_hypergradient(
@@ -520,7 +534,10 @@ def implicit_hypergradient(
     if reduce is not None:
         _check_reduction(train_loss, reduce)
     # The K products allocate the same buffers again and again (commentaries_ext/memory.py).
-    with reuse_cpu_memory():
+    # Attention runs as plain math: the fused scaled-dot-product kernels have no double backward.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with reuse_cpu_memory(), sdpa_kernel([SDPBackend.MATH]):
         info: dict = {"curvature": curvature}
         if v is None:
             Lv, v, direct = _val_grads(val_loss, params, hparams, val_batch)
@@ -538,7 +555,7 @@ def implicit_hypergradient(
                                  f"({[tuple(t.shape) for t in params.values()]})")
             Lv, direct = torch.tensor(float("nan")), [torch.zeros_like(t) for t in hparams.values()]
         expected = solver.K if isinstance(solver, NeumannConfig) and solver.alpha is not None else None
-        rng_before = _rng_marks(list(params.values()))  # (the power iteration has its own generator)
+        _check_deterministic(train_loss, params, hparams, train_batch)
         # undamped: inverse_hvp adds the solver's damping (and any fallback's)
         op = make_operator(train_loss, params, hparams, train_batch, curvature=curvature, hvp=hvp, damping=0.0,
                            linearize=linearize, expected_products=expected)
@@ -555,6 +572,5 @@ def implicit_hypergradient(
         else:
             mixed = op.mixed(p)
         info["n_matvec"] = op.n_matvec
-        _check_deterministic(rng_before, list(params.values()))
         grads = {name: d - m for name, d, m in zip(hparams, direct, mixed)}
         return HypergradResult(grads=grads, p=p, v=v, val_loss=Lv, info=info)

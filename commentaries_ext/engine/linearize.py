@@ -460,11 +460,12 @@ def _plain(v) -> bool:
 def _module_sig(mod: torch.nn.Module):
     """What a trace freezes of a module and its submodules: training flags, plain attributes
     (``eps``, ``negative_slope``, a convolution's ``padding`` ...) by value, and which tensors
-    the parameters and buffers are (a trace holds them as constants: one replaced, e.g. by
+    the parameters, buffers and plain tensor attributes are (a trace holds them as constants: one replaced, e.g. by
     ``load_state_dict(assign=True)``, must not be read from the old one; in-place changes are
     seen through the held tensor)."""
     return tuple((id(m), m.training,
                   tuple((k, v) for k, v in vars(m).items() if k != "training" and _plain(v)),
+                  tuple((k, id(v)) for k, v in vars(m).items() if torch.is_tensor(v)),  # plain tensor attributes
                   tuple((k, id(t)) for k, t in m._parameters.items()),
                   tuple((k, id(t)) for k, t in m._buffers.items()))
                  for m in mod.modules())

@@ -89,6 +89,10 @@ class ScopedCachingCPUAllocator final : public c10::Allocator {
   // installed: one of higher priority than torch's default, or one another library
   // installed after this one (not replaced: its blocks are its own).
   bool enter() {
+    // before the allocator can be installed, and never with the lock held: a fork between
+    // installing it and registering these would leave the child's lock held for good
+    static std::once_flag fork_handlers;
+    std::call_once(fork_handlers, [] { pthread_atfork(&lock_for_fork, &unlock_after_fork, &child_after_fork); });
     std::vector<void*> dropped;
     bool ok = false;
     {
@@ -99,10 +103,8 @@ class ScopedCachingCPUAllocator final : public c10::Allocator {
           previous_ = c10::GetCPUAllocator();
           c10::SetCPUAllocator(this, 0);
           installed_ = c10::GetCPUAllocator() == this;
-          if (installed_) {
-            pthread_atfork(&lock_for_fork, &unlock_after_fork, &child_after_fork);
+          if (installed_)
             track_small_ = previous_->raw_deleter() != c10::GetDefaultCPUAllocator()->raw_deleter();
-          }
         }
         if (installed_ && c10::GetCPUAllocator() == this) {
           if (depth_++ == 0) peak_scoped_bytes_ = scoped_bytes_;
