@@ -466,12 +466,13 @@ class Checkpointer:
     """
 
     def __init__(self, path, kind: str, config: Mapping, *, every: int | None = None, total: int | None = None,
-                 resume: bool = True, upgrade: Callable[[dict], None] | None = None):
+                 resume: bool = True, upgrade: Callable[[dict], None] | None = None, group=None):
         every = default_every(kind) if every is None else int(every)
         if every <= 0:
             raise ValueError(f"checkpoint_every must be a positive number of steps, got {every}")
         self.path, self.kind, self.every, self.total = Path(path), kind, every, total
-        if _is_writer():
+        self.group = group  # the run's process group: its rank 0 writes
+        if _is_writer(group):
             try:  # now, not at the first save after steps of work
                 check_writable(self.path)
             except OSError as e:
@@ -511,7 +512,7 @@ class Checkpointer:
 
     def step_done(self, step: int, make_state: Callable[[], Mapping]) -> bool:
         """Called after each completed step; saves (``make_state()``) when due."""
-        if not self.due(step) or not _is_writer():
+        if not self.due(step) or not _is_writer(self.group):
             return False
         self.save(step, make_state())
         return True
@@ -523,17 +524,17 @@ def _version() -> str:
     return __version__
 
 
-def _is_writer() -> bool:
+def _is_writer(group=None) -> bool:
     import torch.distributed as dist
 
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank(group) == 0
 
 
 def make_checkpointer(path, kind: str, config: Mapping | Callable[[], Mapping], *, every=None, total=None,
-                      resume=True, upgrade=None):
+                      resume=True, upgrade=None, group=None):
     """A :class:`Checkpointer`, or None when ``path`` is None (``config`` may be a
     callable: it is then only evaluated -- data fingerprints hashed -- when checkpointing)."""
     if path is None:
         return None
     return Checkpointer(path, kind, config() if callable(config) else config, every=every, total=total,
-                        resume=resume, upgrade=upgrade)
+                        resume=resume, upgrade=upgrade, group=group)

@@ -171,12 +171,17 @@ def all_reduce_mean(tensors: Sequence[torch.Tensor], group=None, weight: float |
     return _combine(tensors, float(weight) / float(w), 1.0, group)
 
 
+def _global_src(src: int, group) -> int:
+    """``torch.distributed`` takes ``src`` as a global rank; these functions take the group's."""
+    return src if group is None else _dist().get_global_rank(group, src)
+
+
 def _coalesced_broadcast_(tensors: Sequence[torch.Tensor], src: int, group) -> None:
     dist = _dist()
     tensors = [t for t in tensors if t.numel()]
     for _, idx in _by_dtype(tensors).items():
         flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
-        dist.broadcast(flat, src=src, group=group)
+        dist.broadcast(flat, src=_global_src(src, group), group=group)
         off = 0
         with torch.no_grad():
             for i in idx:
@@ -200,7 +205,7 @@ def broadcast_optimizer_state_(optimizer: torch.optim.Optimizer, src: int = 0, g
     dist = _dist()
     obj = [optimizer.state_dict() if rank(group) == src else None]
     dev = _group_device(group)
-    dist.broadcast_object_list(obj, src=src, group=group, device=dev if dev.type == "cuda" else None)
+    dist.broadcast_object_list(obj, src=_global_src(src, group), group=group, device=dev if dev.type == "cuda" else None)
     if rank(group) != src:
         optimizer.load_state_dict(obj[0])
 
@@ -210,7 +215,7 @@ def broadcast_int(value: int, src: int = 0, group=None) -> int:
     if not enabled():
         return int(value)
     t = torch.tensor([int(value)], dtype=torch.int64, device=_group_device(group))
-    _dist().broadcast(t, src=src, group=group)
+    _dist().broadcast(t, src=_global_src(src, group), group=group)
     return int(t.item())
 
 

@@ -303,7 +303,8 @@ def learn_bptt(commentary: Commentary, student_factory: Callable[[], nn.Module],
         "student": shapes(base) if base is not None else "fresh each outer step",
         "train_data": data_fingerprint((x, y)), "val_data": data_fingerprint((xv, yv)),
         **({"world_size": world} if world > 1 else {})},
-        every=checkpoint_every, total=outer_steps, resume=resume, upgrade=lambda st: _upgrade_checkpoint(st, world))
+        every=checkpoint_every, total=outer_steps, resume=resume, upgrade=lambda st: _upgrade_checkpoint(st, world),
+        group=process_group if dist_on else None)
     start = 0
     st = ck.load() if ck is not None else None
     if st is not None:
@@ -439,6 +440,8 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
 
     dist_on = D.use_distributed(distributed)
     world, rank = (D.world_size(process_group), D.rank(process_group)) if dist_on else (1, 0)
+    # the union's loss of a "sum" commentary sums the ranks' (equal) shards: so do its gradients
+    union_sums = getattr(commentary, "reduction", "mean") == "sum"
     if dist_on:
         if batch_size % world:
             raise ValueError(f"batch_size={batch_size} is the global batch under torch.distributed: "
@@ -494,7 +497,8 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
         "train_data": data_fingerprint((x, y)), "val_data": data_fingerprint((xv, yv)),
         # the shards change the computation (per-shard BatchNorm statistics, blending partners)
         **({"world_size": world} if world > 1 else {})},
-        every=checkpoint_every, total=steps, resume=resume, upgrade=lambda st: _upgrade_checkpoint(st, world))
+        every=checkpoint_every, total=steps, resume=resume, upgrade=lambda st: _upgrade_checkpoint(st, world),
+        group=process_group if dist_on else None)
     start = 0
     st = ck.load() if ck is not None else None
     if st is not None:
@@ -517,10 +521,10 @@ def learn_ift(commentary: Commentary, student: nn.Module, train_data, val_data, 
             teacher.zero_grad()
             loss = teacher.loss(xb, yb, index=idx)
             loss.backward()
-            if dist_on and not ddp:  # the student's gradient: the mean over the ranks (as DDP's)
+            if dist_on and not ddp:  # the student's gradient: the union's (as DDP's, but a "sum" loss sums)
                 ps = [p for p in student.parameters() if p.grad is not None]
                 for p, g in zip(ps, D.all_reduce_mean([p.grad for p in ps], group=process_group)):
-                    p.grad.copy_(g)
+                    p.grad.copy_(g.mul_(world) if union_sums else g)
             teacher.step()
             if dist_on and not ddp:  # as DDP does: rank 0's running statistics (each rank's come from its shard)
                 D.broadcast_buffers_(student, group=process_group)

@@ -397,8 +397,7 @@ class CommentaryOptimizer:
             raise ValueError("no training batch yet: call loss(x, y) first or pass train_batch=")
         xv, yv = _split_batch(self._next_val() if val_batch is None else val_batch)
         val_batch = {"x": xv.to(dev) if torch.is_tensor(xv) else xv, "y": yv.to(dev) if torch.is_tensor(yv) else yv}
-        check_batch(val_batch["x"], val_batch["y"], getattr(self.commentary, "num_classes", None),
-                    name="validation batch")
+        self._check_val_batch(val_batch)
         hparams = self.commentary.hparams()
         autocast_off = (torch.autocast(device_type=dev.type, enabled=False)
                         if dev.type in ("cpu", "cuda") else contextlib.nullcontext())
@@ -416,6 +415,22 @@ class CommentaryOptimizer:
                 solver=self._solver(), curvature=self.curvature, hvp=self.hvp, state=self._engine_state,
                 reduce=reduce)
         return res
+
+    def _check_val_batch(self, batch: dict) -> None:
+        """``check_batch`` on a validation batch; under torch.distributed decided by all ranks
+        together (a rank raising alone would leave the others waiting in the hyper-step's
+        collectives), and a rank's empty shard is allowed (weighted 0)."""
+        err = None
+        try:
+            if not (self._dist() and torch.is_tensor(batch["x"]) and batch["x"].dim() and batch["x"].shape[0] == 0):
+                check_batch(batch["x"], batch["y"], getattr(self.commentary, "num_classes", None),
+                            name="validation batch")
+        except BatchError as e:
+            if not self._dist():
+                raise
+            err = e
+        if self._dist() and D.any_rank(err is not None, self.process_group):
+            raise err or BatchError("the validation batch of another rank is invalid (its error says why)")
 
     def hyper_step(self, train_batch: dict | None = None, val_batch: Any = None):
         """One hyper-step on the commentary; returns the engine's result (None when a

@@ -251,15 +251,16 @@ def _solver_decisions(r, sync):
     return (lam, used, cg["iterations"], cg["residual"], ni["diverged"], ni["terms_used"])
 
 
-def _ift_run(r, distributed):
-    com = _weighting(80 + r, "mean")  # rank 1 starts elsewhere: the wrapper broadcasts rank 0's
+def _ift_run(r, distributed, reduction="mean", val_batch_size=None):
+    com = _weighting(80 + r, reduction)  # rank 1 starts elsewhere: the wrapper broadcasts rank 0's
     student = _student(90 + r)  # likewise (learn_ift broadcasts a non-DDP student)
     hopt = torch.optim.SGD([p for p in com.parameters() if p.requires_grad], lr=0.5)
     x, y = _data(24, 81)
     xv, yv = _data(10, 82)  # the whole split: 5 validation examples per rank
     res = learn_ift(com, student, (x, y), (xv, yv), steps=3, batch_size=8,
                     student_optimizer=torch.optim.SGD(student.parameters(), lr=0.1), hyper_optimizer=hopt,
-                    solver=CGConfig(max_iter=4, damping=0.5), seed=9 + 10 * r, distributed=distributed)
+                    solver=CGConfig(max_iter=4, damping=0.5), seed=9 + 10 * r, distributed=distributed,
+                    val_batch_size=val_batch_size)
     return {"commentary": {k: v.clone() for k, v in com.state_dict().items()},
             "student": {k: v.detach().clone() for k, v in student.state_dict().items()},
             "val_losses": [h["val_loss"] for h in res.history], "info": res.info}
@@ -357,6 +358,11 @@ def _worker(r, world, tmp):
         for name in BPTT_CASES:
             out[f"bptt/{name}"] = _bptt_run(name, r, True)
         out["ift"] = _ift_run(r, True)
+        # a "sum" commentary: the union's student gradient is the sum over the ranks (it was averaged:
+        # student steps 1/world of one process's); a validation batch of one example: rank 1's shard
+        # is empty (it raised there alone, and rank 0 waited in the hyper-step's collectives)
+        out["ift_sum"] = _ift_run(r, True, reduction="sum")
+        out["ift_val1"] = _ift_run(r, True, val_batch_size=1)
         out["teacher_buffers"] = _teacher_runs(r)
         for policy in ("skip", "raise", "raise_batch"):
             out[f"nan/{policy}"] = _nan_policy_run(r, policy)
@@ -509,6 +515,53 @@ def test_learn_ift_matches_single_process(ranks):
         assert got[r]["info"]["hyper_lr"] == 0.5
     for a, b in zip(got[0]["val_losses"], ref["val_losses"]):
         assert abs(a - b) <= RTOL * abs(b)
+
+
+@pytest.mark.parametrize("case,kw", [("ift_sum", {"reduction": "sum"}), ("ift_val1", {"val_batch_size": 1})])
+def test_learn_ift_sum_reduction_and_an_empty_validation_shard(ranks, case, kw):
+    got = [ranks[r][case] for r in range(WORLD)]
+    _assert_identical(got[0]["commentary"], got[1]["commentary"], "commentary")
+    ref = _ift_run(0, False, **kw)
+    _assert_close_dict(got[0]["commentary"], ref["commentary"], "commentary")
+    _assert_close_dict(got[0]["student"], ref["student"], "student")
+
+
+def _subgroup_worker(r, world, tmp):
+    torch.set_num_threads(1)
+    out = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=r, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        group = dist.new_group([1, 2])  # without global rank 0 (every rank makes it)
+        if r > 0:
+            m = nn.Linear(2, 2)
+            with torch.no_grad():
+                m.weight.fill_(float(r))
+            D.broadcast_module_(m, group=group)
+            out = {"seed": D.broadcast_int(10 + r, group=group), "weight": m.weight.detach().clone(),
+                   "writer": __import__("commentaries_ext.checkpoint", fromlist=["_is_writer"])._is_writer(group)}
+        dist.barrier()
+    except Exception:
+        out["traceback"] = traceback.format_exc()
+        raise
+    finally:
+        torch.save(out, os.path.join(tmp, f"rank{r}.pt"))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_a_process_group_without_global_rank_0(tmp_path):
+    # torch.distributed takes a global source rank: src=0 failed ("Global rank 0 is not part of
+    # group"), and checkpoints were written by global rank 0 only
+    mp.spawn(_subgroup_worker, args=(3, str(tmp_path)), nprocs=3, join=True)
+    out = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(3)]
+    assert all("traceback" not in o for o in out), [o.get("traceback") for o in out]
+    assert out[1]["seed"] == out[2]["seed"] == 11  # the group's rank 0 is global rank 1
+    assert torch.equal(out[2]["weight"], torch.ones(2, 2))
+    assert out[1]["writer"] and not out[2]["writer"]
 
 
 def test_nan_policy_decides_alike_on_every_rank(ranks):
