@@ -38,6 +38,8 @@ PREFERENCE: dict[str, tuple[str, ...]] = {
 OP_PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {}
 
 _kernels: dict[str, dict[str, Callable]] = {name: {} for name in BACKENDS}
+# bumped by every register(): a cached lookup keyed on it sees later registrations
+generation = 0
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("commentaries_ext_backend", default=None)
 
 
@@ -69,7 +71,9 @@ def register(backend: str, op: str, fn: Callable) -> None:
     """Make ``fn`` the ``backend`` implementation of kernel op ``op``."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    global generation
     _kernels[backend][op] = fn
+    generation += 1
 
 
 def _runs_on(backend: str, device_type: str) -> bool:

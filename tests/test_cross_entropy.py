@@ -754,6 +754,43 @@ def test_bad_input_errors():
     assert torch.isfinite(ce.weighted_cross_entropy(z, torch.tensor([0, IGNORE, 1, 1])))
 
 
+@pytest.mark.skipif(ce._CPP_REDUCED is None, reason="the compiled extension has no cpp_wce_reduced")
+def test_cpp_reduced_path_checks_targets_in_the_kernel():
+    """On the C++ reduced path the class indices are checked by the kernel, not by an aminmax in
+    Python: a bad index still gets the Python check's IndexError (not chained to the kernel's
+    RuntimeError), before any gradient exists; a mean counts the rows that are not ignored with
+    strided targets too."""
+    z = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 1])
+    with backend.use("cpp"):
+        for reduction in ("sum", "mean"):
+            for bad in ([0, 3, 1, 1], [0, -1, 1, 1]):
+                with pytest.raises(IndexError, match=f"target holds {[v for v in bad if v not in (0, 1)][0]}") as err:
+                    ce.weighted_cross_entropy(z, torch.tensor(bad), reduction=reduction)
+                assert err.value.__context__ is None and err.value.__cause__ is None
+            with pytest.raises(IndexError, match="target_a holds 3"):
+                ce.blended_cross_entropy(z, torch.tensor([0, 3, 1, 1]), y, 0.5, reduction=reduction)
+            with pytest.raises(IndexError, match="target_b holds 5"):
+                ce.blended_cross_entropy(z, y, torch.tensor([0, 5, 1, 1]), 0.5, reduction=reduction)
+            # an out-of-range target_b on an ignored row is never read
+            out = ce.blended_cross_entropy(z, torch.tensor([0, IGNORE, 1, 1]), torch.tensor([0, 5, 1, 1]), 0.5,
+                                           reduction=reduction)
+            assert "WceReducedFunction" in out.grad_fn.name() and torch.isfinite(out)
+        assert z.grad is None
+        g = torch.Generator().manual_seed(5)
+        zz = torch.randn(37, 6, generator=g, dtype=torch.float64, requires_grad=True)
+        y2 = torch.randint(0, 6, (37, 2), generator=g)
+        y2[::4, 0] = IGNORE
+        y_strided = y2[:, 0]
+        assert y_strided.stride(0) == 2
+        out = ce.weighted_cross_entropy(zz, y_strided)
+    assert "WceReducedFunction" in out.grad_fn.name()
+    want = F.cross_entropy(zz, y_strided, ignore_index=IGNORE)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(out, zz)[0], torch.autograd.grad(want, zz)[0],
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_empty_batch_and_all_ignored():
     z = torch.randn(0, 3, requires_grad=True)
     y = torch.zeros(0, dtype=torch.int64)

@@ -219,7 +219,7 @@ _KCACHE: dict = {}
 
 def _cache_key(op: str, device) -> tuple:
     """(op, device type, forced backend, registrations): what a backend lookup depends on."""
-    return op, device.type, backend.forced(), sum(len(t) for t in backend._kernels.values())
+    return op, device.type, backend.forced(), backend.generation
 
 
 def _k(op: str, device) -> callable:
@@ -586,18 +586,41 @@ if _CPP_REDUCED is not None:
 _CPP_REDUCTION = {"sum": 0, "mean": 1}  # 2: the mean over the rows that are not ignored
 
 
-def _reduced_fast(logits: Tensor, target: Tensor, target_b, lam, weight, reduction: str, ignore_index: int,
-                  maybe_ignored: bool):
-    """The fused reduced loss when it applies (eager autograd on a backend with the kernel), else None."""
-    if not (torch.is_grad_enabled() and logits.requires_grad) or torch.compiler.is_compiling() \
-            or _functorch_active() or _dual_level_active():
+def _fused_reduced_kernel(logits: Tensor, reduction: str):
+    """How the reduced loss runs fused: ``"cpp"`` (the C++ autograd op), the backend's fused
+    kernel (through :class:`_ReducedCE`), or None (eager autograd off, tracing, no kernel: the
+    unfused path)."""
+    if reduction == "none" or not (torch.is_grad_enabled() and logits.requires_grad) \
+            or torch.compiler.is_compiling() or _functorch_active() or _dual_level_active():
         return None
     kern = _fused_kernel(logits.device)
     if kern is None:
         return None
     if _CPP_REDUCED is not None and kern is backend._kernels["cpp"].get("wce_forward_grad"):
-        code = 2 if reduction == "mean" and maybe_ignored else _CPP_REDUCTION[reduction]
-        return _CPP_REDUCED(logits, target, target_b, lam, weight, code, ignore_index)
+        return "cpp"
+    return kern
+
+
+def _reduced_fast(fn: str, kern, logits: Tensor, target: Tensor, target_b, lam, weight, reduction: str,
+                  ignore_index: int, maybe_ignored: bool):
+    """The reduced loss through ``kern`` (from :func:`_fused_reduced_kernel`).
+
+    On the ``"cpp"`` path the class indices were not range-checked in Python (``_check_target``
+    with ``check_range=False``: its ``aminmax`` and two host reads are a tenth of a batch-128
+    forward + backward): the kernel checks them before it computes anything, and on a failure
+    the Python check runs to raise its own error. A mean counts the rows that are not ignored
+    there too (a loop over the targets in C++)."""
+    if kern == "cpp":
+        code = 2 if reduction == "mean" else _CPP_REDUCTION[reduction]
+        try:
+            return _CPP_REDUCED(logits, target, target_b, lam, weight, code, ignore_index)
+        except RuntimeError as err:
+            error = err
+        # (outside the except block: the Python check's error is not chained to the kernel's)
+        _check_target(fn, "target" if target_b is None else "target_a", target, logits, ignore_index)
+        if target_b is not None:
+            _check_target(fn, "target_b", target_b, logits, ignore_index, rows_of=target)
+        raise error
     denom = None
     if reduction == "mean":
         denom = (target != ignore_index).sum() if maybe_ignored else logits.shape[0]
@@ -628,8 +651,9 @@ def _check_logits(fn: str, logits, check_finite: bool) -> None:
 
 
 def _check_target(fn: str, name: str, target, logits: Tensor, ignore_index: int,
-                  rows_of: Tensor | None = None) -> tuple[Tensor, bool]:
-    """int64 target; also whether some row may be ignored.
+                  rows_of: Tensor | None = None, check_range: bool = True) -> tuple[Tensor, bool]:
+    """int64 target; also whether some row may be ignored (always True without ``check_range``:
+    the caller's kernel checks the class indices; see :func:`_reduced_fast`).
 
     ``rows_of``: the (checked) first target when ``target`` is the second one (``target_b``):
     a row is ignored by its first target only, so ``target_b`` must be a class index on
@@ -648,6 +672,8 @@ def _check_target(fn: str, name: str, target, logits: Tensor, ignore_index: int,
         target = target.to(torch.int64)
     if n == 0:
         return target, False
+    if not check_range:
+        return target, True
     if torch.compiler.is_compiling():
         skip = (target if rows_of is None else rows_of) == ignore_index
         torch._assert_async((((target >= 0) & (target < c)) | skip).all(),
@@ -762,13 +788,13 @@ def weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None
     ignore_index = _check_ignore_index(fn, ignore_index)
     _check_reduction(fn, reduction)
     _check_logits(fn, logits, check_finite)
-    target, maybe_ignored = _check_target(fn, "target", target, logits, ignore_index)
+    fused = _fused_reduced_kernel(logits, reduction)
+    target, maybe_ignored = _check_target(fn, "target", target, logits, ignore_index, check_range=fused != "cpp")
     if weight is not None:
         weight = _check_row(fn, "weight", weight, logits)
-    if reduction != "none":
-        out = _reduced_fast(logits, target, None, None, weight, reduction, int(ignore_index), maybe_ignored)
-        if out is not None:
-            return out
+    if fused is not None:
+        return _reduced_fast(fn, fused, logits, target, None, None, weight, reduction, int(ignore_index),
+                             maybe_ignored)
     loss = _kernels().forward(logits, target, None, None, int(ignore_index))[0]
     return _reduce(fn, loss, weight, reduction, target, ignore_index, maybe_ignored)
 
@@ -783,15 +809,17 @@ def blended_cross_entropy(logits: Tensor, target_a: Tensor, target_b: Tensor, la
     ignore_index = _check_ignore_index(fn, ignore_index)
     _check_reduction(fn, reduction)
     _check_logits(fn, logits, check_finite)
-    target_a, maybe_ignored = _check_target(fn, "target_a", target_a, logits, ignore_index)
-    target_b, _ = _check_target(fn, "target_b", target_b, logits, ignore_index, rows_of=target_a)
+    fused = _fused_reduced_kernel(logits, reduction)
+    target_a, maybe_ignored = _check_target(fn, "target_a", target_a, logits, ignore_index,
+                                            check_range=fused != "cpp")
+    target_b, _ = _check_target(fn, "target_b", target_b, logits, ignore_index, rows_of=target_a,
+                                check_range=fused != "cpp")
     lam = _check_row(fn, "lam", lam, logits)
     if weight is not None:
         weight = _check_row(fn, "weight", weight, logits)
-    if reduction != "none":
-        out = _reduced_fast(logits, target_a, target_b, lam, weight, reduction, int(ignore_index), maybe_ignored)
-        if out is not None:
-            return out
+    if fused is not None:
+        return _reduced_fast(fn, fused, logits, target_a, target_b, lam, weight, reduction, int(ignore_index),
+                             maybe_ignored)
     loss = _kernels().forward(logits, target_a, target_b, lam, int(ignore_index))[0]
     return _reduce(fn, loss, weight, reduction, target_a, ignore_index, maybe_ignored)
 

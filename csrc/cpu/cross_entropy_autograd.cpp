@@ -43,11 +43,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grad(const at::Tensor& z,
   return op.call(z, target, opt(target_b), opt(lam), opt(scale), ignore_index);
 }
 
-// The divisor of a mean (0-dim, the logits dtype), undefined for a sum.
+// A tensor whose values can be read here: not fake, functional or under a dispatch mode.
+bool has_values(const at::Tensor& t) {
+  return !t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize})) &&
+         !c10::impl::dispatch_mode_enabled() && t.device().is_cpu();
+}
+
+// The divisor of a mean (0-dim, the logits dtype), undefined for a sum. The rows that are not
+// ignored are counted by a loop over the targets (the Python layer calls every mean with
+// reduction 2: three ATen ops here cost as much as the kernel at batch 128).
 at::Tensor mean_divisor(const at::Tensor& z, const at::Tensor& target, int64_t reduction, int64_t ignore_index) {
   if (reduction == 1) return at::scalar_tensor(static_cast<double>(z.size(0)), z.options());
-  if (reduction == 2) return target.ne(ignore_index).sum().to(z.scalar_type());
-  return at::Tensor();
+  if (reduction != 2) return at::Tensor();
+  if (!has_values(target) || target.scalar_type() != at::kLong) return target.ne(ignore_index).sum().to(z.scalar_type());
+  const int64_t* y = target.const_data_ptr<int64_t>();
+  const int64_t n = target.numel(), stride = n > 0 ? target.stride(0) : 0;
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += y[i * stride] != ignore_index;
+  return at::scalar_tensor(static_cast<double>(count), z.options());
 }
 
 // Per-row factor of the loss in the total: weight / divisor (undefined: every factor is 1).
@@ -146,9 +159,7 @@ struct WceReducedFunction : public torch::autograd::Function<WceReducedFunction>
         gz = std::get<2>(forward_grad(z, target, target_b, lam, scale, ii));
       // g == 1 (loss.backward()) skips a pass over the gradient; a traced g (fake, functional,
       // under a dispatch mode) has no value to read, so it is always multiplied
-      const bool traced = g.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize})) ||
-                          c10::impl::dispatch_mode_enabled();
-      if (traced || g.item<double>() != 1.0) gz.mul_(g);
+      if (!has_values(g) || g.item<double>() != 1.0) gz.mul_(g);
     }
     if (need_lam) {
       const at::Tensor s = scale.defined() ? g * scale : g.expand({z.size(0)});
