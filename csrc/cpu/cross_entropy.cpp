@@ -1,7 +1,8 @@
 // Weighted / blended softmax cross-entropy on the CPU (kernel ops cpp_wce_*).
 // Signatures and semantics: DEVELOPING.md ("cross_entropy"). Validated input
 // (commentaries_ext/ops/cross_entropy.py): logits [N, C] float32/float64 with any
-// strides, target [N] int64 (in range or == ignore_index), target_b/lam [N] or
+// strides, target [N] int64 (in range or == ignore_index: make_mix checks it again, and is
+// the only check on the reduced path of cross_entropy_autograd.cpp), target_b/lam [N] or
 // None, per-row tensors with any stride. Outputs are new contiguous tensors.
 //
 // Every row is handled by one thread (rows spread with at::parallel_for). A row

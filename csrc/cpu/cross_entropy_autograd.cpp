@@ -8,7 +8,8 @@
 // batch-128 loss's forward + backward).
 //
 // reduction: 0 sum, 1 mean over all N rows, 2 mean over the rows whose target is not
-// ignore_index. Inputs are validated by the Python layer. With create_graph the backward
+// ignore_index. Inputs are validated by the Python layer, except the class indices' range:
+// cpp_wce_forward_grad checks that before it computes anything. With create_graph the backward
 // is a differentiable composition of ATen ops (softmax, gathers, scatters), so higher
 // derivatives are exact.
 #include <ATen/ATen.h>
