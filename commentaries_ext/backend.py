@@ -37,9 +37,9 @@ PREFERENCE: dict[str, tuple[str, ...]] = {
 }
 OP_PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {}
 
+# changed through register() only: lookups elsewhere are cached until `generation` moves
 _kernels: dict[str, dict[str, Callable]] = {name: {} for name in BACKENDS}
-# bumped by every register(): a cached lookup keyed on it sees later registrations
-generation = 0
+generation = 0  # bumped by every register()
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("commentaries_ext_backend", default=None)
 
 

@@ -791,6 +791,73 @@ def test_cpp_reduced_path_checks_targets_in_the_kernel():
                                rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.skipif(ce._CPP_REDUCED is None, reason="the compiled extension has no cpp_wce_reduced")
+def test_cpp_reduced_path_errors_as_the_unfused_path():
+    """With a bad class index and another bad argument (or a forced backend that cannot run),
+    the error does not depend on whether the logits require grad (the C++ path or the Python
+    check finding the index); a caught bad-index error leaves no reference cycle holding the
+    logits."""
+    import gc
+    import weakref
+    y_bad = torch.tensor([0, 3, 1, 1])
+
+    def error(requires_grad, call):
+        z = torch.randn(4, 3, dtype=torch.float64, requires_grad=requires_grad)
+        with pytest.raises(Exception) as err:
+            call(z)
+        return type(err.value), str(err.value)
+
+    calls = [
+        lambda z: ce.weighted_cross_entropy(z, y_bad, torch.ones(5, dtype=torch.float64)),
+        lambda z: ce.weighted_cross_entropy(z, y_bad, torch.ones(4, dtype=torch.float32)),
+        lambda z: ce.blended_cross_entropy(z, y_bad, y_bad, "x"),
+        lambda z: ce.blended_cross_entropy(z, torch.tensor([0, 1, 1, 1]), y_bad, torch.ones(3)),
+    ]
+    for call in calls:
+        assert error(False, call) == error(True, call)
+    with backend.use("cuda"):  # not runnable on CPU tensors
+        forced = lambda z: ce.weighted_cross_entropy(z, y_bad, reduction="sum")  # noqa: E731
+        assert error(False, forced) == error(True, forced)
+        assert error(True, forced)[0] is IndexError
+    gc.disable()
+    try:
+        z = torch.randn(50, 3, requires_grad=True)
+        alive = weakref.ref(z)
+        with backend.use("cpp"), pytest.raises(IndexError):
+            ce.weighted_cross_entropy(z, torch.full((50,), 7))
+        del z
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
+def test_kernel_lookup_cache_stays_small_across_registrations():
+    """Every backend.register() empties the lookup cache (its entries may be stale), so re-registering
+    does not grow it."""
+    fn = backend._kernels["reference"]["wce_forward"]
+    z = torch.randn(3, 4, requires_grad=True)
+    y = torch.tensor([0, 1, 2])
+    for _ in range(50):
+        backend.register("reference", "wce_forward", fn)
+        ce.weighted_cross_entropy(z, y).backward()
+    assert len(ce._KCACHE) <= 4
+
+
+@pytest.mark.skipif(ce._CPP_REDUCED is None, reason="the compiled extension has no cpp_wce_reduced")
+def test_cpp_reduced_mean_counts_targets_of_any_tensor_kind():
+    """The C++ mean counts the non-ignored rows from the targets' memory only where that memory
+    holds their values: a negative-bit view and a ZeroTensor give PyTorch's mean."""
+    z = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    neg = torch._neg_view(torch.tensor([0, 100, -1, -2]))  # values 0, -100, 1, 2
+    zero = torch._efficientzerotensor(4, dtype=torch.int64)
+    with backend.use("cpp"):
+        for y in (neg, zero):
+            out = ce.weighted_cross_entropy(z, y, ignore_index=-100)
+            assert "WceReducedFunction" in out.grad_fn.name()
+            torch.testing.assert_close(out, F.cross_entropy(z, y.clone(), ignore_index=-100),
+                                       rtol=1e-12, atol=1e-12)
+
+
 def test_empty_batch_and_all_ignored():
     z = torch.randn(0, 3, requires_grad=True)
     y = torch.zeros(0, dtype=torch.int64)

@@ -217,9 +217,17 @@ def _hvp_op_grads(K: _Kernels, saved, needs, v):
 _KCACHE: dict = {}
 
 
+_KCACHE_GENERATION = -1  # backend.generation when _KCACHE was last emptied
+
+
 def _cache_key(op: str, device) -> tuple:
-    """(op, device type, forced backend, registrations): what a backend lookup depends on."""
-    return op, device.type, backend.forced(), backend.generation
+    """(op, device type, forced backend): what a backend lookup depends on besides the registered
+    kernels; a registration since the last call empties the cache (every entry may be stale)."""
+    global _KCACHE_GENERATION
+    if _KCACHE_GENERATION != backend.generation:
+        _KCACHE.clear()
+        _KCACHE_GENERATION = backend.generation
+    return op, device.type, backend.forced()
 
 
 def _k(op: str, device) -> callable:
@@ -518,9 +526,11 @@ _compiled.register_kernel_ops(FUSED_OPS)
 def _fused_kernel(device, op: str = "wce_forward_grad"):
     """Fused op ``op`` of the backend that runs ``wce_forward`` on ``device``, or None (cached)."""
     key = ("fused",) + _cache_key(op, device)
-    if key not in _KCACHE:
-        _KCACHE[key] = backend.optional_kernel(op, "wce_forward", device)
-    return _KCACHE[key]
+    try:
+        return _KCACHE[key]  # (may be None: no fused kernel)
+    except KeyError:
+        fn = _KCACHE[key] = backend.optional_kernel(op, "wce_forward", device)
+        return fn
 
 
 class _ReducedCE(torch.autograd.Function):
@@ -593,7 +603,10 @@ def _fused_reduced_kernel(logits: Tensor, reduction: str):
     if reduction == "none" or not (torch.is_grad_enabled() and logits.requires_grad) \
             or torch.compiler.is_compiling() or _functorch_active() or _dual_level_active():
         return None
-    kern = _fused_kernel(logits.device)
+    try:
+        kern = _fused_kernel(logits.device)
+    except RuntimeError:  # a forced backend that cannot run here: the unfused path reports it, after
+        return None       # the class indices (as without a gradient)
     if kern is None:
         return None
     if _CPP_REDUCED is not None and kern is backend._kernels["cpp"].get("wce_forward_grad"):
@@ -616,11 +629,16 @@ def _reduced_fast(fn: str, kern, logits: Tensor, target: Tensor, target_b, lam, 
             return _CPP_REDUCED(logits, target, target_b, lam, weight, code, ignore_index)
         except RuntimeError as err:
             error = err
-        # (outside the except block: the Python check's error is not chained to the kernel's)
-        _check_target(fn, "target" if target_b is None else "target_a", target, logits, ignore_index)
-        if target_b is not None:
-            _check_target(fn, "target_b", target_b, logits, ignore_index, rows_of=target)
-        raise error
+        # (outside the except block: the Python check's error is not chained to the kernel's; the
+        # finally drops the reference cycle error -> traceback -> this frame -> error, which kept
+        # the logits alive until a garbage collection)
+        try:
+            _check_target_range(fn, "target" if target_b is None else "target_a", target, logits, ignore_index)
+            if target_b is not None:
+                _check_target_range(fn, "target_b", target_b, logits, ignore_index, rows_of=target)
+            raise error
+        finally:
+            error = None
     denom = None
     if reduction == "mean":
         denom = (target != ignore_index).sum() if maybe_ignored else logits.shape[0]
@@ -652,8 +670,8 @@ def _check_logits(fn: str, logits, check_finite: bool) -> None:
 
 def _check_target(fn: str, name: str, target, logits: Tensor, ignore_index: int,
                   rows_of: Tensor | None = None, check_range: bool = True) -> tuple[Tensor, bool]:
-    """int64 target; also whether some row may be ignored (always True without ``check_range``:
-    the caller's kernel checks the class indices; see :func:`_reduced_fast`).
+    """int64 target; also whether some row may be ignored (True without ``check_range``, which
+    leaves the class indices to :func:`_check_target_range` or a kernel; see :func:`_reduced_fast`).
 
     ``rows_of``: the (checked) first target when ``target`` is the second one (``target_b``):
     a row is ignored by its first target only, so ``target_b`` must be a class index on
@@ -664,21 +682,30 @@ def _check_target(fn: str, name: str, target, logits: Tensor, ignore_index: int,
         raise ValueError(f"{fn}: {name} is on {target.device} but logits is on {logits.device}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"{fn}: {name} must be an integer tensor of class indices, got dtype {target.dtype}")
-    n, c = logits.shape
+    n = logits.shape[0]
     if target.shape != (n,):
         raise ValueError(f"{fn}: {name} must have shape [{n}] (one class per row of logits), got "
                          f"{tuple(target.shape)}")
     if target.dtype != torch.int64:
         target = target.to(torch.int64)
-    if n == 0:
-        return target, False
     if not check_range:
-        return target, True
+        return target, n > 0
+    return target, _check_target_range(fn, name, target, logits, ignore_index, rows_of)
+
+
+def _check_target_range(fn: str, name: str, target: Tensor, logits: Tensor, ignore_index: int,
+                        rows_of: Tensor | None = None) -> bool:
+    """The class indices of a target that passed :func:`_check_target`'s other checks: IndexError
+    naming the first one out of range on a row that is not ignored; else whether some row may be
+    ignored."""
+    n, c = logits.shape
+    if n == 0:
+        return False
     if torch.compiler.is_compiling():
         skip = (target if rows_of is None else rows_of) == ignore_index
         torch._assert_async((((target >= 0) & (target < c)) | skip).all(),
                             f"{fn}: {name} holds a class index out of range")
-        return target, True
+        return True
     lo, hi = (int(v) for v in torch.aminmax(target))
     if lo < 0 or hi >= c:
         if rows_of is None:
@@ -692,7 +719,7 @@ def _check_target(fn: str, name: str, target, logits: Tensor, ignore_index: int,
                 raise IndexError(f"{fn}: {name} holds {int(bad[0])}, out of range for {c} classes on a row "
                                  f"that is not ignored (valid: 0..{c - 1}; a row is ignored by its first "
                                  f"target == ignore_index={ignore_index})")
-    return target, lo <= ignore_index <= hi
+    return lo <= ignore_index <= hi
 
 
 def _check_row(fn: str, name: str, x, logits: Tensor) -> Tensor:
@@ -788,10 +815,13 @@ def weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None
     ignore_index = _check_ignore_index(fn, ignore_index)
     _check_reduction(fn, reduction)
     _check_logits(fn, logits, check_finite)
-    fused = _fused_reduced_kernel(logits, reduction)
-    target, maybe_ignored = _check_target(fn, "target", target, logits, ignore_index, check_range=fused != "cpp")
+    target, _ = _check_target(fn, "target", target, logits, ignore_index, check_range=False)
     if weight is not None:
         weight = _check_row(fn, "weight", weight, logits)
+    # every argument's type and shape first, then the class indices: the same order of errors
+    # whether the C++ kernel or the Python check finds a bad index
+    fused = _fused_reduced_kernel(logits, reduction)
+    maybe_ignored = True if fused == "cpp" else _check_target_range(fn, "target", target, logits, ignore_index)
     if fused is not None:
         return _reduced_fast(fn, fused, logits, target, None, None, weight, reduction, int(ignore_index),
                              maybe_ignored)
@@ -809,14 +839,16 @@ def blended_cross_entropy(logits: Tensor, target_a: Tensor, target_b: Tensor, la
     ignore_index = _check_ignore_index(fn, ignore_index)
     _check_reduction(fn, reduction)
     _check_logits(fn, logits, check_finite)
-    fused = _fused_reduced_kernel(logits, reduction)
-    target_a, maybe_ignored = _check_target(fn, "target_a", target_a, logits, ignore_index,
-                                            check_range=fused != "cpp")
-    target_b, _ = _check_target(fn, "target_b", target_b, logits, ignore_index, rows_of=target_a,
-                                check_range=fused != "cpp")
+    target_a, _ = _check_target(fn, "target_a", target_a, logits, ignore_index, check_range=False)
+    target_b, _ = _check_target(fn, "target_b", target_b, logits, ignore_index, check_range=False)
     lam = _check_row(fn, "lam", lam, logits)
     if weight is not None:
         weight = _check_row(fn, "weight", weight, logits)
+    fused = _fused_reduced_kernel(logits, reduction)  # (then the class indices, as weighted_cross_entropy)
+    maybe_ignored = True
+    if fused != "cpp":
+        maybe_ignored = _check_target_range(fn, "target_a", target_a, logits, ignore_index)
+        _check_target_range(fn, "target_b", target_b, logits, ignore_index, rows_of=target_a)
     if fused is not None:
         return _reduced_fast(fn, fused, logits, target_a, target_b, lam, weight, reduction, int(ignore_index),
                              maybe_ignored)

@@ -44,10 +44,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grad(const at::Tensor& z,
   return op.call(z, target, opt(target_b), opt(lam), opt(scale), ignore_index);
 }
 
-// A tensor whose values can be read here: not fake, functional or under a dispatch mode.
+// A tensor whose memory holds its values, readable here: on the CPU, strided, not fake,
+// functional or under a dispatch mode, no negative bit (a _neg_view), not a ZeroTensor.
 bool has_values(const at::Tensor& t) {
   return !t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize})) &&
-         !c10::impl::dispatch_mode_enabled() && t.device().is_cpu();
+         !c10::impl::dispatch_mode_enabled() && t.device().is_cpu() && t.layout() == at::kStrided && !t.is_neg() &&
+         !t._is_zerotensor();
 }
 
 // The divisor of a mean (0-dim, the logits dtype), undefined for a sum. The rows that are not
