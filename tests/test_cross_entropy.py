@@ -687,7 +687,8 @@ def test_opcheck_cpp_reduced():
     yb = torch.tensor([1, 1, 0, 2, 0, 4])
     lam = torch.rand(6, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.rand(6, generator=g, dtype=torch.float64, requires_grad=True)
-    for args in [(z, y, None, None, None, 0, IGNORE), (z, y, yb, lam, w, 2, IGNORE), (z, y, None, None, w, 1, IGNORE)]:
+    for args in [(z, y, None, None, None, 0, IGNORE), (z, y, yb, lam, w, 2, IGNORE), (z, y, None, None, w, 1, IGNORE),
+                 (z, y, None, None, None, 1, IGNORE), (z, y, yb, lam, None, 2, IGNORE)]:  # (unweighted means)
         # all of opcheck's tests: test_aot_dispatch_dynamic traces the C++ backward, which read
         # g.item() unconditionally (a data-dependent guard) before
         torch.library.opcheck(torch.ops.commentaries_ext.cpp_wce_reduced, args)

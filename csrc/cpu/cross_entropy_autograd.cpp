@@ -69,7 +69,13 @@ at::Tensor mean_divisor(const at::Tensor& z, const at::Tensor& target, int64_t r
 // Per-row factor of the loss in the total: weight / divisor (undefined: every factor is 1).
 at::Tensor row_factor(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& denom) {
   if (!denom.defined()) return weight;
-  return weight.defined() ? weight / denom : at::ones({z.size(0)}, z.options()).div_(denom);
+  if (weight.defined()) return weight / denom;
+  if (!has_values(denom)) return at::ones({z.size(0)}, z.options()).div_(denom);
+  at::Tensor out;  // one op instead of two: 1 / denom in the logits dtype, as the division rounds
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "row_factor", [&] {
+    out = at::full({z.size(0)}, scalar_t(1) / denom.item<scalar_t>(), z.options());
+  });
+  return out;
 }
 
 at::Tensor reduce_total(const at::Tensor& loss, const at::Tensor& weight, const at::Tensor& denom) {
