@@ -1125,3 +1125,64 @@ def test_the_weighted_mixed_term_without_forward_mode():
     tangent = {k: torch.randn_like(v) for k, v in th.items()}
     _, want = torch.func.jvp(per_example, (th,), (tangent,))
     torch.testing.assert_close(_jvp_by_double_vjp(per_example, th, tangent), want, rtol=1e-12, atol=1e-14)
+
+
+def test_in_place_writes_the_split_would_lose_are_refused():
+    """A circular-padding convolution traces to ``new_empty`` + in-place ``copy_`` into slices of
+    it, read later through the buffer: the primal / tangent split dropped the writes, so the
+    linearised products read uninitialised memory (wrong or NaN on later operators, which are
+    not validated). Such a trace is refused (UnsplittableTrace) and ``auto`` falls back to double
+    backward: every operator agrees with it, also after the allocator was dirtied."""
+    import torch.nn.functional as F
+    from commentaries_ext.engine import linearize as LZ
+    from commentaries_ext.engine.linearize import UnsplittableTrace
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"), nn.Tanh(), nn.Flatten(),
+                        nn.Linear(2 * 4 * 4, 3)).double()
+    fm = FunctionalModule(net)
+    batch = (torch.randn(4, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0]))
+    params, hp = fm.params(), {"s": torch.tensor(0.3, dtype=torch.float64)}
+
+    def loss(p, h, b):
+        return F.cross_entropy(fm(p, b[0]), b[1]) * h["s"].exp()
+
+    v = [torch.randn_like(t) for t in params.values()]
+    ref = make_operator(loss, params, hp, batch, hvp="double_backward")
+    want = ref.matvec(v)
+    LZ.clear_cache()
+    # (before: the first trace's check against eager gradients passed or not depending on what the
+    # allocator handed back; once one passed, every later operator was a cache hit and wrong)
+    for i in range(10):
+        junk = [torch.full((4096,), 1e3 * (i + 1), dtype=torch.float64) for _ in range(50)]
+        del junk
+        try:
+            op = make_operator(loss, params, hp, batch, hvp="forward_over_reverse")
+        except UnsplittableTrace as err:
+            assert "copy_" in str(err)
+            continue
+        for a, b in zip(op.matvec(v), want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        raise AssertionError("the trace that loses its in-place writes was not refused")
+    for i in range(5):
+        junk = [torch.full((4096,), 1e3 * (i + 1), dtype=torch.float64) for _ in range(50)]
+        del junk
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = make_operator(loss, params, hp, batch, hvp="auto").matvec(v)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_trace_validation_does_not_pass_nan():
+    """The check of a new trace against eager gradients: NaN or an infinity where the reference
+    is finite (or another infinity) is a mismatch, not an error below tolerance."""
+    from commentaries_ext.engine import linearize as LZ
+    t = torch.tensor
+    nan, inf = float("nan"), float("inf")
+    assert LZ._first_mismatch(["g"], [t([nan, 1.0])], [t([1.0, 1.0])]) == "g"
+    assert LZ._first_mismatch(["g"], [t([inf, 1.0])], [t([-inf, 1.0])]) == "g"
+    assert LZ._first_mismatch(["g"], [t([nan, 1.0])], [t([inf, 1.0])]) == "g"
+    assert LZ._first_mismatch(["g"], [t([nan, 1.0])], [t([nan, 1.0])]) is None
+    assert LZ._first_mismatch(["g"], [t([1.0, 2.0])], [t([1.0, 2.0 + 1e-13])]) is None
+    assert LZ._first_mismatch(["g"], [t([1.0, 2.5])], [t([1.0, 2.0])]) == "g"

@@ -16,7 +16,12 @@ Each further product then costs only the tangent computation.  Unlike
 change (they are graph inputs, not constants).  The first trace of each entry
 is validated against the eager ``jvp(grad)``; a loss that cannot be traced or
 whose trace disagrees (data-dependent Python control flow) raises, and
-``hvp="auto"`` then falls back to double backward.
+``hvp="auto"`` then falls back to double backward. So does a trace whose
+in-place writes the split would lose (:class:`UnsplittableTrace`: an ATen
+decomposition that fills a buffer through ``copy_`` into views of it and reads
+the buffer, as circular padding does): the split follows each node's inputs,
+which do not show such a write, and the first validation alone cannot be
+relied on (uninitialised memory may happen to hold the right values).
 """
 from __future__ import annotations
 
@@ -124,10 +129,10 @@ class _Traced:
                 if n in need and n in tangent and n not in tangent_in:
                     env[n] = g2.node_copy(n, lambda a: env[a])
             g2.output(tuple(env[w] if isinstance(w, fx.Node) else w for w in wanted))
-            return fx.GraphModule(gm, g2), boundary
+            return fx.GraphModule(gm, g2), boundary, {n for n in need if n in tangent and n not in tangent_in}
 
-        self.hvp_gm, hvp_b = build_tangent(hc_outs)
-        self.mix_gm, mix_b = build_tangent(m_outs) if Q else (None, [])
+        self.hvp_gm, hvp_b, hvp_nodes = build_tangent(hc_outs)
+        self.mix_gm, mix_b, mix_nodes = build_tangent(m_outs) if Q else (None, [], set())
         # primal graph: outputs g_theta and every boundary value
         boundary = []
         seen = set()
@@ -145,6 +150,7 @@ class _Traced:
                 continue
             need.add(n)
             stack.extend(n.all_input_nodes)
+        _check_split_mutations(order, tangent, [{n for n in need if n not in tangent}, hvp_nodes, mix_nodes])
         g1 = fx.Graph()
         env = {}
         for n in primal_in:
@@ -157,6 +163,60 @@ class _Traced:
         for m in (self.primal_gm, self.hvp_gm, self.mix_gm):
             if m is not None:
                 _narrow_outputs(m)
+
+
+class UnsplittableTrace(RuntimeError):
+    """The traced graph writes into a tensor in place in a way the primal / tangent split
+    would lose (the write is only seen through another alias of that tensor)."""
+
+
+def _alias_roots(order) -> tuple[dict, dict]:
+    """Per node, the node whose storage it is (a view or an in-place op's result: its
+    argument's; anything else: itself); and per in-place node, the roots it writes."""
+    root, writes = {}, {}
+    for n in order:
+        root[n] = n
+        t = n.target
+        if n.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
+            continue
+        schema = t._schema
+        args = list(n.args) + [n.kwargs.get(a.name) for a in schema.arguments[len(n.args):]]
+        written = [root[a] for a, sa in zip(args, schema.arguments)
+                   if isinstance(a, fx.Node) and sa.alias_info is not None and sa.alias_info.is_write]
+        if written:
+            writes[n] = set(written)
+        ret = schema.returns[0].alias_info if len(schema.returns) == 1 else None
+        if ret is not None:
+            for a, sa in zip(args, schema.arguments):
+                if isinstance(a, fx.Node) and sa.alias_info is not None and \
+                        set(sa.alias_info.before_set) & set(ret.before_set):
+                    root[n] = root[a]
+                    break
+    return root, writes
+
+
+def _check_split_mutations(order, tangent, parts) -> None:
+    """Refuse a split that loses an in-place write: every part (the primal graph, the tangent
+    graphs) that reads a tensor some in-place node writes (through any alias) must hold that
+    node, and a tangent graph must not write into a tensor of the primal graph (its values are
+    computed once and shared by every product). ATen decompositions such as circular padding
+    (``new_empty`` then ``copy_`` into slices of it) are read through the buffer, not through
+    the writes' results, so the dependencies the split follows miss the writes."""
+    root, writes = _alias_roots(order)
+    if not writes:
+        return
+    readers: dict = {}
+    for n in order:
+        readers.setdefault(root[n], set()).add(n)
+    for part_i, part in enumerate(parts):
+        for m, roots in writes.items():
+            for r in roots:
+                uses = (readers.get(r, set()) - {m}) & part
+                if uses and m not in part:
+                    raise UnsplittableTrace(f"the in-place {m.target} into {r.name} is lost by the split "
+                                            f"(read there by {next(iter(uses)).name})")
+                if m in part and part_i > 0 and r not in tangent:
+                    raise UnsplittableTrace(f"the tangent graph would write {m.target} into the primal value {r.name}")
 
 
 def recompiled(gm: fx.GraphModule, changed: int) -> int:
@@ -565,11 +625,26 @@ def _first_mismatch(names, got, ref):
     a tensor whose true value is zero (a convolution bias before BatchNorm, the last bias
     before a spatial softmax) is rounding noise of long float32 sums in both, measured up to
     ~1.4e-5 of that entry, far above its own scale. A wrong trace differs by far more, and
-    an error below that bound is negligible in the hypergradient."""
-    scale = max(max((float(b.abs().max()) for b in ref if b.numel()), default=0.0), 1e-6)
+    an error below that bound is negligible in the hypergradient.
+    Non-finite entries must be the same (NaN where the reference has NaN, the same infinity);
+    the error is over the finite ones (a NaN difference never passes as small)."""
+    def finite_max(t):
+        f = t[t.isfinite()]
+        return float(f.abs().max()) if f.numel() else 0.0
+
+    scale = max(max((finite_max(b) for b in ref if b.numel()), default=0.0), 1e-6)
     for name, a, b in zip(names, got, ref):
+        if a.shape != b.shape:
+            return name
+        if not a.numel():
+            continue
         tol = 1e-4 if a.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
-        err = float((a - b).abs().max()) if a.numel() else 0.0
-        if a.shape != b.shape or err > tol * scale + 1e-12:
+        fa, fb = a.isfinite(), b.isfinite()
+        if not torch.equal(fa, fb):
+            return name
+        if not bool(fa.all()) and not torch.equal(a[~fa].nan_to_num(nan=0.0), b[~fb].nan_to_num(nan=0.0)):
+            return name  # NaN (as 0) or an infinity (as the largest finite) in other places
+        err = float((a[fa] - b[fb]).abs().max()) if bool(fa.any()) else 0.0
+        if not err <= tol * scale + 1e-12:
             return name
     return None
