@@ -670,8 +670,9 @@ def _check_logits(fn: str, logits, check_finite: bool) -> None:
 
 def _check_target(fn: str, name: str, target, logits: Tensor, ignore_index: int,
                   rows_of: Tensor | None = None, check_range: bool = True) -> tuple[Tensor, bool]:
-    """int64 target; also whether some row may be ignored (True without ``check_range``, which
-    leaves the class indices to :func:`_check_target_range` or a kernel; see :func:`_reduced_fast`).
+    """int64 target; also whether some row may be ignored (without ``check_range``, which leaves the
+    class indices to :func:`_check_target_range` or a kernel, any non-empty target may: see
+    :func:`_reduced_fast`).
 
     ``rows_of``: the (checked) first target when ``target`` is the second one (``target_b``):
     a row is ignored by its first target only, so ``target_b`` must be a class index on
